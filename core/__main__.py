@@ -1,0 +1,5 @@
+import sys
+
+from triogate.cli import main
+
+sys.exit(main())

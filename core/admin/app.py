@@ -1,0 +1,147 @@
+"""The admin API as a quart-trio app, served by hypercorn on the admin listener.
+
+This module is the boundary: it authenticates, authorises and validates from
+the endpoint table, calls the handler, and translates every ``GatewayError``
+(and werkzeug's own 404/405/413) into problem+json. Anything else is a bug:
+logged with the request id, answered 500 INTERNAL_ERROR without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+import msgspec
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+
+from triogate.audit import Actor
+from triogate.errors import (
+    Forbidden,
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ValidationError,
+)
+from triogate.gateway import Gateway
+from triogate.permissions import grants
+from triogate.validation import convert_all, decode_json_object
+
+from .endpoints import ENDPOINTS, Call, Endpoint
+from .openapi import build_openapi
+
+__all__ = ["MAX_ADMIN_BODY_BYTES", "create_admin_app"]
+
+log = logging.getLogger("triogate.admin")
+
+MAX_ADMIN_BODY_BYTES = 1 << 20
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_encoder = msgspec.json.Encoder()
+
+
+def _json(body: Any, status: int = 200, content_type: str = "application/json") -> Response:
+    return Response(_encoder.encode(body), status=status, content_type=content_type)
+
+
+def _request_id() -> str:
+    rid: str | None = getattr(g, "request_id", None)
+    return rid or "-"
+
+
+def problem_response(error: GatewayError) -> Response:
+    response = _json(error.problem(_request_id()), error.status, "application/problem+json")
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("X-API-Key") or None
+
+
+def _view(gw: Gateway, ep: Endpoint) -> Any:
+    async def view(**params: str) -> Response:
+        actor = Actor("anonymous", request.remote_addr)
+        if ep.permission is not None:
+            principal = gw.admins.authenticate(_bearer())
+            if not grants(principal.permissions, ep.permission):
+                raise Forbidden(
+                    f"this admin lacks {ep.permission}", required_permission=ep.permission
+                )
+            actor = Actor(principal.id, request.remote_addr)
+        query = None
+        if ep.query is not None:
+            raw_query = {k: request.args.get(k) for k in request.args}
+            query = convert_all(raw_query, ep.query, strict=False)
+        body = None
+        if ep.request is not None:
+            raw = await request.get_data(as_text=False)
+            body = convert_all(decode_json_object(raw), ep.request)
+        result = await ep.handler(gw, Call(actor=actor, params=params, body=body, query=query))
+        return _json(result, ep.status)
+
+    view.__name__ = ep.name
+    return view
+
+
+def create_admin_app(gw: Gateway) -> QuartTrio:
+    app = QuartTrio("triogate.admin")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_ADMIN_BODY_BYTES
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    openapi = _encoder.encode(build_openapi())
+
+    for ep in ENDPOINTS:
+        rule = re.sub(r"\{(\w+)\}", r"<\1>", ep.path)
+        app.add_url_rule(rule, endpoint=ep.name, view_func=_view(gw, ep), methods=[ep.method])
+
+    async def openapi_json() -> Response:
+        return Response(openapi, content_type="application/json")
+
+    app.add_url_rule("/openapi.json", endpoint="openapi", view_func=openapi_json, methods=["GET"])
+
+    @app.before_request
+    async def assign_request_id() -> None:
+        sent = request.headers.get("X-Request-ID", "")
+        g.request_id = sent if _REQUEST_ID_RE.match(sent) else uuid.uuid4().hex
+
+    @app.after_request
+    async def add_request_id(response: Response) -> Response:
+        response.headers["X-Request-ID"] = _request_id()
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.errorhandler(GatewayError)
+    async def gateway_error(error: GatewayError) -> Response:
+        return problem_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        mapped: GatewayError
+        if isinstance(error, WerkzeugMethodNotAllowed):
+            mapped = MethodNotAllowed(sorted(error.valid_methods or ()), "method not allowed here")
+        elif error.code == 404:
+            mapped = NotFound(f"no admin endpoint {request.path}")
+        elif error.code == 413:
+            mapped = PayloadTooLarge(f"admin request bodies are limited to {MAX_ADMIN_BODY_BYTES} bytes")
+        elif error.code is not None and 400 <= error.code < 500:
+            mapped = ValidationError.single("$", error.description or "bad request")
+        else:
+            mapped = InternalError()
+        return problem_response(mapped)
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception) -> Response:
+        log.exception("internal error", extra={"request_id": _request_id()})
+        return problem_response(InternalError("an internal error occurred; it has been logged"))
+
+    return app

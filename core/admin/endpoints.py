@@ -1,0 +1,215 @@
+"""The admin API as a table: one row per endpoint, with its permission, the
+msgspec types of its query, body and answer, and a thin handler.
+
+The table is the single description of the API: ``app.py`` turns rows into
+routes (authenticating, authorising and validating from the row), and
+``openapi.py`` turns the same rows and types into ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from triogate import __version__
+from triogate.audit import Actor
+from triogate.gateway import Gateway
+from triogate.models import (
+    AdminList,
+    AdminView,
+    AuditPage,
+    CleanupResult,
+    CreateAdminRequest,
+    CreatedAdmin,
+    CreatedKey,
+    CreateKeyRequest,
+    Health,
+    KeyPage,
+    KeyView,
+    RevokeResult,
+    RotateKeyRequest,
+    RotateResult,
+    SetupRequest,
+    SetupResult,
+    UpdateKeyRequest,
+    UsageView,
+    ValidateKeyRequest,
+    ValidateResult,
+)
+from triogate.timeutil import utc_required
+
+__all__ = ["ENDPOINTS", "Call", "Endpoint"]
+
+Limit = Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")]
+Cursor = Annotated[str, Meta(max_length=200, description="next_cursor of the previous page")]
+
+
+class KeyListQuery(Struct, forbid_unknown_fields=True):
+    limit: Limit = 50
+    cursor: Cursor | None = None
+    owner: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    status: Literal["active", "revoked", "rotated", "expired"] | None = None
+
+
+class AuditQuery(Struct, forbid_unknown_fields=True):
+    limit: Limit = 50
+    cursor: Cursor | None = None
+    actor: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    action: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+
+
+class ConfigInfo(Struct):
+    version: str
+    loaded_at: str
+    source: str | None
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a handler gets: validated inputs and who is calling."""
+
+    actor: Actor
+    params: dict[str, str]
+    body: Any = None
+    query: Any = None
+
+
+Handler = Callable[[Gateway, Call], Awaitable[Struct]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str  # OpenAPI template: /keys/{id}
+    summary: str
+    permission: str | None
+    handler: Handler
+    request: type[Struct] | None = None
+    query: type[Struct] | None = None
+    response: type[Struct] | None = None
+    status: int = 200
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.lower()}_{self.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
+
+
+# ---- handlers: thin; the services do the work -----------------------------
+
+
+async def setup(gw: Gateway, call: Call) -> Struct:
+    return await gw.admins.setup(call.body, call.actor.source_ip)
+
+
+async def create_key(gw: Gateway, call: Call) -> Struct:
+    return await gw.keys.create(call.body, call.actor)
+
+
+async def list_keys(gw: Gateway, call: Call) -> Struct:
+    q: KeyListQuery = call.query
+    return gw.keys.list(limit=q.limit, cursor=q.cursor, owner=q.owner, status=q.status)
+
+
+async def get_key(gw: Gateway, call: Call) -> Struct:
+    return gw.keys.get(call.params["id"])
+
+
+async def update_key(gw: Gateway, call: Call) -> Struct:
+    return await gw.keys.update(call.params["id"], call.body, call.actor)
+
+
+async def revoke_key(gw: Gateway, call: Call) -> Struct:
+    return await gw.keys.revoke(call.params["id"], call.actor)
+
+
+async def rotate_key(gw: Gateway, call: Call) -> Struct:
+    return await gw.keys.rotate(call.params["id"], call.body, call.actor)
+
+
+async def validate_key(gw: Gateway, call: Call) -> Struct:
+    req: ValidateKeyRequest = call.body
+    return await gw.keys.validate(req.key, req.scopes)
+
+
+async def key_usage(gw: Gateway, call: Call) -> Struct:
+    return gw.keys.usage(call.params["id"])
+
+
+async def create_admin(gw: Gateway, call: Call) -> Struct:
+    return await gw.admins.create(call.body, call.actor)
+
+
+async def list_admins(gw: Gateway, call: Call) -> Struct:
+    return gw.admins.list()
+
+
+async def revoke_admin(gw: Gateway, call: Call) -> Struct:
+    return await gw.admins.revoke(call.params["id"], call.actor)
+
+
+async def list_audit(gw: Gateway, call: Call) -> Struct:
+    q: AuditQuery = call.query
+    return gw.audit.list(limit=q.limit, cursor=q.cursor, actor=q.actor, action=q.action)
+
+
+async def cleanup(gw: Gateway, call: Call) -> Struct:
+    expired, purged = await gw.keys.cleanup(call.actor)
+    return CleanupResult(expired=expired, purged=purged)
+
+
+async def get_config(gw: Gateway, call: Call) -> Struct:
+    active = gw.active
+    return ConfigInfo(
+        version=active.version,
+        loaded_at=msgspec.json.encode(utc_required(active.loaded_at)).decode().strip('"'),
+        source=active.source,
+    )
+
+
+async def health(gw: Gateway, call: Call) -> Struct:
+    return Health(status="ok", version=__version__)
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("POST", "/setup", "Create the first super_admin (only once)", None, setup,
+             request=SetupRequest, response=SetupResult, status=201, tags=("admins",)),
+    Endpoint("POST", "/keys", "Create an API key; the plaintext is in the answer, once",
+             "admin:keys:create", create_key, request=CreateKeyRequest, response=CreatedKey,
+             status=201, tags=("keys",)),
+    Endpoint("GET", "/keys", "List keys, newest first, with cursor paging", "admin:keys:read",
+             list_keys, query=KeyListQuery, response=KeyPage, tags=("keys",)),
+    Endpoint("POST", "/keys/validate", "Check a key (and optionally scopes)", "admin:keys:read",
+             validate_key, request=ValidateKeyRequest, response=ValidateResult, tags=("keys",)),
+    Endpoint("GET", "/keys/{id}", "Read a key record", "admin:keys:read", get_key,
+             response=KeyView, tags=("keys",)),
+    Endpoint("PATCH", "/keys/{id}", "Change name, scopes, metadata, expiry, limits, credits",
+             "admin:keys:update", update_key, request=UpdateKeyRequest, response=KeyView,
+             tags=("keys",)),
+    Endpoint("DELETE", "/keys/{id}", "Revoke a key", "admin:keys:revoke", revoke_key,
+             response=RevokeResult, tags=("keys",)),
+    Endpoint("POST", "/keys/{id}/rotate", "Issue a replacement; the old key works until its grace ends",
+             "admin:keys:rotate", rotate_key, request=RotateKeyRequest, response=RotateResult,
+             tags=("keys",)),
+    Endpoint("GET", "/keys/{id}/usage", "Requests, last use, credits and limits of a key",
+             "admin:keys:read", key_usage, response=UsageView, tags=("keys",)),
+    Endpoint("POST", "/admins", "Create an admin with a role or explicit permissions",
+             "admin:users:create", create_admin, request=CreateAdminRequest,
+             response=CreatedAdmin, status=201, tags=("admins",)),
+    Endpoint("GET", "/admins", "List admin users (never their keys)", "admin:users:read",
+             list_admins, response=AdminList, tags=("admins",)),
+    Endpoint("DELETE", "/admins/{id}", "Revoke an admin", "admin:users:revoke", revoke_admin,
+             response=AdminView, tags=("admins",)),
+    Endpoint("GET", "/audit", "The audit log, newest first", "admin:audit:read", list_audit,
+             query=AuditQuery, response=AuditPage, tags=("audit",)),
+    Endpoint("POST", "/maintenance/cleanup", "Expire keys past expiry; purge rotated keys past grace",
+             "admin:system:maintenance", cleanup, response=CleanupResult, tags=("system",)),
+    Endpoint("GET", "/config", "The active config version and when it was loaded",
+             "admin:system:read", get_config, response=ConfigInfo, tags=("system",)),
+    Endpoint("GET", "/health", "Liveness and readiness", None, health, response=Health,
+             tags=("system",)),
+)

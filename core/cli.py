@@ -1,0 +1,265 @@
+"""The ``triogate`` command line (argparse).
+
+``keys`` and ``admin`` work directly on the data directory: LMDB is
+multi-process safe, so they may run while a server is serving the same data.
+Errors are the gateway's own (``GatewayError``), printed as ``CODE: detail``
+with exit status 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import trio
+
+from . import __version__
+from .audit import Actor
+from .config import Config, ConfigError, load_config
+from .crypto import SecretsError, add_hmac_version
+from .errors import GatewayError, ValidationError
+from .gateway import Gateway, open_gateway
+from .models import CreateAdminRequest, CreateKeyRequest, RotateKeyRequest
+from .validation import convert_all
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+CLI_ACTOR = Actor("cli", None)
+_json = msgspec.json.Encoder()
+
+
+def _config_for(args: argparse.Namespace) -> Config:
+    config = load_config(Path(args.config) if args.config else None)
+    if getattr(args, "data_dir", None):
+        config = msgspec.structs.replace(
+            config, server=msgspec.structs.replace(config.server, data_dir=args.data_dir)
+        )
+    return config
+
+
+def _with_gateway(args: argparse.Namespace, fn: Callable[[Gateway], Awaitable[T]]) -> T:
+    config = _config_for(args)
+
+    async def run() -> T:
+        async with open_gateway(config) as gw:
+            return await fn(gw)
+
+    return trio.run(run)
+
+
+def _print(args: argparse.Namespace, obj: Any, human: Callable[[Any], str]) -> None:
+    if args.json:
+        print(_json.encode(obj).decode())
+    else:
+        print(human(obj))
+
+
+def _parse_rate_limit(text: str) -> dict[str, Any]:
+    """``name=limit/seconds``, e.g. ``burst=10/1``."""
+    name, _, rest = text.partition("=")
+    limit, _, period = rest.partition("/")
+    try:
+        return {"name": name, "limit": int(limit), "period_seconds": float(period)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name=limit/seconds, got {text!r}") from None
+
+
+def _key_line(k: Any) -> str:
+    expires = k.expires_at.isoformat() if k.expires_at else "never"
+    return f"{k.id}  {k.status:<8} {k.start}…  {k.name!r} owner={k.owner!r} scopes={','.join(k.scopes) or '-'} expires={expires}"
+
+
+# ---- commands -------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import run_server
+
+    config = _config_for(args)
+    return run_server(config, source=args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    load_config(Path(args.file))
+    print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    raw: dict[str, Any] = {"name": args.name, "owner": args.owner, "scopes": args.scope or []}
+    if args.expires_at:
+        raw["expires_at"] = args.expires_at
+    if args.rate_limit:
+        raw["rate_limits"] = args.rate_limit
+    if args.credits is not None:
+        raw["credits"] = {"remaining": args.credits}
+    req = convert_all(raw, CreateKeyRequest, strict=False)
+    created = _with_gateway(args, lambda gw: gw.keys.create(req, CLI_ACTOR))
+    _print(args, created, lambda k: f"{_key_line(k)}\nkey: {k.key}\n(store it now: it is not shown again)")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def run(gw: Gateway) -> Any:
+        return gw.keys.list(limit=args.limit, cursor=args.cursor, owner=args.owner, status=args.status)
+
+    page = _with_gateway(args, run)
+    _print(
+        args,
+        page,
+        lambda p: "\n".join([_key_line(k) for k in p.items] + ([f"next cursor: {p.next_cursor}"] if p.next_cursor else [])) or "no keys",
+    )
+    return 0
+
+
+def cmd_keys_get(args: argparse.Namespace) -> int:
+    async def run(gw: Gateway) -> Any:
+        return gw.keys.get(args.id)
+
+    _print(args, _with_gateway(args, run), _key_line)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    result = _with_gateway(args, lambda gw: gw.keys.revoke(args.id, CLI_ACTOR))
+    _print(args, result, lambda r: f"{r.id} revoked at {r.revoked_at.isoformat()}")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    req = convert_all({"grace_seconds": args.grace_seconds}, RotateKeyRequest)
+    result = _with_gateway(args, lambda gw: gw.keys.rotate(args.id, req, CLI_ACTOR))
+    _print(
+        args,
+        result,
+        lambda r: f"{r.old.id} rotated; works until {r.old.grace_ends_at.isoformat()}\n"
+        f"{_key_line(r.new)}\nkey: {r.new.key}",
+    )
+    return 0
+
+
+def cmd_admin_create(args: argparse.Namespace) -> int:
+    raw: dict[str, Any] = {"name": args.name, "email": args.email}
+    if args.permission:
+        raw["permissions"] = args.permission
+    else:
+        raw["role"] = args.role
+    req = convert_all(raw, CreateAdminRequest)
+    created = _with_gateway(args, lambda gw: gw.admins.create(req, CLI_ACTOR))
+    _print(args, created, lambda a: f"{a.id} {a.name} <{a.email}> role={a.role} permissions={','.join(a.permissions)}\nkey: {a.key}")
+    return 0
+
+
+def cmd_secrets_rotate_hmac(args: argparse.Namespace) -> int:
+    config = _config_for(args)
+    version = add_hmac_version(config.data_dir)
+    print(f"HMAC secret version {version} is now current; existing keys keep working")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="config file (its server.data_dir is used)")
+    p.add_argument("--data-dir", help="data directory (overrides the config's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triogate", description="An API gateway on trio.")
+    parser.add_argument("--version", action="version", version=f"triogate {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("-c", "--config", help="config file (default: embedded defaults)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file, print every error")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("create", help="create a key; prints the plaintext once")
+    _data_options(p)
+    p.add_argument("--name", required=True)
+    p.add_argument("--owner", required=True)
+    p.add_argument("--scope", action="append", help="repeatable")
+    p.add_argument("--expires-at", help="RFC 3339, e.g. 2027-01-01T00:00:00Z")
+    p.add_argument("--rate-limit", action="append", type=_parse_rate_limit, help="name=limit/seconds, repeatable")
+    p.add_argument("--credits", type=int)
+    p.set_defaults(func=cmd_keys_create)
+
+    p = keys.add_parser("list", help="list keys, newest first")
+    _data_options(p)
+    p.add_argument("--owner")
+    p.add_argument("--status", choices=["active", "revoked", "rotated", "expired"])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--cursor")
+    p.set_defaults(func=cmd_keys_list)
+
+    for name, func, helptext in (
+        ("get", cmd_keys_get, "show one key"),
+        ("revoke", cmd_keys_revoke, "revoke a key"),
+    ):
+        p = keys.add_parser(name, help=helptext)
+        _data_options(p)
+        p.add_argument("id")
+        p.set_defaults(func=func)
+
+    p = keys.add_parser("rotate", help="issue a replacement key with a grace period")
+    _data_options(p)
+    p.add_argument("id")
+    p.add_argument("--grace-seconds", type=int, default=86400)
+    p.set_defaults(func=cmd_keys_rotate)
+
+    admin = sub.add_parser("admin", help="manage admin users").add_subparsers(dest="admin_command", required=True)
+    p = admin.add_parser("create", help="create an admin; prints its key once")
+    _data_options(p)
+    p.add_argument("--name", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--role", default="super_admin", choices=["super_admin", "key_admin", "key_viewer", "auditor"])
+    p.add_argument("--permission", action="append", help="explicit permission instead of a role, repeatable")
+    p.set_defaults(func=cmd_admin_create)
+
+    secrets = sub.add_parser("secrets", help="server secrets").add_subparsers(dest="secrets_command", required=True)
+    p = secrets.add_parser("rotate-hmac", help="add a new current HMAC secret version (file-based secrets)")
+    _data_options(p)
+    p.set_defaults(func=cmd_secrets_rotate_hmac)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        status: int = args.func(args)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(f"{exc.source}: {line}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        for e in exc.errors:
+            print(f"VALIDATION_ERROR: {e.path}: {e.message}", file=sys.stderr)
+        return 1
+    except GatewayError as exc:
+        print(f"{exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    except SecretsError as exc:
+        print(f"secrets: {exc}", file=sys.stderr)
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The configuration file (TOML), decoded into frozen msgspec Structs.
+
+Everything is validated at load: unknown keys, wrong types and out-of-range
+values are errors with a path (``routes[2].upstream: ...``), and *every* error
+is reported at once, not just the first. Cross-field rules that need the whole
+document (a route naming an unknown upstream, duplicate route names) are
+checked after decoding, with paths too.
+
+Environment overrides: ``TRIOGATE_SERVER__PROXY_LISTEN=127.0.0.1:9000``; a
+double underscore walks into a table; the value is read as a TOML value when
+it parses as one (numbers, booleans, arrays), else as a string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .errors import FieldError, ValidationError
+from .validation import convert_all
+
+__all__ = [
+    "ApiVersionConfig",
+    "Config",
+    "ConfigError",
+    "KeysConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+Listen = Annotated[
+    str,
+    Meta(
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
+        description="host:port to listen on",
+    ),
+]
+Seconds = Annotated[float, Meta(ge=0, le=86400)]
+PositiveSeconds = Annotated[float, Meta(gt=0, le=86400)]
+Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+TargetUrl = Annotated[str, Meta(pattern=r"^https?://[^/\s]+(/[^\s]*)?$", description="http://host:port")]
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+PluginConfigs = dict[str, dict[str, Any]]
+
+
+class DefaultRateLimit(Struct, frozen=True, forbid_unknown_fields=True):
+    limit: Annotated[int, Meta(ge=1, description="requests per period")]
+    period_seconds: Annotated[PositiveSeconds, Meta(description="period length")]
+
+
+class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    proxy_listen: Listen = "127.0.0.1:8000"
+    admin_listen: Listen = "127.0.0.1:8001"
+    data_dir: Annotated[str, Meta(min_length=1, description="LMDB and secrets live here")] = (
+        "./triogate-data"
+    )
+    shutdown_grace_seconds: Annotated[
+        Seconds, Meta(description="in-flight requests get this long on SIGTERM")
+    ] = 10.0
+    max_request_body_bytes: Annotated[int, Meta(ge=0, description="413 above this")] = 10_485_760
+    max_header_bytes: Annotated[int, Meta(ge=1024, le=1_048_576, description="431 above this")] = (
+        65_536
+    )
+    workers: Annotated[int, Meta(ge=1, le=64, description="proxy processes")] = 1
+
+
+class KeysConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    prefix: Annotated[
+        str,
+        Meta(pattern=r"^[a-z][a-z0-9]{0,15}_$", description="API key prefix, e.g. tg_"),
+    ] = "tg_"
+    default_rate_limit: DefaultRateLimit | None = None
+
+
+class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    map_size_mb: Annotated[int, Meta(ge=16, le=1_048_576, description="LMDB map size")] = 4096
+    flush_interval_seconds: Annotated[
+        PositiveSeconds, Meta(description="how often actors flush usage")
+    ] = 1.0
+
+
+class UpstreamConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    targets: Annotated[list[TargetUrl], Meta(min_length=1, max_length=256)]
+    balance: Literal["round_robin", "least_connections"] = "round_robin"
+    connect_timeout_seconds: PositiveSeconds = 2.0
+    read_timeout_seconds: PositiveSeconds = 30.0
+
+
+class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    name: Identifier
+    path: Annotated[str, Meta(pattern=r"^/", max_length=2048)]
+    upstream: Identifier
+    methods: list[HttpMethod] = []
+    upstream_path: Annotated[str, Meta(pattern=r"^/", max_length=2048)] | None = None
+    plugins: PluginConfigs = {}
+
+
+class ApiVersionConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    deprecated: bool = False
+    sunset: Annotated[datetime, Meta(tz=True)] | None = None
+
+
+class Config(Struct, frozen=True, forbid_unknown_fields=True):
+    server: ServerConfig = ServerConfig()
+    keys: KeysConfig = KeysConfig()
+    storage: StorageConfig = StorageConfig()
+    plugins: PluginConfigs = {}
+    upstreams: dict[str, UpstreamConfig] = {}
+    routes: list[RouteConfig] = []
+    api_versions: dict[str, ApiVersionConfig] = {}
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+
+class ConfigError(Exception):
+    def __init__(self, errors: list[FieldError], source: str) -> None:
+        self.errors = errors
+        self.source = source
+        super().__init__(f"{source}: {len(errors)} error(s)")
+
+    def lines(self) -> list[str]:
+        return [f"{e.path}: {e.message}" for e in self.errors]
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("TRIOGATE_") or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len("TRIOGATE_") :].split("__")]
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            try:
+                node[path[-1]] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                node[path[-1]] = value
+
+
+def _cross_checks(config: Config) -> list[FieldError]:
+    errors: list[FieldError] = []
+    seen: dict[str, int] = {}
+    for i, route in enumerate(config.routes):
+        if route.upstream not in config.upstreams:
+            errors.append(
+                FieldError(f"routes[{i}].upstream", f"unknown upstream {route.upstream!r}")
+            )
+        if route.name in seen:
+            errors.append(
+                FieldError(
+                    f"routes[{i}].name",
+                    f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])",
+                )
+            )
+        seen.setdefault(route.name, i)
+    return errors
+
+
+def parse_config(
+    raw: dict[str, Any], *, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
+    _apply_env(raw, os.environ if environ is None else environ)
+    try:
+        config = convert_all(raw, Config)
+    except ValidationError as exc:
+        raise ConfigError(exc.errors, source) from None
+    errors = _cross_checks(config)
+    if errors:
+        raise ConfigError(errors, source)
+    return config
+
+
+def load_config(path: Path | None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and return the config; ``None`` means embedded defaults."""
+    if path is None:
+        return parse_config({}, source="<defaults>", environ=environ)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([FieldError("$", f"cannot read: {exc.strerror}")], str(path)) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([FieldError("$", f"invalid TOML: {exc}")], str(path)) from None
+    return parse_config(raw, source=str(path), environ=environ)
+
+
+def config_version(config: Config) -> str:
+    """A short content hash: the same config always has the same version id."""
+    return hashlib.sha256(msgspec.json.encode(config)).hexdigest()[:12]

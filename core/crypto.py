@@ -1,0 +1,211 @@
+"""Server secrets: the HMAC keyring that digests keys, and the AES-GCM keyring
+that seals sensitive record fields. Both are versioned so they can rotate.
+
+Where they come from, in order:
+* ``TRIOGATE_HMAC_SECRET``: comma-separated ``[version:]secret`` (at least 32
+  bytes each; a bare secret is version 1);
+* ``TRIOGATE_ENCRYPTION_KEYS``: comma-separated ``version:base64(32 bytes)``;
+* otherwise ``data_dir/secrets`` (JSON, mode 0600), generated once on first
+  start and read by every later process, the CLI included.
+
+The highest version is *current*: it digests new keys and seals new records.
+Older versions stay valid for validation and decryption, so adding a version
+never invalidates an existing key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = ["HmacKeyring", "SecretsError", "Sealer", "ServerSecrets", "load_secrets"]
+
+_SEAL_MAGIC = 1  # first byte of a sealed blob: format version
+
+
+class SecretsError(Exception):
+    pass
+
+
+class HmacKeyring:
+    """HMAC-SHA256 under versioned secrets. Digesting copies a precomputed
+    HMAC object (cheaper than keying a new one per call)."""
+
+    def __init__(self, versions: Mapping[int, bytes]) -> None:
+        if not versions:
+            raise SecretsError("no HMAC secret")
+        self._bases = {v: hmac.new(s, digestmod=hashlib.sha256) for v, s in versions.items()}
+        self.current = max(versions)
+        # Newest first: validation tries the current version, then older ones.
+        self.versions = tuple(sorted(versions, reverse=True))
+
+    def __repr__(self) -> str:
+        return f"<HmacKeyring versions={list(self.versions)} current={self.current}>"
+
+    def digest(self, value: str, version: int | None = None) -> bytes:
+        h = self._bases[self.current if version is None else version].copy()
+        h.update(value.encode())
+        return h.digest()
+
+    def tag(self, purpose: str, value: str, version: int | None = None) -> bytes:
+        """A keyed blind index of ``value``: equal inputs give equal tags, and
+        nobody without the secret can invert or precompute them."""
+        return self.digest(f"{purpose}\x00{value}", version)[:16]
+
+
+class Sealer:
+    """AES-256-GCM with a versioned key ring. A sealed blob is
+    ``magic(1) | version(2) | nonce(12) | ciphertext+tag``; the record id is the
+    associated data, so a blob cannot be moved onto another record."""
+
+    def __init__(self, keys: Mapping[int, bytes]) -> None:
+        if not keys:
+            raise SecretsError("no encryption key")
+        for v, k in keys.items():
+            if len(k) != 32:
+                raise SecretsError(f"encryption key version {v} must be 32 bytes, got {len(k)}")
+        # One AESGCM object per key, reused: a new object per call doubles the cost.
+        self._aead = {v: AESGCM(k) for v, k in keys.items()}
+        self.current = max(keys)
+
+    def __repr__(self) -> str:
+        return f"<Sealer versions={sorted(self._aead)} current={self.current}>"
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        ct = self._aead[self.current].encrypt(nonce, plaintext, aad)
+        return bytes([_SEAL_MAGIC]) + self.current.to_bytes(2, "big") + nonce + ct
+
+    def open(self, blob: bytes, aad: bytes) -> bytes:
+        if len(blob) < 15 or blob[0] != _SEAL_MAGIC:
+            raise SecretsError("not a sealed blob")
+        version = int.from_bytes(blob[1:3], "big")
+        aead = self._aead.get(version)
+        if aead is None:
+            raise SecretsError(f"sealed with unknown encryption key version {version}")
+        try:
+            return aead.decrypt(blob[3:15], blob[15:], aad)
+        except InvalidTag as exc:
+            raise SecretsError("sealed blob failed authentication") from exc
+
+
+class ServerSecrets:
+    def __init__(self, hmac_keys: HmacKeyring, sealer: Sealer, source: str) -> None:
+        self.hmac = hmac_keys
+        self.sealer = sealer
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"<ServerSecrets from {self.source} {self.hmac!r} {self.sealer!r}>"
+
+
+def _parse_versioned(raw: str, *, what: str, decode: bool) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    for i, part in enumerate(p.strip() for p in raw.split(",") if p.strip()):
+        version_s, sep, value = part.partition(":")
+        if sep and version_s.isdigit():
+            version = int(version_s)
+        elif decode:
+            raise SecretsError(f"{what}: entry {i + 1} must look like 'version:base64'")
+        else:
+            version, value = 1 if i == 0 else i + 1, part
+        if not 1 <= version <= 65535:
+            raise SecretsError(f"{what}: version {version} out of range 1..65535")
+        if decode:
+            try:
+                secret = base64.b64decode(value, validate=True)
+            except ValueError as exc:
+                raise SecretsError(f"{what}: version {version} is not valid base64") from exc
+        else:
+            secret = value.encode()
+            if len(secret) < 32:
+                raise SecretsError(f"{what}: version {version} must be at least 32 bytes")
+        out[version] = secret
+    if not out:
+        raise SecretsError(f"{what} is empty")
+    return out
+
+
+def _generate_file(path: Path) -> None:
+    doc = {
+        "hmac": {"1": base64.b64encode(secrets.token_bytes(32)).decode()},
+        "encryption": {"1": base64.b64encode(AESGCM.generate_key(256)).decode()},
+    }
+    tmp = path.with_name(f".secrets.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        # link() fails if another process created the file first: theirs wins,
+        # so every process of one data dir agrees on the same secrets.
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _read_file(path: Path) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    try:
+        doc = json.loads(path.read_text())
+        hmac_keys = {int(v): base64.b64decode(s) for v, s in doc["hmac"].items()}
+        enc_keys = {int(v): base64.b64decode(s) for v, s in doc["encryption"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SecretsError(f"cannot read secrets file {path}: {exc}") from exc
+    return hmac_keys, enc_keys
+
+
+def load_secrets(data_dir: Path, environ: Mapping[str, str] | None = None) -> ServerSecrets:
+    env = os.environ if environ is None else environ
+    hmac_raw = env.get("TRIOGATE_HMAC_SECRET")
+    enc_raw = env.get("TRIOGATE_ENCRYPTION_KEYS")
+    if hmac_raw and enc_raw:
+        return ServerSecrets(
+            HmacKeyring(_parse_versioned(hmac_raw, what="TRIOGATE_HMAC_SECRET", decode=False)),
+            Sealer(_parse_versioned(enc_raw, what="TRIOGATE_ENCRYPTION_KEYS", decode=True)),
+            "environment",
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "secrets"
+    if not path.exists():
+        _generate_file(path)
+    file_hmac, file_enc = _read_file(path)
+    hmac_keys = (
+        _parse_versioned(hmac_raw, what="TRIOGATE_HMAC_SECRET", decode=False)
+        if hmac_raw
+        else file_hmac
+    )
+    enc_keys = (
+        _parse_versioned(enc_raw, what="TRIOGATE_ENCRYPTION_KEYS", decode=True)
+        if enc_raw
+        else file_enc
+    )
+    return ServerSecrets(HmacKeyring(hmac_keys), Sealer(enc_keys), str(path))
+
+
+def add_hmac_version(data_dir: Path) -> int:
+    """Rotate the file-based HMAC secret: add a new current version, keep the
+    old ones (existing keys are re-indexed under the new one as they are used)."""
+    path = data_dir / "secrets"
+    doc = json.loads(path.read_text())
+    version = max(int(v) for v in doc["hmac"]) + 1
+    doc["hmac"][str(version)] = base64.b64encode(secrets.token_bytes(32)).decode()
+    tmp = path.with_name(f".secrets.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return version

@@ -1,0 +1,178 @@
+"""One error hierarchy for everything the gateway itself refuses.
+
+Each error carries its machine-readable ``code`` and HTTP ``status`` (CONTRACT
+§4). Code below the boundaries raises these; the boundaries (admin app, proxy
+listener, CLI) translate them once into problem+json, an exit status, or a
+message. Anything else that escapes is a bug and becomes 500 INTERNAL_ERROR.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+__all__ = [
+    "Conflict",
+    "FieldError",
+    "Forbidden",
+    "GatewayError",
+    "HeadersTooLarge",
+    "InsufficientScope",
+    "InternalError",
+    "KeyExpired",
+    "KeyRevoked",
+    "KeyRotated",
+    "InvalidKey",
+    "MethodNotAllowed",
+    "MissingKey",
+    "NotFound",
+    "PayloadTooLarge",
+    "RouteNotFound",
+    "ValidationError",
+]
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    path: str
+    message: str
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    title: ClassVar[str] = "Internal Server Error"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        self.detail = detail or self.title
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+        super().__init__(self.detail)
+
+    def problem(self, request_id: str | None = None) -> dict[str, Any]:
+        """The RFC 9457 body, with our ``code`` and ``request_id`` members."""
+        body: dict[str, Any] = {
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+            "request_id": request_id,
+        }
+        body.update(self.extra)
+        return body
+
+
+class InternalError(GatewayError):
+    pass
+
+
+class ValidationError(GatewayError):
+    status = 400
+    code = "VALIDATION_ERROR"
+    title = "Bad Request"
+
+    def __init__(self, errors: list[FieldError], detail: str | None = None) -> None:
+        self.errors = errors
+        if detail is None:
+            detail = "; ".join(f"{e.path}: {e.message}" for e in errors[:5])
+        super().__init__(detail, errors=[msgspec.structs.asdict(e) for e in errors])
+
+    @classmethod
+    def single(cls, path: str, message: str) -> ValidationError:
+        return cls([FieldError(path, message)])
+
+
+class InvalidPathParameter(GatewayError):
+    status = 400
+    code = "INVALID_PATH_PARAMETER"
+    title = "Bad Request"
+
+
+class MissingKey(GatewayError):
+    status = 401
+    code = "MISSING_KEY"
+    title = "Unauthorized"
+
+
+class InvalidKey(GatewayError):
+    status = 401
+    code = "INVALID_KEY"
+    title = "Unauthorized"
+
+
+class KeyRevoked(GatewayError):
+    status = 401
+    code = "KEY_REVOKED"
+    title = "Unauthorized"
+
+
+class KeyExpired(GatewayError):
+    status = 401
+    code = "KEY_EXPIRED"
+    title = "Unauthorized"
+
+
+class KeyRotated(GatewayError):
+    status = 401
+    code = "KEY_ROTATED"
+    title = "Unauthorized"
+
+
+class InsufficientScope(GatewayError):
+    status = 403
+    code = "INSUFFICIENT_SCOPE"
+    title = "Forbidden"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "FORBIDDEN"
+    title = "Forbidden"
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    code = "ROUTE_NOT_FOUND"
+    title = "Not Found"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "NOT_FOUND"
+    title = "Not Found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "METHOD_NOT_ALLOWED"
+    title = "Method Not Allowed"
+
+    def __init__(self, allowed: list[str], detail: str | None = None) -> None:
+        super().__init__(detail)
+        self.headers["Allow"] = ", ".join(allowed)
+
+
+class Conflict(GatewayError):
+    status = 409
+    code = "CONFLICT"
+    title = "Conflict"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+    title = "Content Too Large"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    code = "HEADERS_TOO_LARGE"
+    title = "Request Header Fields Too Large"
+
+
+# Key-validation outcome codes -> the error that refuses the request.
+KEY_ERRORS: dict[str, type[GatewayError]] = {
+    cls.code: cls
+    for cls in (InvalidKey, KeyRevoked, KeyExpired, KeyRotated, InsufficientScope, MissingKey)
+}

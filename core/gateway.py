@@ -1,0 +1,72 @@
+"""Explicit wiring: the one place that builds storage, secrets and services
+and hands them down. No container, no globals: whoever needs a service gets
+it from the ``Gateway`` it was given."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+
+from triogate.storage import Store, open_lmdb_store
+
+from .admins import AdminService
+from .audit import AuditLog
+from .config import Config, config_version
+from .crypto import ServerSecrets, load_secrets
+from .keys import KeyService
+from .timeutil import Clock, system_clock
+
+__all__ = ["ActiveConfig", "Gateway", "open_gateway"]
+
+
+class ActiveConfig(msgspec.Struct, frozen=True):
+    config: Config
+    version: str
+    loaded_at: float
+    source: str | None
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        secrets: ServerSecrets,
+        *,
+        source: str | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.store = store
+        self.secrets = secrets
+        self.clock = clock
+        self.active = ActiveConfig(config, config_version(config), time.time(), source)
+        self.keys = KeyService(store, secrets, prefix=config.keys.prefix, clock=clock)
+        self.admins = AdminService(store, secrets, clock=clock)
+        self.audit = AuditLog(store)
+
+    @property
+    def config(self) -> Config:
+        return self.active.config
+
+    def __repr__(self) -> str:
+        return f"<Gateway config={self.active.version} store={self.store!r}>"
+
+
+def lmdb_path(data_dir: Path) -> Path:
+    return data_dir / "lmdb"
+
+
+@asynccontextmanager
+async def open_gateway(
+    config: Config, *, source: str | None = None, clock: Clock = system_clock
+) -> AsyncIterator[Gateway]:
+    data_dir = config.data_dir
+    secrets = load_secrets(data_dir)
+    async with open_lmdb_store(
+        lmdb_path(data_dir), map_size=config.storage.map_size_mb << 20
+    ) as store:
+        yield Gateway(config, store, secrets, source=source, clock=clock)

@@ -1,0 +1,290 @@
+"""The admin API's request and response types.
+
+These Structs are the single source of truth for the wire format: the admin
+app validates request bodies with them (``validation.convert_all``) and
+``/openapi.json`` is generated from them (msgspec emits JSON Schema), so the
+documentation cannot drift from what is enforced.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from triogate.storage import Credits, RateLimit
+
+__all__ = [
+    "MAX_METADATA_BYTES",
+    "AdminList",
+    "AdminView",
+    "AuditPage",
+    "AuditView",
+    "CleanupResult",
+    "CreateAdminRequest",
+    "CreateKeyRequest",
+    "CreatedAdmin",
+    "CreatedKey",
+    "Health",
+    "KeyPage",
+    "KeyView",
+    "Problem",
+    "RevokeResult",
+    "RotateKeyRequest",
+    "RotateResult",
+    "RotatedOld",
+    "SetupRequest",
+    "SetupResult",
+    "UpdateKeyRequest",
+    "UsageView",
+    "ValidateKeyRequest",
+    "ValidateResult",
+]
+
+MAX_METADATA_BYTES = 8192
+MAX_GRACE_SECONDS = 30 * 86400
+DEFAULT_GRACE_SECONDS = 86400
+
+Name = Annotated[str, Meta(min_length=1, max_length=255, description="1-255 characters")]
+Owner = Annotated[
+    str, Meta(min_length=1, max_length=255, description="who the key belongs to (encrypted at rest)")
+]
+Scope = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[\x21-\x7e]+$",
+        description="case-sensitive; a trailing ':*' grants every scope with that prefix",
+    ),
+]
+Scopes = Annotated[list[Scope], Meta(max_length=50, description="at most 50 scopes")]
+Email = Annotated[str, Meta(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
+Timestamp = Annotated[datetime, Meta(tz=True, description="RFC 3339 with a timezone")]
+Metadata = Annotated[
+    dict[str, Any],
+    Meta(max_length=64, description=f"free-form JSON object, at most {MAX_METADATA_BYTES} bytes"),
+]
+RateLimits = Annotated[list[RateLimit], Meta(max_length=10, description="checked all-or-nothing")]
+Role = Literal["super_admin", "key_admin", "key_viewer", "auditor"]
+Permission = Annotated[
+    str, Meta(pattern=r"^(\*|admin:\*|admin:[a-z]+:(\*|[a-z]+))$", description="e.g. admin:keys:read")
+]
+KeyStatus = Literal["active", "revoked", "rotated", "expired"]
+
+
+def _check_metadata(metadata: dict[str, Any] | None | UnsetType) -> None:
+    if isinstance(metadata, dict) and len(msgspec.json.encode(metadata)) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes")
+
+
+def _check_unique_limits(limits: list[RateLimit] | UnsetType) -> None:
+    if isinstance(limits, list) and len({r.name for r in limits}) != len(limits):
+        raise ValueError("rate_limits names must be unique")
+
+
+# ---- requests -------------------------------------------------------------
+
+
+class CreateKeyRequest(Struct, forbid_unknown_fields=True):
+    name: Name
+    owner: Owner
+    scopes: Scopes = []
+    expires_at: Timestamp | None = None
+    metadata: Metadata | None = None
+    rate_limits: RateLimits = []
+    credits: Credits | None = None
+
+    def __post_init__(self) -> None:
+        _check_metadata(self.metadata)
+        _check_unique_limits(self.rate_limits)
+
+
+class UpdateKeyRequest(Struct, forbid_unknown_fields=True):
+    """PATCH: absent fields stay as they are; ``null`` clears a nullable one."""
+
+    name: Name | UnsetType = UNSET
+    scopes: Scopes | UnsetType = UNSET
+    metadata: Metadata | None | UnsetType = UNSET
+    expires_at: Timestamp | None | UnsetType = UNSET
+    rate_limits: RateLimits | UnsetType = UNSET
+    credits: Credits | None | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        _check_metadata(self.metadata)
+        _check_unique_limits(self.rate_limits)
+
+
+class RotateKeyRequest(Struct, forbid_unknown_fields=True):
+    grace_seconds: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=MAX_GRACE_SECONDS,
+            description="how long the old key keeps working (default one day)",
+        ),
+    ] = DEFAULT_GRACE_SECONDS
+
+
+class ValidateKeyRequest(Struct, forbid_unknown_fields=True):
+    key: Annotated[str, Meta(min_length=1, max_length=512)]
+    scopes: Scopes = []
+
+
+class SetupRequest(Struct, forbid_unknown_fields=True):
+    name: Name
+    email: Email
+
+
+class CreateAdminRequest(Struct, forbid_unknown_fields=True):
+    name: Name
+    email: Email
+    role: Role | None = None
+    permissions: Annotated[list[Permission], Meta(max_length=32)] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.role is None) == (self.permissions is None):
+            raise ValueError("give exactly one of role or permissions")
+
+
+# ---- responses ------------------------------------------------------------
+
+
+class KeyView(Struct):
+    id: str
+    name: str
+    owner: str
+    start: str
+    scopes: list[str]
+    status: KeyStatus
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    rotated_to: str | None
+    rotated_from: str | None
+    grace_ends_at: datetime | None
+    last_used_at: datetime | None
+    metadata: dict[str, Any] | None
+    rate_limits: list[RateLimit]
+    credits: Credits | None
+
+
+class CreatedKey(KeyView):
+    key: str  # the plaintext: shown once, never stored
+
+
+class KeyPage(Struct):
+    items: list[KeyView]
+    next_cursor: str | None
+
+
+class RevokeResult(Struct):
+    id: str
+    status: KeyStatus
+    revoked_at: datetime
+
+
+class RotatedOld(Struct):
+    id: str
+    status: KeyStatus
+    grace_ends_at: datetime
+
+
+class RotateResult(Struct):
+    old: RotatedOld
+    new: CreatedKey
+
+
+class ValidateResult(Struct, omit_defaults=True):
+    valid: bool
+    code: str | None = None
+    key_id: str | None = None
+    owner: str | None = None
+    scopes: list[str] | None = None
+    expires_at: datetime | None = None
+    grace_ends_at: datetime | None = None
+    required_scopes: list[str] | None = None
+
+
+class UsageView(Struct):
+    key_id: str
+    requests: int
+    last_used_at: datetime | None
+    by_status_class: dict[str, int]
+    credits_remaining: int | None
+    rate_limits: list[RateLimit]
+
+
+class AdminView(Struct):
+    id: str
+    name: str
+    email: str
+    start: str
+    role: Role | None
+    permissions: list[str]
+    status: Literal["active", "revoked"]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class CreatedAdmin(AdminView):
+    key: str
+
+
+class SetupResult(Struct):
+    id: str
+    key: str
+    role: Role
+    name: str
+    email: str
+
+
+class AdminList(Struct):
+    items: list[AdminView]
+
+
+class AuditView(Struct):
+    id: str
+    at: datetime
+    actor_id: str
+    action: str
+    target_id: str | None
+    source_ip: str | None
+    details: dict[str, Any]
+
+
+class AuditPage(Struct):
+    items: list[AuditView]
+    next_cursor: str | None
+
+
+class CleanupResult(Struct):
+    expired: int
+    purged: int
+
+
+class Health(Struct):
+    status: str
+    version: str
+
+
+class FieldErrorView(Struct):
+    path: str
+    message: str
+
+
+class Problem(Struct, omit_defaults=True):
+    """RFC 9457 problem details, as every gateway error is answered."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    request_id: str | None
+    errors: list[FieldErrorView] | None = None
+    required_scopes: list[str] | None = None
+    required_permission: str | None = None

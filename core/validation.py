@@ -1,0 +1,146 @@
+"""Validate untrusted input against msgspec Structs, reporting *every* error.
+
+msgspec stops at the first error, which is right for speed and wrong for a
+person fixing a config or a request. ``convert_all`` walks a Struct's fields
+itself: unknown fields, missing fields, and each field's value (recursing into
+nested Structs and lists/dicts of Structs) are checked separately, every
+failure becomes a ``FieldError`` with its full path, and only a clean input is
+converted for real (which also runs ``__post_init__`` cross-field rules).
+The types are the single source of truth: the same ones emit the JSON Schema
+that ``/openapi.json`` publishes.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from typing import Any, TypeVar, Union
+
+import msgspec
+
+from .errors import FieldError, ValidationError
+
+__all__ = ["convert_all", "decode_json_object"]
+
+T = TypeVar("T")
+
+_AT_RE = re.compile(r" - at `\$(.*)`$")
+_json_decoder = msgspec.json.Decoder()
+
+
+def _join(path: str, suffix: str) -> str:
+    if not suffix:
+        return path
+    if suffix.startswith("["):
+        return path + suffix
+    return f"{path}{suffix}" if path else suffix.lstrip(".")
+
+
+def _message(exc: msgspec.ValidationError, path: str) -> FieldError:
+    text = str(exc)
+    m = _AT_RE.search(text)
+    if m:
+        text = text[: m.start()]
+        path = _join(path, m.group(1))
+    return FieldError(path or "$", text)
+
+
+def _strip(tp: Any) -> Any:
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _struct_in(tp: Any) -> type[msgspec.Struct] | None:
+    """The Struct type inside ``X``, ``X | None``."""
+    tp = _strip(tp)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        members = [
+            a for a in typing.get_args(tp) if a is not type(None) and a is not msgspec.UnsetType
+        ]
+        if len(members) == 1:
+            return _struct_in(members[0])
+    return None
+
+
+def _check(tp: Any, raw: Any, path: str, errors: list[FieldError], strict: bool) -> None:
+    struct = _struct_in(tp)
+    if struct is not None and isinstance(raw, dict):
+        _check_struct(struct, raw, path, errors, strict)
+        return
+    bare = _strip(tp)
+    origin = typing.get_origin(bare)
+    args = typing.get_args(bare)
+    if origin in (list, tuple) and isinstance(raw, list) and args and _struct_in(args[0]):
+        before = len(errors)
+        for i, item in enumerate(raw):
+            _check(args[0], item, f"{path}[{i}]", errors, strict)
+        if len(errors) == before:
+            _convert_into(tp, raw, path, errors, strict)  # constraints on the list itself
+        return
+    if origin is dict and isinstance(raw, dict) and len(args) == 2 and _struct_in(args[1]):
+        for k, item in raw.items():
+            _check(args[1], item, f"{path}.{k}" if path else str(k), errors, strict)
+        return
+    _convert_into(tp, raw, path, errors, strict)
+
+
+def _convert_into(tp: Any, raw: Any, path: str, errors: list[FieldError], strict: bool) -> None:
+    try:
+        msgspec.convert(raw, tp, strict=strict)
+    except msgspec.ValidationError as exc:
+        errors.append(_message(exc, path))
+
+
+def _check_struct(
+    struct: type[msgspec.Struct],
+    raw: dict[str, Any],
+    path: str,
+    errors: list[FieldError],
+    strict: bool,
+) -> None:
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    for name in raw:
+        if name not in fields:
+            errors.append(FieldError(_join(path, f".{name}"), "unknown field"))
+    for name, field in fields.items():
+        sub = _join(path, f".{name}")
+        if name not in raw:
+            if field.required:
+                errors.append(FieldError(sub, "required field is missing"))
+            continue
+        _check(field.type, raw[name], sub, errors, strict)
+
+
+def convert_all(raw: Any, tp: type[T], *, path: str = "", strict: bool = True) -> T:
+    """Convert ``raw`` (decoded JSON/TOML) to ``tp`` or raise ``ValidationError``
+    listing every failing field. ``strict=False`` lets strings stand for
+    numbers and booleans, as in query strings."""
+    errors: list[FieldError] = []
+    struct = _struct_in(tp)
+    if struct is not None and not isinstance(raw, dict):
+        raise ValidationError([FieldError(path or "$", f"expected an object, got {type(raw).__name__}")])
+    _check(tp, raw, path, errors, strict)
+    if errors:
+        raise ValidationError(errors)
+    try:
+        return msgspec.convert(raw, tp, strict=strict)
+    except msgspec.ValidationError as exc:
+        # Cross-field rules (__post_init__) only run on the real conversion.
+        raise ValidationError([_message(exc, path)]) from None
+
+
+def decode_json_object(body: bytes) -> dict[str, Any]:
+    """Decode a request body that must be one JSON object."""
+    if not body.strip():
+        return {}
+    try:
+        raw = _json_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ValidationError([FieldError("$", f"invalid JSON: {exc}")]) from None
+    if not isinstance(raw, dict):
+        raise ValidationError([FieldError("$", "expected a JSON object")])
+    return raw

@@ -1,0 +1,103 @@
+"""The storage contract: an ordered key-value store with named tables.
+
+Theory of operation
+-------------------
+Everything triogate persists lives in a handful of named tables (LMDB named
+sub-databases). Keys are bytes that sort the way we want to page (time-ordered
+ids, so newest-first is a reverse scan); values are msgpack records from
+``records.py``.
+
+* **Reads** are synchronous and cheap (an LMDB read transaction is a pointer
+  snapshot, ~1 µs), so they run inline on the trio thread: ``store.read()``.
+* **Writes** are functions ``fn(txn) -> result`` handed to ``await
+  store.write(fn)``. Each runs atomically (all of its puts and deletes, or none
+  if it raises) and is durable when the await returns. The LMDB store runs them
+  on one writer thread and commits many queued functions in one transaction
+  (group commit): one fsync for a burst of admin writes, and a failing function
+  is rolled back alone.
+
+A write function must be pure computation over the transaction: no I/O, no
+awaiting, because it runs in a worker thread while trio goes on.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol, TypeVar
+
+import msgspec
+
+__all__ = [
+    "ReadTxn",
+    "Store",
+    "StoreStatistics",
+    "Table",
+    "WriteTxn",
+    "prefix_successor",
+]
+
+T = TypeVar("T")
+
+
+class Table(enum.Enum):
+    """The named tables. The value is the sub-database name on disk."""
+
+    KEYS = b"keys"  # key id -> KeyRecord
+    KEY_DIGESTS = b"key_digests"  # HMAC digest -> key id
+    KEY_OWNERS = b"key_owners"  # owner tag + key id -> b""
+    USAGE = b"usage"  # key id -> UsageRecord
+    ADMINS = b"admins"  # admin id -> AdminRecord
+    ADMIN_DIGESTS = b"admin_digests"  # HMAC digest -> admin id
+    AUDIT = b"audit"  # audit id (time-ordered) -> AuditRecord
+    META = b"meta"  # small singletons, e.g. b"setup" -> first admin id
+
+
+class ReadTxn(Protocol):
+    def get(self, table: Table, key: bytes) -> bytes | None: ...
+
+    def scan(
+        self,
+        table: Table,
+        *,
+        prefix: bytes = b"",
+        after: bytes | None = None,
+        reverse: bool = False,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(key, value)`` for keys starting with ``prefix`` in key order
+        (descending with ``reverse``), starting strictly *after* ``after`` in
+        that order when it is given."""
+        ...
+
+
+class WriteTxn(ReadTxn, Protocol):
+    def put(self, table: Table, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, table: Table, key: bytes) -> bool: ...
+
+
+class StoreStatistics(msgspec.Struct, frozen=True):
+    kind: str
+    path: str | None
+    writes: int
+    commits: int
+    queued_writes: int
+    size_bytes: int
+
+
+class Store(Protocol):
+    def read(self) -> AbstractContextManager[ReadTxn]: ...
+
+    async def write(self, fn: Callable[[WriteTxn], T]) -> T: ...
+
+    def statistics(self) -> StoreStatistics: ...
+
+
+def prefix_successor(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string starting with
+    ``prefix``; None when there is none (empty or all 0xff)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])

@@ -1,0 +1,132 @@
+"""The persisted schema: every record triogate writes to storage.
+
+Records are msgspec Structs encoded as msgpack arrays (``array_like``): compact
+and fast, and evolvable the msgpack way, by *appending* fields with defaults.
+Never reorder or remove a field of an ``array_like`` record; add new ones at the
+end with a default so that older records still decode.
+
+Times are floats of seconds since the epoch (UTC). The API layer turns them
+into RFC 3339 strings; the hot path compares them to ``now`` without parsing.
+
+The value types (``RateLimit``, ``Credits``) carry their constraints here, once:
+the admin API validates requests with the very same types.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "KEY_STATUSES",
+    "AdminRecord",
+    "AuditRecord",
+    "Credits",
+    "KeyRecord",
+    "RateLimit",
+    "UsageRecord",
+    "codec",
+]
+
+KEY_STATUSES: Final = ("active", "revoked", "rotated", "expired")
+
+class RateLimit(Struct, frozen=True, forbid_unknown_fields=True):
+    """One named limit: at most ``limit`` requests per ``period_seconds``."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, description="unique per key")]
+    limit: Annotated[int, Meta(ge=1, le=1_000_000_000, description="requests per period")]
+    period_seconds: Annotated[
+        float, Meta(gt=0, le=31_536_000, description="length of the period in seconds")
+    ]
+
+
+class Credits(Struct, frozen=True, forbid_unknown_fields=True):
+    """A quota: ``remaining`` requests, topped up by ``refill_amount`` on an interval."""
+
+    remaining: Annotated[int, Meta(ge=0, le=10**15, description="requests left")]
+    refill_amount: Annotated[int, Meta(ge=0, le=10**15, description="added per refill")] = 0
+    refill_interval_seconds: Annotated[
+        float, Meta(ge=0, le=31_536_000, description="0 means never refilled")
+    ] = 0
+
+
+class KeyRecord(Struct, array_like=True, frozen=True):
+    """An API key. ``digest`` is HMAC-SHA256(secret[digest_version], plaintext);
+    ``sealed`` is AES-GCM over the sensitive fields (owner, metadata);
+    ``owner_tag`` is a keyed blind index of the owner for ``?owner=`` listing."""
+
+    id: str
+    digest: bytes
+    digest_version: int
+    start: str
+    name: str
+    sealed: bytes
+    owner_tag: bytes
+    owner_tag_version: int
+    scopes: tuple[str, ...]
+    status: str
+    created_at: float
+    updated_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    rotated_to: str | None = None
+    rotated_from: str | None = None
+    grace_ends_at: float | None = None
+    rate_limits: tuple[RateLimit, ...] = ()
+    credits: Credits | None = None
+
+
+class UsageRecord(Struct, array_like=True, frozen=True):
+    """Per-key usage, written by the key's actor in batches."""
+
+    requests: int = 0
+    last_used_at: float | None = None
+    # Responses by status class: index 0 is 1xx ... index 4 is 5xx.
+    by_class: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    credits_remaining: int | None = None
+    credits_refilled_at: float | None = None
+
+
+class AdminRecord(Struct, array_like=True, frozen=True):
+    """An admin user; ``sealed`` holds the encrypted e-mail address."""
+
+    id: str
+    digest: bytes
+    digest_version: int
+    start: str
+    name: str
+    sealed: bytes
+    role: str | None
+    permissions: tuple[str, ...]
+    status: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+class AuditRecord(Struct, array_like=True, frozen=True):
+    id: str
+    at: float
+    actor_id: str
+    action: str
+    target_id: str | None
+    source_ip: str | None
+    details: dict[str, Any] = {}
+
+
+class _Codec:
+    """One reused encoder and one decoder per record type (msgspec perf tips)."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self.key = msgspec.msgpack.Decoder(KeyRecord)
+        self.usage = msgspec.msgpack.Decoder(UsageRecord)
+        self.admin = msgspec.msgpack.Decoder(AdminRecord)
+        self.audit = msgspec.msgpack.Decoder(AuditRecord)
+
+    def encode(self, record: Struct) -> bytes:
+        return self._encoder.encode(record)
+
+
+codec: Final = _Codec()
