@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 
 import msgspec
-
 from triogate.storage import AdminRecord, ReadTxn, Store, Table, WriteTxn, codec
 
 from .audit import Actor, append_audit
@@ -18,7 +17,14 @@ from .crypto import ServerSecrets
 from .errors import Conflict, InvalidKey, KeyRevoked, MissingKey, NotFound, ValidationError
 from .ids import is_valid_id, new_id
 from .keyformat import KeyFormat
-from .models import AdminList, AdminView, CreateAdminRequest, CreatedAdmin, SetupRequest, SetupResult
+from .models import (
+    AdminList,
+    AdminView,
+    CreateAdminRequest,
+    CreatedAdmin,
+    SetupRequest,
+    SetupResult,
+)
 from .permissions import effective_permissions, unknown_permissions
 from .timeutil import Clock, system_clock, utc, utc_required
 
@@ -36,7 +42,9 @@ class Principal(msgspec.Struct, frozen=True):
 
 
 class AdminService:
-    def __init__(self, store: Store, secrets: ServerSecrets, *, clock: Clock = system_clock) -> None:
+    def __init__(
+        self, store: Store, secrets: ServerSecrets, *, clock: Clock = system_clock
+    ) -> None:
         self._store = store
         self._secrets = secrets
         self._clock = clock
@@ -112,13 +120,18 @@ class AdminService:
 
     def is_set_up(self) -> bool:
         with self._store.read() as txn:
-            return txn.get(Table.META, _SETUP) is not None or next(txn.scan(Table.ADMINS), None) is not None
+            return (
+                txn.get(Table.META, _SETUP) is not None
+                or next(txn.scan(Table.ADMINS), None) is not None
+            )
 
     async def create(self, req: CreateAdminRequest, actor: Actor) -> CreatedAdmin:
         if req.permissions is not None:
             bad = unknown_permissions(req.permissions)
             if bad:
-                raise ValidationError.single("permissions", f"unknown permissions: {', '.join(bad)}")
+                raise ValidationError.single(
+                    "permissions", f"unknown permissions: {', '.join(bad)}"
+                )
         now = self._clock()
         record, plaintext = self._new(
             name=req.name,
@@ -145,7 +158,9 @@ class AdminService:
 
     def list(self) -> AdminList:
         with self._store.read() as txn:
-            items = [self._view(codec.admin.decode(v)) for _, v in txn.scan(Table.ADMINS, reverse=True)]
+            items = [
+                self._view(codec.admin.decode(v)) for _, v in txn.scan(Table.ADMINS, reverse=True)
+            ]
         return AdminList(items=items)
 
     @staticmethod

@@ -12,7 +12,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,7 +72,11 @@ def _parse_rate_limit(text: str) -> dict[str, Any]:
 
 def _key_line(k: Any) -> str:
     expires = k.expires_at.isoformat() if k.expires_at else "never"
-    return f"{k.id}  {k.status:<8} {k.start}…  {k.name!r} owner={k.owner!r} scopes={','.join(k.scopes) or '-'} expires={expires}"
+    scopes = ",".join(k.scopes) or "-"
+    return (
+        f"{k.id}  {k.status:<8} {k.start}…  {k.name!r} owner={k.owner!r} "
+        f"scopes={scopes} expires={expires}"
+    )
 
 
 # ---- commands -------------------------------------------------------------
@@ -102,19 +105,31 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         raw["credits"] = {"remaining": args.credits}
     req = convert_all(raw, CreateKeyRequest, strict=False)
     created = _with_gateway(args, lambda gw: gw.keys.create(req, CLI_ACTOR))
-    _print(args, created, lambda k: f"{_key_line(k)}\nkey: {k.key}\n(store it now: it is not shown again)")
+    _print(
+        args,
+        created,
+        lambda k: f"{_key_line(k)}\nkey: {k.key}\n(store it now: it is not shown again)",
+    )
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     async def run(gw: Gateway) -> Any:
-        return gw.keys.list(limit=args.limit, cursor=args.cursor, owner=args.owner, status=args.status)
+        return gw.keys.list(
+            limit=args.limit, cursor=args.cursor, owner=args.owner, status=args.status
+        )
 
     page = _with_gateway(args, run)
     _print(
         args,
         page,
-        lambda p: "\n".join([_key_line(k) for k in p.items] + ([f"next cursor: {p.next_cursor}"] if p.next_cursor else [])) or "no keys",
+        lambda p: (
+            "\n".join(
+                [_key_line(k) for k in p.items]
+                + ([f"next cursor: {p.next_cursor}"] if p.next_cursor else [])
+            )
+            or "no keys"
+        ),
     )
     return 0
 
@@ -139,8 +154,10 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     _print(
         args,
         result,
-        lambda r: f"{r.old.id} rotated; works until {r.old.grace_ends_at.isoformat()}\n"
-        f"{_key_line(r.new)}\nkey: {r.new.key}",
+        lambda r: (
+            f"{r.old.id} rotated; works until {r.old.grace_ends_at.isoformat()}\n"
+            f"{_key_line(r.new)}\nkey: {r.new.key}"
+        ),
     )
     return 0
 
@@ -153,7 +170,14 @@ def cmd_admin_create(args: argparse.Namespace) -> int:
         raw["role"] = args.role
     req = convert_all(raw, CreateAdminRequest)
     created = _with_gateway(args, lambda gw: gw.admins.create(req, CLI_ACTOR))
-    _print(args, created, lambda a: f"{a.id} {a.name} <{a.email}> role={a.role} permissions={','.join(a.permissions)}\nkey: {a.key}")
+    _print(
+        args,
+        created,
+        lambda a: (
+            f"{a.id} {a.name} <{a.email}> role={a.role} "
+            f"permissions={','.join(a.permissions)}\nkey: {a.key}"
+        ),
+    )
     return 0
 
 
@@ -176,7 +200,9 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triogate", description="An API gateway on trio.")
     parser.add_argument("--version", action="version", version=f"triogate {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the gateway")
@@ -187,14 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
     p = keys.add_parser("create", help="create a key; prints the plaintext once")
     _data_options(p)
     p.add_argument("--name", required=True)
     p.add_argument("--owner", required=True)
     p.add_argument("--scope", action="append", help="repeatable")
     p.add_argument("--expires-at", help="RFC 3339, e.g. 2027-01-01T00:00:00Z")
-    p.add_argument("--rate-limit", action="append", type=_parse_rate_limit, help="name=limit/seconds, repeatable")
+    p.add_argument(
+        "--rate-limit",
+        action="append",
+        type=_parse_rate_limit,
+        help="name=limit/seconds, repeatable",
+    )
     p.add_argument("--credits", type=int)
     p.set_defaults(func=cmd_keys_create)
 
@@ -221,17 +254,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-seconds", type=int, default=86400)
     p.set_defaults(func=cmd_keys_rotate)
 
-    admin = sub.add_parser("admin", help="manage admin users").add_subparsers(dest="admin_command", required=True)
+    admin = sub.add_parser("admin", help="manage admin users").add_subparsers(
+        dest="admin_command", required=True
+    )
     p = admin.add_parser("create", help="create an admin; prints its key once")
     _data_options(p)
     p.add_argument("--name", required=True)
     p.add_argument("--email", required=True)
-    p.add_argument("--role", default="super_admin", choices=["super_admin", "key_admin", "key_viewer", "auditor"])
-    p.add_argument("--permission", action="append", help="explicit permission instead of a role, repeatable")
+    p.add_argument(
+        "--role",
+        default="super_admin",
+        choices=["super_admin", "key_admin", "key_viewer", "auditor"],
+    )
+    p.add_argument(
+        "--permission", action="append", help="explicit permission instead of a role, repeatable"
+    )
     p.set_defaults(func=cmd_admin_create)
 
-    secrets = sub.add_parser("secrets", help="server secrets").add_subparsers(dest="secrets_command", required=True)
-    p = secrets.add_parser("rotate-hmac", help="add a new current HMAC secret version (file-based secrets)")
+    secrets = sub.add_parser("secrets", help="server secrets").add_subparsers(
+        dest="secrets_command", required=True
+    )
+    p = secrets.add_parser(
+        "rotate-hmac", help="add a new current HMAC secret version (file-based secrets)"
+    )
     _data_options(p)
     p.set_defaults(func=cmd_secrets_rotate_hmac)
     return parser
@@ -240,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         status: int = args.func(args)

@@ -27,7 +27,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["HmacKeyring", "SecretsError", "Sealer", "ServerSecrets", "load_secrets"]
+__all__ = ["HmacKeyring", "Sealer", "SecretsError", "ServerSecrets", "load_secrets"]
 
 _SEAL_MAGIC = 1  # first byte of a sealed blob: format version
 

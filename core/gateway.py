@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
-
 from triogate.storage import Store, open_lmdb_store
 
 from .admins import AdminService

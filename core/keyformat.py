@@ -39,7 +39,9 @@ class KeyFormat:
 
     def __init__(self, prefix: str) -> None:
         if not _PREFIX_RE.match(prefix):
-            raise ValueError(f"key prefix {prefix!r} must be lowercase letters/digits ending in '_'")
+            raise ValueError(
+                f"key prefix {prefix!r} must be lowercase letters/digits ending in '_'"
+            )
         self.prefix = prefix
         self.length = len(prefix) + BODY_LENGTH + CHECKSUM_LENGTH
         self._allowed = frozenset(_B62)
@@ -60,7 +62,7 @@ class KeyFormat:
         rest = key[len(self.prefix) :]
         if not self._allowed.issuperset(rest):
             return False
-        head = key[: -CHECKSUM_LENGTH]
+        head = key[:-CHECKSUM_LENGTH]
         return secrets.compare_digest(key[-CHECKSUM_LENGTH:], self._checksum(head))
 
     def start(self, key: str) -> str:

@@ -24,11 +24,11 @@ from __future__ import annotations
 import heapq
 import hmac
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import msgspec
 from msgspec import UNSET
-
 from triogate.storage import (
     KeyRecord,
     ReadTxn,
@@ -174,8 +174,10 @@ class KeyService:
             return status is None or effective_status(r, now) == status
 
         with self._store.read() as txn:
-            ids = self._ids_by_owner(txn, owner, after) if owner is not None else (
-                k for k, _ in txn.scan(Table.KEYS, after=after, reverse=True)
+            ids = (
+                self._ids_by_owner(txn, owner, after)
+                if owner is not None
+                else (k for k, _ in txn.scan(Table.KEYS, after=after, reverse=True))
             )
             rows = self._records(txn, ids)
             items, next_cursor = take_page(
@@ -381,7 +383,7 @@ class KeyService:
     async def update(self, key_id: str, req: UpdateKeyRequest, actor: Actor) -> KeyView:
         now = self._clock()
         changed = [f for f in req.__struct_fields__ if getattr(req, f) is not UNSET]
-        if req.expires_at is not UNSET and req.expires_at is not None and epoch(req.expires_at) <= now:  # type: ignore[operator]
+        if isinstance(req.expires_at, datetime) and req.expires_at.timestamp() <= now:
             raise ValidationError.single("expires_at", "must be in the future")
 
         def fn(txn: WriteTxn) -> KeyRecord:

@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
-
 from triogate.storage import Credits, RateLimit
 
 __all__ = [
@@ -49,7 +48,8 @@ DEFAULT_GRACE_SECONDS = 86400
 
 Name = Annotated[str, Meta(min_length=1, max_length=255, description="1-255 characters")]
 Owner = Annotated[
-    str, Meta(min_length=1, max_length=255, description="who the key belongs to (encrypted at rest)")
+    str,
+    Meta(min_length=1, max_length=255, description="who the key belongs to (encrypted at rest)"),
 ]
 Scope = Annotated[
     str,
@@ -70,12 +70,13 @@ Metadata = Annotated[
 RateLimits = Annotated[list[RateLimit], Meta(max_length=10, description="checked all-or-nothing")]
 Role = Literal["super_admin", "key_admin", "key_viewer", "auditor"]
 Permission = Annotated[
-    str, Meta(pattern=r"^(\*|admin:\*|admin:[a-z]+:(\*|[a-z]+))$", description="e.g. admin:keys:read")
+    str,
+    Meta(pattern=r"^(\*|admin:\*|admin:[a-z]+:(\*|[a-z]+))$", description="e.g. admin:keys:read"),
 ]
 KeyStatus = Literal["active", "revoked", "rotated", "expired"]
 
 
-def _check_metadata(metadata: dict[str, Any] | None | UnsetType) -> None:
+def _check_metadata(metadata: dict[str, Any] | UnsetType | None) -> None:
     if isinstance(metadata, dict) and len(msgspec.json.encode(metadata)) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes")
 
@@ -107,10 +108,10 @@ class UpdateKeyRequest(Struct, forbid_unknown_fields=True):
 
     name: Name | UnsetType = UNSET
     scopes: Scopes | UnsetType = UNSET
-    metadata: Metadata | None | UnsetType = UNSET
-    expires_at: Timestamp | None | UnsetType = UNSET
+    metadata: Metadata | UnsetType | None = UNSET
+    expires_at: Timestamp | UnsetType | None = UNSET
     rate_limits: RateLimits | UnsetType = UNSET
-    credits: Credits | None | UnsetType = UNSET
+    credits: Credits | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
         _check_metadata(self.metadata)

@@ -65,6 +65,4 @@ def scopes_missing(key_scopes: Iterable[str], required: Iterable[str]) -> list[s
     held = tuple(key_scopes)
     exact = frozenset(held)
     wildcards = tuple(s[:-1] for s in held if s.endswith(":*"))
-    return [
-        r for r in required if r not in exact and not any(r.startswith(w) for w in wildcards)
-    ]
+    return [r for r in required if r not in exact and not any(r.startswith(w) for w in wildcards)]

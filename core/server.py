@@ -56,7 +56,9 @@ class Server:
     """Runs one gateway until ``shutdown()`` or a signal. Use with
     ``await nursery.start(server.run)``; ``started`` hands back a ServerInfo."""
 
-    def __init__(self, config: Config, *, source: str | None = None, handle_signals: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, source: str | None = None, handle_signals: bool = False
+    ) -> None:
         self.config = config
         self.source = source
         self.handle_signals = handle_signals
@@ -70,7 +72,9 @@ class Server:
     def shutdown(self) -> None:
         self._shutdown.set()
 
-    async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _watch_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for signum in signals:
@@ -78,7 +82,9 @@ class Server:
                 self.shutdown()
                 return
 
-    async def run(self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async with open_gateway(self.config, source=self.source) as gw:
             self.gateway = gw
             app = create_admin_app(gw)

@@ -122,7 +122,9 @@ def convert_all(raw: Any, tp: type[T], *, path: str = "", strict: bool = True) -
     errors: list[FieldError] = []
     struct = _struct_in(tp)
     if struct is not None and not isinstance(raw, dict):
-        raise ValidationError([FieldError(path or "$", f"expected an object, got {type(raw).__name__}")])
+        raise ValidationError(
+            [FieldError(path or "$", f"expected an object, got {type(raw).__name__}")]
+        )
     _check(tp, raw, path, errors, strict)
     if errors:
         raise ValidationError(errors)

@@ -27,7 +27,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lmdb
 import outcome
@@ -53,8 +53,8 @@ class _LmdbTxn:
         self._dbs = dbs
 
     def get(self, table: Table, key: bytes) -> bytes | None:
-        value: bytes | None = self._txn.get(key, db=self._dbs[table])
-        return value
+        # Transactions are opened with buffers=False: values are bytes.
+        return cast("bytes | None", self._txn.get(key, db=self._dbs[table]))
 
     def scan(
         self,
@@ -72,12 +72,12 @@ class _LmdbTxn:
                 positioned = cur.set_range(bound) if bound is not None else False
                 ok = cur.prev() if positioned else cur.last()
                 while ok:
-                    key = cur.key()
+                    key = cast(bytes, cur.key())
                     if not key.startswith(prefix):
                         if key < prefix:
                             return
                     else:
-                        yield key, cur.value()
+                        yield key, cast(bytes, cur.value())
                     ok = cur.prev()
             else:
                 start = prefix if after is None or after < prefix else after
@@ -85,10 +85,10 @@ class _LmdbTxn:
                 if ok and after is not None and cur.key() == after:
                     ok = cur.next()
                 while ok:
-                    key = cur.key()
+                    key = cast(bytes, cur.key())
                     if not key.startswith(prefix):
                         return
-                    yield key, cur.value()
+                    yield key, cast(bytes, cur.value())
                     ok = cur.next()
 
     def put(self, table: Table, key: bytes, value: bytes) -> None:
@@ -162,7 +162,9 @@ class LmdbStore:
             size_bytes=(info["last_pgno"] + 1) * stat["psize"],
         )
 
-    async def run_writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """The one writer: group-commit whatever is queued, until the channel closes."""
         task_status.started()
         async with self._receive:
@@ -205,7 +207,9 @@ class LmdbStore:
 
 
 @asynccontextmanager
-async def open_lmdb_store(path: Path, *, map_size: int = DEFAULT_MAP_SIZE) -> AsyncIterator[LmdbStore]:
+async def open_lmdb_store(
+    path: Path, *, map_size: int = DEFAULT_MAP_SIZE
+) -> AsyncIterator[LmdbStore]:
     store = LmdbStore(path, map_size=map_size)
     try:
         async with trio.open_nursery() as nursery:

@@ -43,7 +43,11 @@ class _MemoryTable:
 
 
 class _MemoryTxn:
-    def __init__(self, tables: dict[Table, _MemoryTable], undo: list[tuple[Table, bytes, bytes | None]] | None) -> None:
+    def __init__(
+        self,
+        tables: dict[Table, _MemoryTable],
+        undo: list[tuple[Table, bytes, bytes | None]] | None,
+    ) -> None:
         self._tables = tables
         self._undo = undo
 

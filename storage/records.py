@@ -32,6 +32,7 @@ __all__ = [
 
 KEY_STATUSES: Final = ("active", "revoked", "rotated", "expired")
 
+
 class RateLimit(Struct, frozen=True, forbid_unknown_fields=True):
     """One named limit: at most ``limit`` requests per ``period_seconds``."""
 

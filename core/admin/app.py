@@ -16,9 +16,6 @@ from typing import Any
 import msgspec
 from quart import Response, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
-from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
-
 from triogate.audit import Actor
 from triogate.errors import (
     Forbidden,
@@ -32,6 +29,8 @@ from triogate.errors import (
 from triogate.gateway import Gateway
 from triogate.permissions import grants
 from triogate.validation import convert_all, decode_json_object
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
 from .endpoints import ENDPOINTS, Call, Endpoint
 from .openapi import build_openapi
@@ -86,6 +85,7 @@ def _view(gw: Gateway, ep: Endpoint) -> Any:
         body = None
         if ep.request is not None:
             raw = await request.get_data(as_text=False)
+            assert isinstance(raw, bytes)
             body = convert_all(decode_json_object(raw), ep.request)
         result = await ep.handler(gw, Call(actor=actor, params=params, body=body, query=query))
         return _json(result, ep.status)
@@ -132,7 +132,9 @@ def create_admin_app(gw: Gateway) -> QuartTrio:
         elif error.code == 404:
             mapped = NotFound(f"no admin endpoint {request.path}")
         elif error.code == 413:
-            mapped = PayloadTooLarge(f"admin request bodies are limited to {MAX_ADMIN_BODY_BYTES} bytes")
+            mapped = PayloadTooLarge(
+                f"admin request bodies are limited to {MAX_ADMIN_BODY_BYTES} bytes"
+            )
         elif error.code is not None and 400 <= error.code < 500:
             mapped = ValidationError.single("$", error.description or "bad request")
         else:

@@ -8,13 +8,13 @@ routes (authenticating, authorising and validating from the row), and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
-
 from triogate import __version__
 from triogate.audit import Actor
 from triogate.gateway import Gateway
@@ -96,7 +96,8 @@ class Endpoint:
 
     @property
     def name(self) -> str:
-        return f"{self.method.lower()}_{self.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
+        slug = re.sub(r"[^a-z0-9]+", "_", self.path.lower()).strip("_")
+        return f"{self.method.lower()}_{slug}"
 
 
 # ---- handlers: thin; the services do the work -----------------------------
@@ -176,40 +177,153 @@ async def health(gw: Gateway, call: Call) -> Struct:
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("POST", "/setup", "Create the first super_admin (only once)", None, setup,
-             request=SetupRequest, response=SetupResult, status=201, tags=("admins",)),
-    Endpoint("POST", "/keys", "Create an API key; the plaintext is in the answer, once",
-             "admin:keys:create", create_key, request=CreateKeyRequest, response=CreatedKey,
-             status=201, tags=("keys",)),
-    Endpoint("GET", "/keys", "List keys, newest first, with cursor paging", "admin:keys:read",
-             list_keys, query=KeyListQuery, response=KeyPage, tags=("keys",)),
-    Endpoint("POST", "/keys/validate", "Check a key (and optionally scopes)", "admin:keys:read",
-             validate_key, request=ValidateKeyRequest, response=ValidateResult, tags=("keys",)),
-    Endpoint("GET", "/keys/{id}", "Read a key record", "admin:keys:read", get_key,
-             response=KeyView, tags=("keys",)),
-    Endpoint("PATCH", "/keys/{id}", "Change name, scopes, metadata, expiry, limits, credits",
-             "admin:keys:update", update_key, request=UpdateKeyRequest, response=KeyView,
-             tags=("keys",)),
-    Endpoint("DELETE", "/keys/{id}", "Revoke a key", "admin:keys:revoke", revoke_key,
-             response=RevokeResult, tags=("keys",)),
-    Endpoint("POST", "/keys/{id}/rotate", "Issue a replacement; the old key works until its grace ends",
-             "admin:keys:rotate", rotate_key, request=RotateKeyRequest, response=RotateResult,
-             tags=("keys",)),
-    Endpoint("GET", "/keys/{id}/usage", "Requests, last use, credits and limits of a key",
-             "admin:keys:read", key_usage, response=UsageView, tags=("keys",)),
-    Endpoint("POST", "/admins", "Create an admin with a role or explicit permissions",
-             "admin:users:create", create_admin, request=CreateAdminRequest,
-             response=CreatedAdmin, status=201, tags=("admins",)),
-    Endpoint("GET", "/admins", "List admin users (never their keys)", "admin:users:read",
-             list_admins, response=AdminList, tags=("admins",)),
-    Endpoint("DELETE", "/admins/{id}", "Revoke an admin", "admin:users:revoke", revoke_admin,
-             response=AdminView, tags=("admins",)),
-    Endpoint("GET", "/audit", "The audit log, newest first", "admin:audit:read", list_audit,
-             query=AuditQuery, response=AuditPage, tags=("audit",)),
-    Endpoint("POST", "/maintenance/cleanup", "Expire keys past expiry; purge rotated keys past grace",
-             "admin:system:maintenance", cleanup, response=CleanupResult, tags=("system",)),
-    Endpoint("GET", "/config", "The active config version and when it was loaded",
-             "admin:system:read", get_config, response=ConfigInfo, tags=("system",)),
-    Endpoint("GET", "/health", "Liveness and readiness", None, health, response=Health,
-             tags=("system",)),
+    Endpoint(
+        "POST",
+        "/setup",
+        "Create the first super_admin (only once)",
+        None,
+        setup,
+        request=SetupRequest,
+        response=SetupResult,
+        status=201,
+        tags=("admins",),
+    ),
+    Endpoint(
+        "POST",
+        "/keys",
+        "Create an API key; the plaintext is in the answer, once",
+        "admin:keys:create",
+        create_key,
+        request=CreateKeyRequest,
+        response=CreatedKey,
+        status=201,
+        tags=("keys",),
+    ),
+    Endpoint(
+        "GET",
+        "/keys",
+        "List keys, newest first, with cursor paging",
+        "admin:keys:read",
+        list_keys,
+        query=KeyListQuery,
+        response=KeyPage,
+        tags=("keys",),
+    ),
+    Endpoint(
+        "POST",
+        "/keys/validate",
+        "Check a key (and optionally scopes)",
+        "admin:keys:read",
+        validate_key,
+        request=ValidateKeyRequest,
+        response=ValidateResult,
+        tags=("keys",),
+    ),
+    Endpoint(
+        "GET",
+        "/keys/{id}",
+        "Read a key record",
+        "admin:keys:read",
+        get_key,
+        response=KeyView,
+        tags=("keys",),
+    ),
+    Endpoint(
+        "PATCH",
+        "/keys/{id}",
+        "Change name, scopes, metadata, expiry, limits, credits",
+        "admin:keys:update",
+        update_key,
+        request=UpdateKeyRequest,
+        response=KeyView,
+        tags=("keys",),
+    ),
+    Endpoint(
+        "DELETE",
+        "/keys/{id}",
+        "Revoke a key",
+        "admin:keys:revoke",
+        revoke_key,
+        response=RevokeResult,
+        tags=("keys",),
+    ),
+    Endpoint(
+        "POST",
+        "/keys/{id}/rotate",
+        "Issue a replacement; the old key works until its grace ends",
+        "admin:keys:rotate",
+        rotate_key,
+        request=RotateKeyRequest,
+        response=RotateResult,
+        tags=("keys",),
+    ),
+    Endpoint(
+        "GET",
+        "/keys/{id}/usage",
+        "Requests, last use, credits and limits of a key",
+        "admin:keys:read",
+        key_usage,
+        response=UsageView,
+        tags=("keys",),
+    ),
+    Endpoint(
+        "POST",
+        "/admins",
+        "Create an admin with a role or explicit permissions",
+        "admin:users:create",
+        create_admin,
+        request=CreateAdminRequest,
+        response=CreatedAdmin,
+        status=201,
+        tags=("admins",),
+    ),
+    Endpoint(
+        "GET",
+        "/admins",
+        "List admin users (never their keys)",
+        "admin:users:read",
+        list_admins,
+        response=AdminList,
+        tags=("admins",),
+    ),
+    Endpoint(
+        "DELETE",
+        "/admins/{id}",
+        "Revoke an admin",
+        "admin:users:revoke",
+        revoke_admin,
+        response=AdminView,
+        tags=("admins",),
+    ),
+    Endpoint(
+        "GET",
+        "/audit",
+        "The audit log, newest first",
+        "admin:audit:read",
+        list_audit,
+        query=AuditQuery,
+        response=AuditPage,
+        tags=("audit",),
+    ),
+    Endpoint(
+        "POST",
+        "/maintenance/cleanup",
+        "Expire keys past expiry; purge rotated keys past grace",
+        "admin:system:maintenance",
+        cleanup,
+        response=CleanupResult,
+        tags=("system",),
+    ),
+    Endpoint(
+        "GET",
+        "/config",
+        "The active config version and when it was loaded",
+        "admin:system:read",
+        get_config,
+        response=ConfigInfo,
+        tags=("system",),
+    ),
+    Endpoint(
+        "GET", "/health", "Liveness and readiness", None, health, response=Health, tags=("system",)
+    ),
 )

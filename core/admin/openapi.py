@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-
 from triogate import __version__
 from triogate.models import Problem
 
@@ -51,7 +50,9 @@ def build_openapi() -> dict[str, Any]:
                 str(ep.status): {
                     "description": "OK",
                     "content": {
-                        "application/json": {"schema": {"$ref": _REF.format(name=ep.response.__name__)}}
+                        "application/json": {
+                            "schema": {"$ref": _REF.format(name=ep.response.__name__)}
+                        }
                     }
                     if ep.response
                     else {},
@@ -75,7 +76,9 @@ def build_openapi() -> dict[str, Any]:
         for status, description in _ERRORS.items():
             op["responses"][status] = {
                 "description": description,
-                "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
+                "content": {
+                    "application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}
+                },
             }
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
     for ep in ENDPOINTS:
