@@ -181,6 +181,12 @@ def cmd_admin_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from triogate.benchmarks.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def cmd_secrets_rotate_hmac(args: argparse.Namespace) -> int:
     config = _config_for(args)
     version = add_hmac_version(config.data_dir)
@@ -270,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--permission", action="append", help="explicit permission instead of a role, repeatable"
     )
     p.set_defaults(func=cmd_admin_create)
+
+    p = sub.add_parser("bench", help="run the benchmarks (same as python -m benchmarks)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="NAME [options]")
+    p.set_defaults(func=cmd_bench)
 
     secrets = sub.add_parser("secrets", help="server secrets").add_subparsers(
         dest="secrets_command", required=True

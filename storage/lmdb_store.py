@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -44,13 +44,22 @@ MAX_BATCH = 256  # writes per group commit; bounds the time one commit holds the
 
 
 class _LmdbTxn:
-    """Adapts an ``lmdb.Transaction`` to ``ReadTxn`` / ``WriteTxn``."""
+    """Adapts an ``lmdb.Transaction`` to ``ReadTxn`` / ``WriteTxn``.
+
+    It is its own context manager (a class, not ``@contextmanager``: on the
+    key-validation hot path the generator machinery cost more than LMDB)."""
 
     __slots__ = ("_dbs", "_txn")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[Table, Any]) -> None:
         self._txn = txn
         self._dbs = dbs
+
+    def __enter__(self) -> _LmdbTxn:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._txn.abort()
 
     def get(self, table: Table, key: bytes) -> bytes | None:
         # Transactions are opened with buffers=False: values are bytes.
@@ -137,10 +146,9 @@ class LmdbStore:
             f"{s.queued_writes} queued>"
         )
 
-    @contextmanager
-    def read(self) -> Iterator[_LmdbTxn]:
-        with self._env.begin(buffers=False) as txn:
-            yield _LmdbTxn(txn, self._dbs)
+    def read(self) -> _LmdbTxn:
+        """A read snapshot, for use in ``with``: ``with store.read() as txn``."""
+        return _LmdbTxn(self._env.begin(buffers=False), self._dbs)
 
     async def write(self, fn: Callable[[_LmdbTxn], T]) -> T:
         job = _Job(fn)

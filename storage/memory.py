@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import TypeVar
 
 import trio
@@ -50,6 +49,12 @@ class _MemoryTxn:
     ) -> None:
         self._tables = tables
         self._undo = undo
+
+    def __enter__(self) -> _MemoryTxn:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
 
     def get(self, table: Table, key: bytes) -> bytes | None:
         return self._tables[table].data.get(key)
@@ -104,9 +109,8 @@ class MemoryStore:
         rows = sum(len(t.data) for t in self._tables.values())
         return f"<MemoryStore {rows} rows, {self._writes} writes>"
 
-    @contextmanager
-    def read(self) -> Iterator[_MemoryTxn]:
-        yield _MemoryTxn(self._tables, None)
+    def read(self) -> _MemoryTxn:
+        return _MemoryTxn(self._tables, None)
 
     async def write(self, fn: Callable[[_MemoryTxn], T]) -> T:
         await trio.lowlevel.checkpoint()

@@ -1,0 +1,22 @@
+"""``python -m benchmarks NAME [options]``; ``python -m benchmarks`` lists them."""
+
+from __future__ import annotations
+
+import sys
+
+from . import validate
+
+BENCHMARKS = {"validate": validate.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help") or args[0] not in BENCHMARKS:
+        print("usage: python -m benchmarks {" + ",".join(BENCHMARKS) + "} [options]")
+        print("       (or: triogate bench ...)")
+        return 0 if not args or args[0] in ("-h", "--help") else 2
+    return BENCHMARKS[args[0]](args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
