@@ -104,8 +104,24 @@ class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
     name: Identifier
     path: Annotated[str, Meta(pattern=r"^/", max_length=2048)]
     upstream: Identifier
-    methods: list[HttpMethod] = []
-    upstream_path: Annotated[str, Meta(pattern=r"^/", max_length=2048)] | None = None
+    methods: Annotated[list[HttpMethod], Meta(description="empty: every method")] = []
+    upstream_path: (
+        Annotated[
+            str,
+            Meta(pattern=r"^/", max_length=2048, description="rewrite template, e.g. /users/{id}"),
+        ]
+        | None
+    ) = None
+    version: (
+        Annotated[
+            str,
+            Meta(
+                pattern=r"^[A-Za-z0-9._-]{1,32}$",
+                description="API version of a route without {version} in its path (Accept-Version)",
+            ),
+        ]
+        | None
+    ) = None
     plugins: PluginConfigs = {}
 
 

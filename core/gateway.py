@@ -17,6 +17,9 @@ from .audit import AuditLog
 from .config import Config, config_version
 from .crypto import ServerSecrets, load_secrets
 from .keys import KeyService
+from .pipeline import Pipeline
+from .plugin_loader import discover
+from .plugins.contract import PluginEnv
 from .timeutil import Clock, system_clock
 
 __all__ = ["ActiveConfig", "Gateway", "open_gateway"]
@@ -46,6 +49,18 @@ class Gateway:
         self.keys = KeyService(store, secrets, prefix=config.keys.prefix, clock=clock)
         self.admins = AdminService(store, secrets, clock=clock)
         self.audit = AuditLog(store)
+        # The data plane, once built (``serve``); the CLI never builds one.
+        self.pipeline: Pipeline | None = None
+
+    def current_pipeline(self) -> Pipeline:
+        assert self.pipeline is not None, "the data plane is not built"
+        return self.pipeline
+
+    def build_pipeline(self, config: Config | None = None) -> Pipeline:
+        """A complete data plane for ``config`` (default: the active one).
+        Raises ConfigError listing every route or plugin problem."""
+        env = PluginEnv(keys=self.keys, clock=self.clock)
+        return Pipeline(config or self.config, discover(), env)
 
     @property
     def config(self) -> Config:

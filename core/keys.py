@@ -266,7 +266,7 @@ class KeyService:
         if record is None:
             return ValidateResult(valid=False, code=code)
         if stale:
-            await self._reindex(plaintext, record.id)
+            await self.reindex(plaintext, record.id)
         owner, _ = self._unseal(record)
         result = ValidateResult(
             valid=code is None,
@@ -281,7 +281,7 @@ class KeyService:
             result.required_scopes = scopes_missing(record.scopes, required_scopes)
         return result
 
-    async def _reindex(self, plaintext: str, key_id: str) -> None:
+    async def reindex(self, plaintext: str, key_id: str) -> None:
         keyring = self._secrets.hmac
         new_digest = keyring.digest(plaintext)
 

@@ -1,14 +1,16 @@
 """``triogate serve``: one ``trio.run`` that owns the gateway.
 
 Nurseries, outermost first (after hypercorn's run.py):
-  gateway   storage (writer task) and services, closed last so everything
-            above can still write while it drains;
-  server    the admin listener (hypercorn + quart-trio) and, when asked for,
-            the signal watcher.
+  gateway    storage (writer task) and services, closed last so everything
+             above can still write while it drains;
+  outer      the signal watcher, when asked for;
+  listeners  the proxy listener (its connections in its own nursery) and the
+             admin listener (hypercorn + quart-trio).
 
-Shutdown: SIGTERM/SIGINT (or ``Server.shutdown()``) sets one event; hypercorn
-stops accepting and gives in-flight requests ``shutdown_grace_seconds``; then
-the storage writer drains its queue and LMDB closes. Exit status 0.
+Shutdown: SIGTERM/SIGINT (or ``Server.shutdown()``) sets one event; both
+listeners stop accepting, idle connections close, in-flight requests get
+``shutdown_grace_seconds`` (then they are cancelled); then the storage writer
+drains its queue and LMDB closes. Exit status 0.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .admin.app import create_admin_app
-from .config import Config
+from .config import Config, ConfigError
 from .gateway import Gateway, open_gateway
+from .listener import ProxyListener
 
 __all__ = ["Server", "ServerInfo"]
 
@@ -33,12 +37,15 @@ log = logging.getLogger("triogate.server")
 
 
 class ServerInfo:
-    def __init__(self, admin_url: str, data_dir: Path) -> None:
+    def __init__(self, admin_url: str, proxy_url: str, data_dir: Path) -> None:
         self.admin_url = admin_url
+        self.proxy_url = proxy_url
         self.data_dir = data_dir
 
     def __repr__(self) -> str:
-        return f"<ServerInfo admin={self.admin_url} data_dir={self.data_dir}>"
+        return (
+            f"<ServerInfo proxy={self.proxy_url} admin={self.admin_url} data_dir={self.data_dir}>"
+        )
 
 
 def _hypercorn_config(config: Config) -> HypercornConfig:
@@ -63,6 +70,7 @@ class Server:
         self.source = source
         self.handle_signals = handle_signals
         self.gateway: Gateway | None = None
+        self.proxy: ProxyListener | None = None
         self._shutdown = trio.Event()
 
     def __repr__(self) -> str:
@@ -87,34 +95,57 @@ class Server:
     ) -> None:
         async with open_gateway(self.config, source=self.source) as gw:
             self.gateway = gw
+            # Built before anything listens: a bad route or plugin stops
+            # start-up with every error listed (ConfigError).
+            gw.pipeline = gw.build_pipeline()
             app = create_admin_app(gw)
-            async with trio.open_nursery() as outer:
-                if self.handle_signals:
-                    await outer.start(self._watch_signals)
-                async with trio.open_nursery() as listeners:
-                    binds = await listeners.start(
-                        partial(
-                            hypercorn_serve,
-                            app,
-                            _hypercorn_config(self.config),
-                            shutdown_trigger=self._shutdown.wait,
-                        )
-                    )
-                    info = ServerInfo(admin_url=binds[0], data_dir=self.config.data_dir)
-                    # One line on stdout that scripts (and tests) can wait for.
-                    print(f"triogate: admin listening on {info.admin_url}", flush=True)
-                    task_status.started(info)
-                # hypercorn has returned: in-flight requests are done or the
-                # grace period is over. The signal watcher can go.
-                outer.cancel_scope.cancel()
-            log.info("admin listener stopped; flushing storage")
+            self.proxy = ProxyListener(self.config.server, gw.current_pipeline)
+            try:
+                await self._serve(app, task_status)
+            finally:
+                gw.current_pipeline().close()
+            log.info("listeners stopped; flushing storage")
         self.gateway = None
+
+    async def _serve(self, app: Any, task_status: trio.TaskStatus[ServerInfo]) -> None:
+        assert self.proxy is not None
+        async with trio.open_nursery() as outer:
+            if self.handle_signals:
+                await outer.start(self._watch_signals)
+            async with trio.open_nursery() as listeners:
+                proxy_url = await listeners.start(self.proxy.run)
+                binds = await listeners.start(
+                    partial(
+                        hypercorn_serve,
+                        app,
+                        _hypercorn_config(self.config),
+                        shutdown_trigger=self._shutdown.wait,
+                    )
+                )
+                info = ServerInfo(
+                    admin_url=binds[0], proxy_url=proxy_url, data_dir=self.config.data_dir
+                )
+                # Lines on stdout that scripts (and tests) can wait for.
+                print(f"triogate: proxy listening on {info.proxy_url}", flush=True)
+                print(f"triogate: admin listening on {info.admin_url}", flush=True)
+                task_status.started(info)
+                await self._shutdown.wait()
+                self.proxy.shutdown()
+                # In-flight requests get the grace period, then are cancelled.
+                grace = self.config.server.shutdown_grace_seconds
+                listeners.cancel_scope.deadline = trio.current_time() + grace
+            # The listeners are done; the signal watcher can go.
+            outer.cancel_scope.cancel()
 
 
 def run_server(config: Config, *, source: str | None = None) -> int:
     server = Server(config, source=source, handle_signals=True)
     try:
         trio.run(server.run)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(f"{exc.source}: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         print("triogate: interrupted", file=sys.stderr)
         return 130

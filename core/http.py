@@ -1,0 +1,243 @@
+"""The HTTP model every part of the data plane shares: headers, request,
+response, and body streams. Transport-free: the native listener, the ASGI
+adapter and the upstream client all produce and consume these.
+
+Headers are kept as the bytes that came off the wire (names lower-cased),
+because most of them pass through the gateway untouched: decoding and
+re-encoding every header of every request would be pure overhead. The
+``Headers`` methods take and give ``str`` for plugin authors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Final
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Body",
+    "Headers",
+    "Request",
+    "Response",
+    "body_from_bytes",
+]
+
+# RFC 9110 §7.6.1: connection-specific headers a proxy must not forward.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+class Headers:
+    """An ordered multi-map of header fields, names lower-case."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.raw: list[tuple[bytes, bytes]] = [] if raw is None else raw
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[str, str]]) -> Headers:
+        return cls([(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in items])
+
+    def __repr__(self) -> str:
+        return f"Headers({self.items()!r})"
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __contains__(self, name: str) -> bool:
+        key = name.lower().encode("latin-1")
+        return any(k == key for k, _ in self.raw)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.items())
+
+    def get_raw(self, name: bytes) -> bytes | None:
+        """First value for a lower-case ``bytes`` name (the fast path)."""
+        for k, v in self.raw:
+            if k == name:
+                return v
+        return None
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self.get_raw(name.lower().encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+    def get_all(self, name: str) -> list[str]:
+        key = name.lower().encode("latin-1")
+        return [v.decode("latin-1") for k, v in self.raw if k == key]
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw]
+
+    def remove(self, name: str) -> None:
+        self.remove_raw(name.lower().encode("latin-1"))
+
+    def remove_raw(self, name: bytes) -> None:
+        self.raw = [(k, v) for k, v in self.raw if k != name]
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every value of ``name`` with one."""
+        key = name.lower().encode("latin-1")
+        self.raw = [(k, v) for k, v in self.raw if k != key]
+        self.raw.append((key, _checked(value)))
+
+    def add(self, name: str, value: str) -> None:
+        self.raw.append((name.lower().encode("latin-1"), _checked(value)))
+
+    def rename(self, old: str, new: str) -> None:
+        src = old.lower().encode("latin-1")
+        dst = new.lower().encode("latin-1")
+        self.raw = [(dst if k == src else k, v) for k, v in self.raw]
+
+    def copy(self) -> Headers:
+        return Headers(list(self.raw))
+
+
+def _checked(value: str) -> bytes:
+    # A plugin must not be able to inject a header (or a response) by
+    # putting CR/LF in a value.
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError("header values must not contain CR, LF or NUL")
+    return value.encode("latin-1")
+
+
+class Body:
+    """A request or response body: an async stream of chunks, with the length
+    when it is known. ``read()`` buffers it (use only with a size cap)."""
+
+    __slots__ = ("_chunks", "_consumed", "length")
+
+    def __init__(self, chunks: AsyncIterator[bytes], length: int | None) -> None:
+        self._chunks = chunks
+        self._consumed = False
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"<Body length={self.length} consumed={self._consumed}>"
+
+    @property
+    def consumed(self) -> bool:
+        return self._consumed
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._consumed:
+            raise RuntimeError("body already consumed")
+        self._consumed = True
+        return self._chunks
+
+    async def aclose(self) -> None:
+        """Give up on the rest (releases an upstream connection unreused)."""
+        self._consumed = True
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body; ``ValueError`` if it is longer than ``limit``."""
+        if self.length is not None and self.length > limit:
+            raise ValueError("body too large")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self:
+            size += len(chunk)
+            if size > limit:
+                raise ValueError("body too large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
+
+
+def body_from_bytes(data: bytes) -> Body:
+    return Body(_once(data), len(data))
+
+
+class Request:
+    """One request as the gateway received it (and as plugins may change it
+    before it goes upstream)."""
+
+    __slots__ = (
+        "body",
+        "client_ip",
+        "headers",
+        "http_version",
+        "method",
+        "path",
+        "query",
+        "scheme",
+    )
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body: Body,
+        client_ip: str,
+        scheme: str = "http",
+        http_version: str = "1.1",
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.http_version = http_version
+
+    def __repr__(self) -> str:
+        q = f"?{self.query}" if self.query else ""
+        return f"<Request {self.method} {self.path}{q} from {self.client_ip}>"
+
+    @property
+    def target(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+
+class Response:
+    """A response: from the upstream (streaming ``body``) or made by the
+    gateway or a plugin (``content`` bytes)."""
+
+    __slots__ = ("body", "content", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: Headers | None = None,
+        *,
+        content: bytes | None = None,
+        body: Body | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = Headers() if headers is None else headers
+        self.content = content
+        self.body = body
+
+    def __repr__(self) -> str:
+        kind = "streaming" if self.body is not None else f"{len(self.content or b'')} bytes"
+        return f"<Response {self.status} {kind}>"
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body (buffering a streamed one up to ``limit``), and keep it."""
+        if self.body is not None:
+            self.content = await self.body.read(limit)
+            self.body = None
+        return self.content or b""

@@ -1,0 +1,274 @@
+"""The request pipeline: one config's whole data plane behind one method.
+
+``Pipeline`` is built once per config (router compiled, plugins validated and
+instantiated, chains ordered, upstream pools made) and then serves requests
+through ``handle(request) -> (ctx, response)``. Both front doors, the native
+httptools listener and the ASGI adapter, call exactly this; neither knows
+anything about routes or plugins. A config reload builds a new Pipeline and
+swaps one reference.
+
+Per request:
+    route match -> access phases -> upstream wrappers around the proxy call
+    -> response phases -> (the front door sends) -> log phases.
+A ``GatewayError`` raised anywhere becomes a problem+json response that
+still goes through the response phases (so CORS and request-id headers are
+on errors too). Anything else is a bug: logged with the request id, answered
+500 ``INTERNAL_ERROR``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import msgspec
+from triogate.config import Config
+from triogate.errors import GatewayError, InternalError
+from triogate.http import HOP_BY_HOP, Body, Headers, Request, Response
+from triogate.plugin_loader import Chain, PluginLoadError, build_chain
+from triogate.plugins.contract import Context, Plugin, PluginEnv
+from triogate.router import Match, Router
+from triogate.upstream import BadGateway, TargetPool, Upstream
+
+__all__ = ["Pipeline", "problem_response"]
+
+log = logging.getLogger("triogate.pipeline")
+
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_problem_encoder = msgspec.json.Encoder()
+_PROBLEM_CT = (b"content-type", b"application/problem+json")
+# Headers the gateway sets itself on the upstream request.
+_REPLACED = frozenset(
+    {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+        b"content-length",
+        b"expect",
+    }
+)
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def problem_response(error: GatewayError, request_id: str) -> Response:
+    headers = Headers([_PROBLEM_CT])
+    for name, value in error.headers.items():
+        headers.raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    return Response(
+        error.status, headers, content=_problem_encoder.encode(error.problem(request_id))
+    )
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    value = headers.get_raw(b"connection")
+    if value is None:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        registry: Mapping[str, type[Plugin[Any]]],
+        env: PluginEnv,
+    ) -> None:
+        self.config = config
+        self.router = Router.compile(config.routes, config.api_versions)
+        self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
+        errors = []
+        self.chains: dict[int, Chain] = {}
+        for i, route in enumerate(config.routes):
+            try:
+                self.chains[i] = build_chain(
+                    registry, config.plugins, route.plugins, env, route_path=f"routes[{i}]"
+                )
+            except PluginLoadError as exc:
+                errors.extend(exc.errors)
+        try:
+            # Requests that match no route still meet the global plugins'
+            # response phase (request-id, CORS headers on the 404).
+            self.global_chain = build_chain(registry, config.plugins, {}, env, route_path="plugins")
+        except PluginLoadError as exc:
+            errors.extend(e for e in exc.errors if e not in errors)
+            self.global_chain = Chain(())
+        if errors:
+            raise PluginLoadError(errors)
+        self.max_body = config.server.max_request_body_bytes
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pipeline {len(self.chains)} routes, {len(self.upstreams)} upstreams, "
+            f"{self.requests} requests>"
+        )
+
+    def describe_routes(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i, route in enumerate(self.config.routes):
+            methods: list[str] = list(route.methods) or ["*"]
+            out.append(
+                {
+                    "name": route.name,
+                    "methods": methods,
+                    "path": route.path,
+                    "version": route.version,
+                    "upstream": route.upstream,
+                    "upstream_path": route.upstream_path,
+                    "plugins": self.chains[i].describe(),
+                }
+            )
+        return out
+
+    def close(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.close()
+
+    # ---- per request -------------------------------------------------------
+
+    async def handle(self, request: Request) -> tuple[Context, Response]:
+        self.requests += 1
+        sent_id = request.headers.get_raw(b"x-request-id")
+        request_id = (
+            sent_id.decode("ascii")
+            if sent_id is not None and _REQUEST_ID_RE.match(sent_id)
+            else new_request_id()
+        )
+        ctx = Context(request, request_id=request_id, started_at=time.monotonic())
+        chain = self.global_chain
+        match: Match | None = None
+        try:
+            accept_version = request.headers.get_raw(b"accept-version")
+            match = self.router.match(
+                request.method,
+                request.path,
+                accept_version.decode("latin-1") if accept_version is not None else None,
+            )
+            chain = self.chains[match.route.index]
+            ctx.route = match.route
+            ctx.params = match.params
+            ctx.version = match.version
+            ctx.upstream_path = self.router.rewrite(match)
+            response = await self._run(ctx, chain)
+        except GatewayError as exc:
+            response = problem_response(exc, request_id)
+        except Exception:
+            log.exception("internal error in request %s", request_id)
+            response = problem_response(InternalError("an internal error occurred"), request_id)
+        try:
+            for phase in chain.response:
+                await phase(ctx, response)
+        except GatewayError as exc:
+            response = problem_response(exc, request_id)
+        except Exception:
+            log.exception("internal error in a response phase, request %s", request_id)
+            response = problem_response(InternalError("an internal error occurred"), request_id)
+        self._finish_headers(ctx, response, match)
+        return ctx, response
+
+    async def _run(self, ctx: Context, chain: Chain) -> Response:
+        for access in chain.access:
+            early = await access(ctx)
+            if early is not None:
+                return early
+        call: Callable[[], Awaitable[Response]] = lambda: self._proxy(ctx)  # noqa: E731
+        for wrapper in reversed(chain.upstream):
+            call = _wrap(wrapper, ctx, call)
+        response = await call()
+        if chain.buffers_response and response.body is not None:
+            # Plugins that edit bodies get a buffered one, within their cap.
+            limit = min(p.max_buffer_bytes for p in chain.plugins if p.buffers_response)
+            try:
+                await response.read(limit)
+            except ValueError:
+                raise BadGateway("upstream response too large to transform") from None
+        return response
+
+    async def after(self, ctx: Context, response: Response) -> None:
+        """The log phases, once the response has been sent. Never raises."""
+        chain = self.chains[ctx.route.index] if ctx.route is not None else self.global_chain
+        for phase in chain.log:
+            try:
+                await phase(ctx, response)
+            except Exception:
+                log.exception("log phase failed for request %s", ctx.request_id)
+
+    def _finish_headers(self, ctx: Context, response: Response, match: Match | None) -> None:
+        headers = response.headers
+        raw = headers.raw
+        if raw:
+            drop = HOP_BY_HOP | _connection_tokens(headers)
+            if any(k in drop for k, _ in raw):
+                headers.raw = raw = [(k, v) for k, v in raw if k not in drop]
+        if ctx.response_headers:
+            raw.extend(ctx.response_headers)
+        if match is not None and match.deprecation_headers:
+            raw.extend(
+                (k.lower().encode("latin-1"), v.encode("latin-1"))
+                for k, v in match.deprecation_headers
+            )
+
+    # ---- the innermost call: the upstream ------------------------------------
+
+    async def _proxy(self, ctx: Context) -> Response:
+        route = ctx.route
+        assert route is not None
+        upstream = self.upstreams[route.config.upstream]
+        request = ctx.request
+        body = request.body
+        has_body = body.length is None or body.length > 0
+        return await upstream.send(
+            request.method,
+            lambda pool: self._head(ctx, pool, body if has_body else None),
+            body if has_body else None,
+        )
+
+    def _head(self, ctx: Context, pool: TargetPool, body: Body | None) -> bytes:
+        request = ctx.request
+        path = pool.base_path + ctx.upstream_path
+        target = f"{path}?{request.query}" if request.query else path
+        headers = request.headers
+        drop = HOP_BY_HOP | _REPLACED | _connection_tokens(headers)
+        lines = [
+            f"{request.method} {target} HTTP/1.1\r\nhost: {pool.authority}\r\n".encode("latin-1")
+        ]
+        forwarded_for = headers.get_raw(b"x-forwarded-for")
+        original_host = headers.get_raw(b"host")
+        for name, value in headers.raw:
+            if name not in drop:
+                lines.append(b"%b: %b\r\n" % (name, value))
+        client = request.client_ip.encode("ascii")
+        lines.append(
+            b"x-forwarded-for: %b\r\n"
+            % (forwarded_for + b", " + client if forwarded_for else client)
+        )
+        lines.append(b"x-forwarded-proto: %b\r\n" % request.scheme.encode("ascii"))
+        if original_host is not None:
+            lines.append(b"x-forwarded-host: %b\r\n" % original_host)
+        lines.append(b"x-request-id: %b\r\n" % ctx.request_id.encode("ascii"))
+        if body is None:
+            if request.method in ("POST", "PUT", "PATCH"):
+                lines.append(b"content-length: 0\r\n")
+        elif body.length is not None:
+            lines.append(b"content-length: %d\r\n" % body.length)
+        else:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+
+def _wrap(
+    wrapper: Callable[[Context, Callable[[], Awaitable[Response]]], Awaitable[Response]],
+    ctx: Context,
+    inner: Callable[[], Awaitable[Response]],
+) -> Callable[[], Awaitable[Response]]:
+    return lambda: wrapper(ctx, inner)

@@ -1,0 +1,401 @@
+"""The upstream client: keep-alive connection pools per target, responses
+parsed with httptools (llhttp), connect/read timeouts, streaming both ways.
+
+Theory of operation
+-------------------
+An ``Upstream`` (one ``[upstreams.NAME]`` table) has one ``TargetPool`` per
+target URL and a balancer that picks one for each request. A pool keeps idle
+keep-alive connections (LIFO: the warmest first) and counts active ones (for
+least-connections balancing).
+
+``UpstreamConnection.exchange`` writes the request head (and streams the body
+with back-pressure), then reads until the response head is parsed. The
+response body is handed back as a ``Body`` that keeps reading from the same
+socket; when the message is complete the connection goes back to its pool,
+and if the consumer abandons the body (client gone) it is closed instead:
+a connection with unread bytes on it can never be reused.
+
+The common small response arrives in the same read as its head: then the
+response carries ``content`` bytes and the connection is back in the pool
+before the gateway writes a byte, which lets the listener send head and body
+in one write.
+
+Errors are mapped once, here: refused/reset/protocol garbage -> 502
+``BAD_GATEWAY``, no answer within the timeouts -> 504 ``UPSTREAM_TIMEOUT``. A
+request that met a *stale* keep-alive connection (closed by the upstream
+while idle; nothing of the response arrived) is retried once on a fresh
+connection when its body has not been streamed, as every HTTP client does.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import socket as _stdsocket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+import trio
+from triogate.config import UpstreamConfig
+from triogate.errors import GatewayError
+from triogate.http import Body, Headers, Response
+
+__all__ = [
+    "BadGateway",
+    "TargetPool",
+    "Upstream",
+    "UpstreamConnection",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+READ_SIZE = 65536
+MAX_IDLE_PER_TARGET = 256
+MAX_RESPONSE_HEAD_BYTES = 65536
+
+
+class BadGateway(GatewayError):
+    status = 502
+    code = "BAD_GATEWAY"
+    title = "Bad Gateway"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 503
+    code = "UPSTREAM_UNAVAILABLE"
+    title = "Service Unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    code = "UPSTREAM_TIMEOUT"
+    title = "Gateway Timeout"
+
+
+class _StaleConnection(Exception):
+    """The connection died before any byte of the response: safe to retry."""
+
+
+class _ResponseParser:
+    """httptools callbacks for one response."""
+
+    __slots__ = (
+        "body",
+        "complete",
+        "head_bytes",
+        "headers",
+        "headers_done",
+        "parser",
+        "skip_body",
+        "status",
+    )
+
+    def __init__(self, skip_body: bool) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self.body: collections.deque[bytes] = collections.deque()
+        self.status = 0
+        self.head_bytes = 0
+        self.skip_body = skip_body
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            raise BadGateway("upstream response headers are too large")
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.headers_done = True
+        if self.skip_body:
+            # A response to HEAD (or a 1xx/204/304) has no body whatever its
+            # Content-Length says; llhttp cannot know about HEAD, so we stop.
+            self.complete = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class UpstreamConnection:
+    __slots__ = ("_buffer", "pool", "requests", "sock")
+
+    def __init__(self, sock: trio.socket.SocketType, pool: TargetPool) -> None:
+        self.sock = sock
+        self.pool = pool
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection to {self.pool.authority} after {self.requests} requests>"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    async def exchange(
+        self, method: str, head: bytes, body: Body | None, read_timeout: float
+    ) -> Response:
+        """Send one request and return the response (body still streaming)."""
+        self.requests += 1
+        reused = self.requests > 1
+        try:
+            if body is None or body.length == 0:
+                await self._send_all(head)
+            elif body.length is not None:
+                await self._send_all(head)
+                async for chunk in body:
+                    await self._send_all(chunk)
+            else:
+                await self._send_all(head)
+                async for chunk in body:
+                    if chunk:
+                        await self._send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await self._send_all(b"0\r\n\r\n")
+        except OSError as exc:
+            self.close()
+            if reused and (body is None or not body.consumed):
+                raise _StaleConnection() from exc
+            raise BadGateway(f"upstream connection failed while sending: {exc}") from exc
+
+        parsed = _ResponseParser(skip_body=method == "HEAD")
+        received_any = False
+        try:
+            while not parsed.headers_done:
+                with trio.move_on_after(read_timeout) as scope:
+                    data = await self.sock.recv(READ_SIZE)
+                if scope.cancelled_caught:
+                    self.close()
+                    raise UpstreamTimeout(f"upstream sent no response within {read_timeout:g} s")
+                if not data:
+                    self.close()
+                    if not received_any and reused:
+                        raise _StaleConnection()
+                    raise BadGateway("upstream closed the connection before responding")
+                received_any = True
+                parsed.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.close()
+            raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
+        except OSError as exc:
+            self.close()
+            if not received_any and reused:
+                raise _StaleConnection() from exc
+            raise BadGateway(f"upstream connection failed: {exc}") from exc
+
+        status = parsed.status
+        if 100 <= status < 200:
+            # 1xx interim responses are not forwarded in this version.
+            self.close()
+            raise BadGateway(f"upstream sent an unsupported interim response {status}")
+        headers = Headers(parsed.headers)
+        keep_alive = parsed.parser.should_keep_alive()
+        if parsed.complete:
+            content = b"".join(parsed.body)
+            self.pool.release(self, reusable=keep_alive)
+            return Response(status, headers, content=content)
+        length_raw = headers.get_raw(b"content-length")
+        length = int(length_raw) if length_raw is not None and length_raw.isdigit() else None
+        return Response(
+            status,
+            headers,
+            body=Body(self._stream(parsed, read_timeout, keep_alive), length),
+        )
+
+    async def _stream(
+        self, parsed: _ResponseParser, read_timeout: float, keep_alive: bool
+    ) -> AsyncIterator[bytes]:
+        done = False
+        try:
+            while True:
+                while parsed.body:
+                    yield parsed.body.popleft()
+                if parsed.complete:
+                    done = True
+                    return
+                with trio.move_on_after(read_timeout) as scope:
+                    data = await self.sock.recv(READ_SIZE)
+                if scope.cancelled_caught:
+                    raise UpstreamTimeout("upstream stalled while sending the body")
+                if not data:
+                    # Close-delimited body (no length, no chunking) ends here.
+                    if parsed.parser.should_keep_alive() or not self._close_delimited(parsed):
+                        raise BadGateway("upstream closed the connection mid-body")
+                    keep_alive = False
+                    done = True
+                    return
+                try:
+                    parsed.parser.feed_data(data)
+                except httptools.HttpParserError as exc:
+                    raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
+        finally:
+            if done:
+                self.pool.release(self, reusable=keep_alive)
+            else:
+                self.pool.release(self, reusable=False)
+
+    @staticmethod
+    def _close_delimited(parsed: _ResponseParser) -> bool:
+        headers = Headers(parsed.headers)
+        return (
+            headers.get_raw(b"content-length") is None
+            and headers.get_raw(b"transfer-encoding") is None
+        )
+
+
+class TargetPool:
+    """Keep-alive connections to one target (``http://host:port``)."""
+
+    def __init__(self, url: str, *, connect_timeout: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"unsupported upstream target {url!r} (http://host:port only)")
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.authority = f"{self.host}:{self.port}" if parts.port else self.host
+        self.base_path = parts.path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self._idle: list[UpstreamConnection] = []
+        self.active = 0
+        self.opened = 0
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<TargetPool {self.url} {self.active} active, {len(self._idle)} idle>"
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "target": self.url,
+            "active": self.active,
+            "idle": len(self._idle),
+            "opened": self.opened,
+        }
+
+    async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
+        self.active += 1
+        try:
+            if not fresh and self._idle:
+                await trio.lowlevel.checkpoint()
+                return self._idle.pop()
+            return await self._connect()
+        except BaseException:
+            self.active -= 1
+            raise
+
+    async def _connect(self) -> UpstreamConnection:
+        sock = trio.socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
+        try:
+            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            with trio.move_on_after(self.connect_timeout) as scope:
+                await sock.connect((self.host, self.port))
+            if scope.cancelled_caught:
+                raise UpstreamTimeout(
+                    f"could not connect to {self.authority} within {self.connect_timeout:g} s"
+                )
+        except OSError as exc:
+            sock.close()
+            raise BadGateway(
+                f"could not connect to upstream {self.authority}: {exc.strerror}"
+            ) from exc
+        except BaseException:
+            sock.close()
+            raise
+        self.opened += 1
+        return UpstreamConnection(sock, self)
+
+    def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
+        self.active -= 1
+        if reusable and not self.closed and len(self._idle) < MAX_IDLE_PER_TARGET:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """A connection that failed: count it out without pooling it."""
+        self.active -= 1
+        conn.close()
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+def _round_robin(pools: list[TargetPool]) -> Callable[[], TargetPool]:
+    cycle = itertools.cycle(pools)
+    return lambda: next(cycle)
+
+
+def _least_connections(pools: list[TargetPool]) -> Callable[[], TargetPool]:
+    rr = itertools.cycle(range(len(pools)))
+
+    def pick() -> TargetPool:
+        # Ties broken round-robin so equal targets share the load.
+        start = next(rr)
+        order = pools[start:] + pools[:start]
+        return min(order, key=lambda p: p.active)
+
+    return pick
+
+
+BALANCERS: dict[str, Callable[[list[TargetPool]], Callable[[], TargetPool]]] = {
+    "round_robin": _round_robin,
+    "least_connections": _least_connections,
+}
+
+
+class Upstream:
+    """One named upstream: its target pools and how to pick among them."""
+
+    def __init__(self, name: str, config: UpstreamConfig) -> None:
+        self.name = name
+        self.config = config
+        self.pools = [
+            TargetPool(url, connect_timeout=config.connect_timeout_seconds)
+            for url in config.targets
+        ]
+        self.pick = BALANCERS[config.balance](self.pools)
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.name} {self.config.balance} {self.pools!r}>"
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "balance": self.config.balance,
+            "targets": [p.statistics() for p in self.pools],
+        }
+
+    async def send(
+        self, method: str, head_for: Callable[[TargetPool], bytes], body: Body | None
+    ) -> Response:
+        pool = self.pick()
+        head = head_for(pool)
+        fresh = False
+        for _ in range(2):
+            conn = await pool.acquire(fresh=fresh)
+            try:
+                return await conn.exchange(method, head, body, self.config.read_timeout_seconds)
+            except _StaleConnection:
+                pool.discard(conn)
+                fresh = True  # once, on a new connection
+            except BaseException:
+                pool.discard(conn)
+                raise
+        raise BadGateway(f"upstream {pool.authority} closed the connection twice")
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()
