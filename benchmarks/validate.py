@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import trio
+
 from triogate.audit import Actor
 from triogate.config import parse_config
 from triogate.gateway import open_gateway
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"population: {len(keys)} keys in LMDB (created in {populate_s:.1f} s)")
     r = result
     print(
-        f"validations/s: {r['validations_per_second']:,.0f}  "
-        f"({r['us_per_validation']:.2f} µs each)"
+        f"validations/s: {r['validations_per_second']:,.0f}  ({r['us_per_validation']:.2f} µs each)"
     )
     print(
         f"  of which: checksum {r['us_checksum']:.2f} µs, digest {r['us_digest']:.2f} µs, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 
 import msgspec
+
 from triogate.storage import AdminRecord, ReadTxn, Store, Table, WriteTxn, codec
 
 from .audit import Actor, append_audit

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
 from triogate.storage import AuditRecord, Store, Table, WriteTxn, codec
 
 from .ids import new_id

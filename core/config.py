@@ -76,6 +76,15 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
         65_536
     )
     workers: Annotated[int, Meta(ge=1, le=64, description="proxy processes")] = 1
+    header_timeout_seconds: Annotated[
+        PositiveSeconds, Meta(description="a request's headers must arrive within this (408)")
+    ] = 10.0
+    idle_timeout_seconds: Annotated[
+        PositiveSeconds, Meta(description="an idle keep-alive connection is closed after this")
+    ] = 60.0
+    body_timeout_seconds: Annotated[
+        PositiveSeconds, Meta(description="longest wait for the next piece of a request body")
+    ] = 30.0
 
 
 class KeysConfig(Struct, frozen=True, forbid_unknown_fields=True):

@@ -8,8 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
+
 from triogate.storage import Store, open_lmdb_store
 
 from .admins import AdminService
@@ -19,7 +21,7 @@ from .crypto import ServerSecrets, load_secrets
 from .keys import KeyService
 from .pipeline import Pipeline
 from .plugin_loader import discover
-from .plugins.contract import PluginEnv
+from .plugins.contract import Plugin, PluginEnv
 from .timeutil import Clock, system_clock
 
 __all__ = ["ActiveConfig", "Gateway", "open_gateway"]
@@ -51,6 +53,8 @@ class Gateway:
         self.audit = AuditLog(store)
         # The data plane, once built (``serve``); the CLI never builds one.
         self.pipeline: Pipeline | None = None
+        # Plugin classes not installed as entry points (tests, triogate.testing).
+        self.extra_plugins: tuple[type[Plugin[Any]], ...] = ()
 
     def current_pipeline(self) -> Pipeline:
         assert self.pipeline is not None, "the data plane is not built"
@@ -60,7 +64,8 @@ class Gateway:
         """A complete data plane for ``config`` (default: the active one).
         Raises ConfigError listing every route or plugin problem."""
         env = PluginEnv(keys=self.keys, clock=self.clock)
-        return Pipeline(config or self.config, discover(), env)
+        registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
+        return Pipeline(config or self.config, registry, env)
 
     @property
     def config(self) -> Config:

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 from msgspec import UNSET
+
 from triogate.storage import (
     KeyRecord,
     ReadTxn,

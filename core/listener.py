@@ -20,9 +20,9 @@ Limits and timeouts, each answered the way clients expect:
 * request line + headers over ``max_header_bytes``: 431, then close;
 * a declared body over ``max_request_body_bytes``: 413 before reading it; a
   chunked body that grows past it: 413 (or a reset if the answer has begun);
-* headers not complete within ``HEADER_TIMEOUT`` of the first byte
-  (slowloris): 408, then close; an idle keep-alive connection: closed after
-  ``IDLE_TIMEOUT``;
+* headers not complete within ``header_timeout_seconds`` (slowloris): 408,
+  then close; an idle keep-alive connection: closed after
+  ``idle_timeout_seconds``;
 * malformed requests (bad syntax, CR/LF injection, bad chunk sizes,
   Content-Length together with Transfer-Encoding, absolute-form targets,
   ``..`` segments, a missing Host): 400 and close. llhttp is strict about the
@@ -46,6 +46,7 @@ from typing import Any, Final
 
 import httptools
 import trio
+
 from triogate.config import ServerConfig
 from triogate.errors import GatewayError, HeadersTooLarge, PayloadTooLarge
 from triogate.http import Body, Headers, Request, Response
@@ -56,9 +57,6 @@ __all__ = ["ProxyListener", "parse_listen"]
 log = logging.getLogger("triogate.listener")
 
 READ_SIZE: Final = 65536
-HEADER_TIMEOUT: Final = 10.0
-IDLE_TIMEOUT: Final = 60.0
-BODY_READ_TIMEOUT: Final = 30.0
 DRAIN_LIMIT: Final = 65536  # unread request body we still drain to keep a connection
 
 _REASONS: Final = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
@@ -262,7 +260,10 @@ class _Connection:
                 # request has begun, the (short) header timeout.
                 with trio.CancelScope() as scope:
                     self.scope = scope if idle else None
-                    data = await self._recv(IDLE_TIMEOUT if idle else HEADER_TIMEOUT)
+                    cfg = self.listener.config
+                    data = await self._recv(
+                        cfg.idle_timeout_seconds if idle else cfg.header_timeout_seconds
+                    )
                 if scope.cancelled_caught:
                     return None  # shutdown closed this idle connection
             except RequestTimeout:
@@ -288,7 +289,7 @@ class _Connection:
                 raise pending.error
             if pending.complete:
                 return
-            data = await self._recv(BODY_READ_TIMEOUT)
+            data = await self._recv(self.listener.config.body_timeout_seconds)
             if not data:
                 raise _ClientGone()
             self._feed(data)
@@ -378,7 +379,7 @@ class _Connection:
                 pending.chunks.clear()
                 if pending.body_bytes > DRAIN_LIMIT:
                     return False
-                data = await self._recv(HEADER_TIMEOUT)
+                data = await self._recv(self.listener.config.header_timeout_seconds)
                 if not data:
                     return False
                 self._feed(data)

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
+
 from triogate.config import Config
 from triogate.errors import GatewayError, InternalError
 from triogate.http import HOP_BY_HOP, Body, Headers, Request, Response

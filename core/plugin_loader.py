@@ -26,6 +26,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import msgspec
+
 from triogate.config import ConfigError
 from triogate.errors import FieldError, ValidationError
 from triogate.plugins.contract import Plugin, PluginEnv

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .admin.app import create_admin_app
 from .config import Config, ConfigError
 from .gateway import Gateway, open_gateway
 from .listener import ProxyListener
+from .plugins.contract import Plugin
 
 __all__ = ["Server", "ServerInfo"]
 
@@ -64,14 +66,21 @@ class Server:
     ``await nursery.start(server.run)``; ``started`` hands back a ServerInfo."""
 
     def __init__(
-        self, config: Config, *, source: str | None = None, handle_signals: bool = False
+        self,
+        config: Config,
+        *,
+        source: str | None = None,
+        handle_signals: bool = False,
+        extra_plugins: Sequence[type[Plugin[Any]]] = (),
     ) -> None:
         self.config = config
         self.source = source
         self.handle_signals = handle_signals
+        self.extra_plugins = tuple(extra_plugins)
         self.gateway: Gateway | None = None
         self.proxy: ProxyListener | None = None
         self._shutdown = trio.Event()
+        self.stopped = trio.Event()
 
     def __repr__(self) -> str:
         state = "stopping" if self._shutdown.is_set() else "running" if self.gateway else "idle"
@@ -97,6 +106,7 @@ class Server:
             self.gateway = gw
             # Built before anything listens: a bad route or plugin stops
             # start-up with every error listed (ConfigError).
+            gw.extra_plugins = self.extra_plugins
             gw.pipeline = gw.build_pipeline()
             app = create_admin_app(gw)
             self.proxy = ProxyListener(self.config.server, gw.current_pipeline)
@@ -106,6 +116,7 @@ class Server:
                 gw.current_pipeline().close()
             log.info("listeners stopped; flushing storage")
         self.gateway = None
+        self.stopped.set()
 
     async def _serve(self, app: Any, task_status: trio.TaskStatus[ServerInfo]) -> None:
         assert self.proxy is not None

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import httptools
 import trio
+
 from triogate.config import UpstreamConfig
 from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Response

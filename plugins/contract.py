@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import msgspec
+
 from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Request, Response
 

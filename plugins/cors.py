@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 from msgspec import Meta
+
 from triogate.http import Headers
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
 

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 from msgspec import Meta
+
 from triogate.errors import Forbidden
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
 

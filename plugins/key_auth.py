@@ -13,6 +13,7 @@ from typing import Annotated
 
 import msgspec
 from msgspec import Meta
+
 from triogate.errors import KEY_ERRORS, InsufficientScope, MissingKey
 from triogate.permissions import scopes_missing
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import msgspec
 from msgspec import Meta
+
 from triogate.errors import PayloadTooLarge
 from triogate.http import Body
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response

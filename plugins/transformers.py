@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 from msgspec import Meta
+
 from triogate.errors import PayloadTooLarge, ValidationError
 from triogate.http import Headers, body_from_bytes
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response

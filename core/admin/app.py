@@ -16,6 +16,9 @@ from typing import Any
 import msgspec
 from quart import Response, g, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+
 from triogate.audit import Actor
 from triogate.errors import (
     Forbidden,
@@ -29,8 +32,6 @@ from triogate.errors import (
 from triogate.gateway import Gateway
 from triogate.permissions import grants
 from triogate.validation import convert_all, decode_json_object
-from werkzeug.exceptions import HTTPException
-from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
 from .endpoints import ENDPOINTS, Call, Endpoint
 from .openapi import build_openapi

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
+
 from triogate import __version__
 from triogate.audit import Actor
 from triogate.gateway import Gateway

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
 from triogate import __version__
 from triogate.models import Problem
 

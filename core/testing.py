@@ -1,0 +1,316 @@
+"""Test helpers for triogate and for plugin authors (pytest-trio).
+
+A plugin is tested against the real gateway (real listener, real LMDB in a
+temp dir) and a scripted fake upstream, in a few lines::
+
+    from triogate.testing import FakeUpstream, open_harness
+
+    async def test_my_plugin(tmp_path):
+        upstream = FakeUpstream()
+        async with open_harness(tmp_path, plugins={"my-plugin": {"greeting": "hi"}},
+                                upstream=upstream, extra_plugins=[MyPlugin]) as h:
+            r = await h.client.get("/anything")
+            assert r.headers["x-greeting"] == "hi"
+            assert upstream.requests[0].path == "/anything"
+
+``extra_plugins`` registers classes that are not installed as entry points
+yet (a plugin under development); an installed plugin is found by name.
+``httpx`` is needed (``pip install triogate[test]``).
+
+The fake upstream is written with h11, the strict sans-IO HTTP/1.1 library:
+for a test peer, strictness matters more than speed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h11
+import trio
+
+from triogate.config import Config, parse_config
+from triogate.plugins.contract import Plugin
+
+if TYPE_CHECKING:
+    import httpx
+
+    from triogate.server import Server, ServerInfo
+
+__all__ = [
+    "FakeResponse",
+    "FakeUpstream",
+    "Harness",
+    "RecordedRequest",
+    "harness_config",
+    "open_harness",
+]
+
+
+@dataclass
+class RecordedRequest:
+    """What the fake upstream received."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+@dataclass
+class FakeResponse:
+    """One scripted answer. ``delay`` waits before answering; ``drop`` closes
+    the connection without answering (a reset, as far as the gateway sees);
+    ``chunks`` streams the body in pieces (chunked, no Content-Length)."""
+
+    status: int = 200
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    chunks: list[bytes] | None = None
+    delay: float = 0.0
+    drop: bool = False
+
+    @classmethod
+    def json(cls, doc: Any, status: int = 200, **kw: Any) -> FakeResponse:
+        return cls(status, [("content-type", "application/json")], json.dumps(doc).encode(), **kw)
+
+
+Handler = Callable[[RecordedRequest], Awaitable[FakeResponse]]
+
+
+async def echo(request: RecordedRequest) -> FakeResponse:
+    """The default behaviour: answer 200 with a JSON description of the request."""
+    return FakeResponse.json(
+        {
+            "method": request.method,
+            "target": request.target,
+            "headers": dict(request.headers),
+            "body_bytes": len(request.body),
+        }
+    )
+
+
+class FakeUpstream:
+    """A scripted HTTP/1.1 upstream on 127.0.0.1, recording every request.
+
+    ``script`` answers are used first, one per request, in order; after that
+    ``handler`` (default: ``echo``) answers."""
+
+    def __init__(
+        self,
+        script: Sequence[FakeResponse] = (),
+        handler: Handler = echo,
+        *,
+        record_bodies: bool = True,
+    ) -> None:
+        self.script: collections.deque[FakeResponse] = collections.deque(script)
+        self.handler = handler
+        self.requests: list[RecordedRequest] = []
+        self.connections = 0
+        self.record_bodies = record_bodies
+        self.port = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<FakeUpstream :{self.port} {len(self.requests)} requests, "
+            f"{len(self.script)} scripted left>"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request = await self._read_request(conn, stream)
+                if request is None:
+                    return
+                self.requests.append(request)
+                answer = self.script.popleft() if self.script else await self.handler(request)
+                if answer.delay:
+                    await trio.sleep(answer.delay)
+                if answer.drop:
+                    return
+                await self._respond(conn, stream, request, answer)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            await stream.aclose()
+
+    async def _read_request(
+        self, conn: h11.Connection, stream: trio.SocketStream
+    ) -> RecordedRequest | None:
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                if self.record_bodies:
+                    body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return RecordedRequest(
+                    method=head.method.decode(),
+                    target=head.target.decode(),
+                    headers=[(k.decode(), v.decode("latin-1")) for k, v in head.headers],
+                    body=bytes(body),
+                )
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+            else:  # pragma: no cover - h11 has no other events for a server
+                return None
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        request: RecordedRequest,
+        answer: FakeResponse,
+    ) -> None:
+        headers = list(answer.headers)
+        names = {k.lower() for k, _ in headers}
+        if answer.chunks is None and "content-length" not in names:
+            headers.append(("content-length", str(len(answer.body))))
+        if answer.chunks is not None and "transfer-encoding" not in names:
+            headers.append(("transfer-encoding", "chunked"))
+        await stream.send_all(conn.send(h11.Response(status_code=answer.status, headers=headers)))
+        if request.method != "HEAD":
+            for piece in answer.chunks if answer.chunks is not None else [answer.body]:
+                if piece:
+                    await stream.send_all(conn.send(h11.Data(data=piece)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+def harness_config(
+    data_dir: Path,
+    upstream_url: str,
+    *,
+    plugins: dict[str, dict[str, Any]] | None = None,
+    global_plugins: dict[str, dict[str, Any]] | None = None,
+    path: str = "/{rest:path}",
+    upstream_path: str | None = None,
+    routes: list[dict[str, Any]] | None = None,
+    server: dict[str, Any] | None = None,
+) -> Config:
+    """A config with one upstream (``test``) and one route (``test``) unless
+    ``routes`` are given."""
+    raw: dict[str, Any] = {
+        "server": {
+            "proxy_listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "data_dir": str(data_dir),
+            "shutdown_grace_seconds": 2,
+            **(server or {}),
+        },
+        "plugins": global_plugins or {},
+        "upstreams": {"test": {"targets": [upstream_url], "read_timeout_seconds": 5}},
+        "routes": routes
+        or [
+            {
+                "name": "test",
+                "path": path,
+                "upstream": "test",
+                "plugins": plugins or {},
+                **({"upstream_path": upstream_path} if upstream_path else {}),
+            }
+        ],
+    }
+    return parse_config(raw, environ={})
+
+
+@dataclass
+class Harness:
+    server: Server
+    info: ServerInfo
+    upstream: FakeUpstream
+    client: httpx.AsyncClient  # to the proxy listener
+    admin: httpx.AsyncClient  # to the admin API
+
+    async def create_key(self, scopes: Sequence[str] = (), **fields: Any) -> str:
+        """A new API key (created directly through the key service)."""
+        from triogate.audit import Actor
+        from triogate.models import CreateKeyRequest
+
+        assert self.server.gateway is not None
+        req = CreateKeyRequest(name="test", owner="test", scopes=list(scopes), **fields)
+        created = await self.server.gateway.keys.create(req, Actor("testing"))
+        return created.key
+
+
+@asynccontextmanager
+async def open_harness(
+    data_dir: Path,
+    *,
+    upstream: FakeUpstream | None = None,
+    plugins: dict[str, dict[str, Any]] | None = None,
+    global_plugins: dict[str, dict[str, Any]] | None = None,
+    extra_plugins: Sequence[type[Plugin[Any]]] = (),
+    config: Config | None = None,
+    **config_kw: Any,
+) -> AsyncIterator[Harness]:
+    """Run a fake upstream and a real gateway in front of it."""
+    import httpx
+
+    from triogate.server import Server
+
+    upstream = upstream or FakeUpstream()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(upstream.run)
+        if config is None:
+            config = harness_config(
+                data_dir,
+                upstream.url,
+                plugins=plugins,
+                global_plugins=global_plugins,
+                **config_kw,
+            )
+        server = Server(config, extra_plugins=extra_plugins)
+        info = await nursery.start(server.run)
+        async with (
+            httpx.AsyncClient(base_url=info.proxy_url, timeout=10) as client,
+            httpx.AsyncClient(base_url=info.admin_url, timeout=10) as admin,
+        ):
+            yield Harness(server, info, upstream, client, admin)
+        server.shutdown()
+        with trio.move_on_after(10):
+            await server.stopped.wait()
+        # The fake upstream serves forever: stop it.
+        nursery.cancel_scope.cancel()
