@@ -114,23 +114,25 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
+    from .admin.endpoints import KeyListQuery
+
+    raw = {"limit": args.limit, "cursor": args.cursor, "owner": args.owner, "status": args.status}
+    query = convert_all({k: v for k, v in raw.items() if v is not None}, KeyListQuery)
+
     async def run(gw: Gateway) -> Any:
         return gw.keys.list(
-            limit=args.limit, cursor=args.cursor, owner=args.owner, status=args.status
+            limit=query.limit, cursor=query.cursor, owner=query.owner, status=query.status
         )
 
     page = _with_gateway(args, run)
-    _print(
-        args,
-        page,
-        lambda p: (
-            "\n".join(
-                [_key_line(k) for k in p.items]
-                + ([f"next cursor: {p.next_cursor}"] if p.next_cursor else [])
-            )
-            or "no keys"
-        ),
-    )
+
+    def human(p: Any) -> str:
+        lines = [_key_line(k) for k in p.items]
+        if p.next_cursor:
+            lines.append(f"next cursor: {p.next_cursor}")
+        return "\n".join(lines) or "no keys"
+
+    _print(args, page, human)
     return 0
 
 

@@ -8,13 +8,15 @@ documentation cannot drift from what is enforced.
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from triogate.storage import Credits, RateLimit
+from triogate.validation import Rule
 
 __all__ = [
     "MAX_METADATA_BYTES",
@@ -63,28 +65,54 @@ Scope = Annotated[
 ]
 Scopes = Annotated[list[Scope], Meta(max_length=50, description="at most 50 scopes")]
 Email = Annotated[str, Meta(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
-Timestamp = Annotated[datetime, Meta(tz=True, description="RFC 3339 with a timezone")]
+
+
+def _sane_time(value: datetime) -> str | None:
+    try:
+        year = value.astimezone(UTC).year
+    except (OverflowError, ValueError):
+        return "out of range"
+    return None if 1970 <= year <= 9998 else "must be between 1970 and 9998"
+
+
+def _metadata_size(metadata: dict[str, Any]) -> str | None:
+    if len(msgspec.json.encode(metadata)) > MAX_METADATA_BYTES:
+        return f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON"
+    return None
+
+
+def _unique_names(limits: list[RateLimit]) -> str | None:
+    names = [r.name for r in limits]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    return f"duplicate names: {', '.join(duplicates)}" if duplicates else None
+
+
+def _in_future(value: datetime) -> str | None:
+    # The services check again against their own (injectable) clock; this
+    # one lets the error be listed together with every other field's.
+    return None if value.timestamp() > time.time() else "must be in the future"
+
+
+Timestamp = Annotated[
+    datetime, Meta(tz=True, description="RFC 3339 with a timezone"), Rule(_sane_time)
+]
+Expiry = Annotated[Timestamp, Meta(description="when the key stops working"), Rule(_in_future)]
 Metadata = Annotated[
     dict[str, Any],
     Meta(max_length=64, description=f"free-form JSON object, at most {MAX_METADATA_BYTES} bytes"),
+    Rule(_metadata_size),
 ]
-RateLimits = Annotated[list[RateLimit], Meta(max_length=10, description="checked all-or-nothing")]
+RateLimits = Annotated[
+    list[RateLimit],
+    Meta(max_length=10, description="checked all-or-nothing; names unique"),
+    Rule(_unique_names),
+]
 Role = Literal["super_admin", "key_admin", "key_viewer", "auditor"]
 Permission = Annotated[
     str,
     Meta(pattern=r"^(\*|admin:\*|admin:[a-z]+:(\*|[a-z]+))$", description="e.g. admin:keys:read"),
 ]
 KeyStatus = Literal["active", "revoked", "rotated", "expired"]
-
-
-def _check_metadata(metadata: dict[str, Any] | UnsetType | None) -> None:
-    if isinstance(metadata, dict) and len(msgspec.json.encode(metadata)) > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes")
-
-
-def _check_unique_limits(limits: list[RateLimit] | UnsetType) -> None:
-    if isinstance(limits, list) and len({r.name for r in limits}) != len(limits):
-        raise ValueError("rate_limits names must be unique")
 
 
 # ---- requests -------------------------------------------------------------
@@ -94,14 +122,10 @@ class CreateKeyRequest(Struct, forbid_unknown_fields=True):
     name: Name
     owner: Owner
     scopes: Scopes = []
-    expires_at: Timestamp | None = None
+    expires_at: Expiry | None = None
     metadata: Metadata | None = None
     rate_limits: RateLimits = []
     credits: Credits | None = None
-
-    def __post_init__(self) -> None:
-        _check_metadata(self.metadata)
-        _check_unique_limits(self.rate_limits)
 
 
 class UpdateKeyRequest(Struct, forbid_unknown_fields=True):
@@ -110,13 +134,9 @@ class UpdateKeyRequest(Struct, forbid_unknown_fields=True):
     name: Name | UnsetType = UNSET
     scopes: Scopes | UnsetType = UNSET
     metadata: Metadata | UnsetType | None = UNSET
-    expires_at: Timestamp | UnsetType | None = UNSET
+    expires_at: Expiry | UnsetType | None = UNSET
     rate_limits: RateLimits | UnsetType = UNSET
     credits: Credits | UnsetType | None = UNSET
-
-    def __post_init__(self) -> None:
-        _check_metadata(self.metadata)
-        _check_unique_limits(self.rate_limits)
 
 
 class RotateKeyRequest(Struct, forbid_unknown_fields=True):

@@ -20,7 +20,12 @@ Only non-static edges are scanned linearly, and there is one per distinct
 per route. The walk is depth-first: if the most specific child fails further
 down (no leaf, or no route there for this method / version), it backtracks
 and tries the next candidate, so ``/users/me`` beats ``/users/{id}`` and
-``/files/{p:path}`` only gets what nothing more specific takes.
+``/files/{p:path}`` only gets what nothing more specific takes (including a
+method the more specific route does not allow). Since a ``str`` param takes
+any segment, an ``re:`` param next to one at the same place is only reached
+when the ``str`` branch fails deeper down. A path that is wholly static in
+some route skips the walk: one dict probe on the whole path finds the leaf the
+walk would reach first.
 
 A leaf holds the routes that share one shape, with their methods and versions
 resolved into tables at compile time: ``{method: route}`` for requests without
@@ -28,6 +33,14 @@ Accept-Version, ``{method: {version: route}}`` for requests with it. A route
 allowing GET also answers HEAD unless another route claims HEAD explicitly.
 Two routes in one leaf with overlapping methods and the same version can never
 be told apart: that is a compile error, like every bad template.
+
+Versions: a ``{version}`` path param (``v01`` read as ``1`` when typed
+``int``) is the version, and Accept-Version is ignored for such routes. Else,
+among a leaf's routes for the method, Accept-Version picks the route with that
+``version`` (404 listing the versions if none has it); without the header the
+unversioned route wins, else the highest version. A leaf with no versioned
+routes ignores the header, so clients may send it everywhere. Deprecation and
+Sunset headers per version are built at compile time.
 
 Params are captured positionally during the walk (routes sharing a node may
 name the same param differently) and zipped with the chosen route's names at
@@ -377,6 +390,8 @@ class Route:
 
 
 class Match(msgspec.Struct, frozen=True):
+    """What ``Router.match`` found for one request."""
+
     route: Route
     params: dict[str, str]  # raw (still percent-encoded) segment text
     version: str | None  # from {version} in the path, else the route's version

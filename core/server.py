@@ -27,7 +27,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .admin.app import create_admin_app
+from .admin.app import DrainUnreadBody, create_admin_app
 from .config import Config, ConfigError
 from .gateway import Gateway, open_gateway
 from .listener import ProxyListener
@@ -50,14 +50,24 @@ class ServerInfo:
         )
 
 
+ADMIN_GRACE_SECONDS = 1.0
+
+
 def _hypercorn_config(config: Config) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [config.server.admin_listen]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("triogate.hypercorn")
-    hc.graceful_timeout = config.server.shutdown_grace_seconds
+    # hypercorn 0.18 never marks a connection idle after a quart-trio
+    # response, so neither its keep-alive timeout nor its shutdown closes
+    # such a connection: the server would wait the whole grace period for
+    # any client that keeps one open. Admin requests are short, so they get
+    # a short grace of their own, and a connection silent for read_timeout
+    # is closed.
+    hc.graceful_timeout = min(config.server.shutdown_grace_seconds, ADMIN_GRACE_SECONDS)
+    hc.read_timeout = int(config.server.idle_timeout_seconds)
     hc.h11_max_incomplete_size = config.server.max_header_bytes
-    hc.keep_alive_timeout = 75
+    hc.keep_alive_timeout = config.server.idle_timeout_seconds
     return hc
 
 
@@ -108,7 +118,7 @@ class Server:
             # start-up with every error listed (ConfigError).
             gw.extra_plugins = self.extra_plugins
             gw.pipeline = gw.build_pipeline()
-            app = create_admin_app(gw)
+            app = DrainUnreadBody(create_admin_app(gw))
             self.proxy = ProxyListener(self.config.server, gw.current_pipeline)
             try:
                 await self._serve(app, task_status)

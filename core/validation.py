@@ -15,18 +15,56 @@ from __future__ import annotations
 import re
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar, Union
 
 import msgspec
 
 from .errors import FieldError, ValidationError
 
-__all__ = ["convert_all", "decode_json_object"]
+__all__ = ["Rule", "convert_all", "decode_json_object"]
 
 T = TypeVar("T")
 
 _AT_RE = re.compile(r" - at `\$(.*)`$")
 _json_decoder = msgspec.json.Decoder()
+
+
+class Rule:
+    """A check msgspec's ``Meta`` cannot express, attached to a type with
+    ``Annotated[T, Meta(...), Rule(check)]``: ``check(value)`` returns an error
+    message or None. msgspec ignores it; ``convert_all`` runs it on the
+    converted value and reports it at the field's own path, together with
+    every other error."""
+
+    __slots__ = ("check",)
+
+    def __init__(self, check: Callable[[Any], str | None]) -> None:
+        self.check = check
+
+
+def _rules(tp: Any) -> list[Rule]:
+    found: list[Rule] = []
+    if typing.get_origin(tp) is typing.Annotated:
+        inner, *meta = typing.get_args(tp)
+        found.extend(m for m in meta if isinstance(m, Rule))
+        found.extend(_rules(inner))
+    elif typing.get_origin(tp) in (Union, types.UnionType):
+        for member in typing.get_args(tp):
+            found.extend(_rules(member))
+    return found
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X`` from ``Annotated[X, ...]``, ``X | None``, ``X | UnsetType``."""
+    tp = _strip(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        members = [
+            a for a in typing.get_args(tp) if a is not type(None) and a is not msgspec.UnsetType
+        ]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return tp
 
 
 def _join(path: str, suffix: str) -> str:
@@ -71,7 +109,7 @@ def _check(tp: Any, raw: Any, path: str, errors: list[FieldError], strict: bool)
     if struct is not None and isinstance(raw, dict):
         _check_struct(struct, raw, path, errors, strict)
         return
-    bare = _strip(tp)
+    bare = _unwrap(tp)
     origin = typing.get_origin(bare)
     args = typing.get_args(bare)
     if origin in (list, tuple) and isinstance(raw, list) and args and _struct_in(args[0]):
@@ -90,9 +128,16 @@ def _check(tp: Any, raw: Any, path: str, errors: list[FieldError], strict: bool)
 
 def _convert_into(tp: Any, raw: Any, path: str, errors: list[FieldError], strict: bool) -> None:
     try:
-        msgspec.convert(raw, tp, strict=strict)
+        value = msgspec.convert(raw, tp, strict=strict)
     except msgspec.ValidationError as exc:
         errors.append(_message(exc, path))
+        return
+    if value is None or value is msgspec.UNSET:
+        return
+    for rule in _rules(tp):
+        message = rule.check(value)
+        if message is not None:
+            errors.append(FieldError(path or "$", message))
 
 
 def _check_struct(
@@ -143,6 +188,8 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
         raw = _json_decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise ValidationError([FieldError("$", f"invalid JSON: {exc}")]) from None
+    except RecursionError:
+        raise ValidationError([FieldError("$", "JSON nested too deeply")]) from None
     if not isinstance(raw, dict):
         raise ValidationError([FieldError("$", "expected a JSON object")])
     return raw

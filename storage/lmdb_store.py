@@ -228,5 +228,12 @@ async def open_lmdb_store(
                 # Closing the send side lets the writer drain what is queued
                 # and return; the nursery waits for it.
                 store._send.close()
+    except BaseExceptionGroup as group:
+        # The writer never fails on its own (errors go back to the job that
+        # caused them), so a group here holds what the *caller's* block
+        # raised: give the caller back its own exception, not a wrapper.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         store.close()

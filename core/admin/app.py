@@ -36,7 +36,7 @@ from triogate.validation import convert_all, decode_json_object
 from .endpoints import ENDPOINTS, Call, Endpoint
 from .openapi import build_openapi
 
-__all__ = ["MAX_ADMIN_BODY_BYTES", "create_admin_app"]
+__all__ = ["MAX_ADMIN_BODY_BYTES", "DrainUnreadBody", "create_admin_app"]
 
 log = logging.getLogger("triogate.admin")
 
@@ -95,6 +95,38 @@ def _view(gw: Gateway, ep: Endpoint) -> Any:
     return view
 
 
+class DrainUnreadBody:
+    """ASGI middleware: after the app has answered, read and drop whatever
+    request body it left unread.
+
+    hypercorn (0.18) feeds the body to the app through a bounded queue that
+    nobody closes when the app returns; an app that answered early (a 413, a
+    401) leaves it full, and the connection task blocks forever. Draining
+    here keeps the connection usable; a refused oversized body is answered
+    with ``Connection: close``, so the drain ends as soon as the answer is out.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        finished = False
+
+        async def tracked_receive() -> Any:
+            nonlocal finished
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                finished = True
+            return message
+
+        await self.app(scope, tracked_receive, send)
+        while not finished:
+            await tracked_receive()
+
+
 def create_admin_app(gw: Gateway) -> QuartTrio:
     app = QuartTrio("triogate.admin")
     app.config["MAX_CONTENT_LENGTH"] = MAX_ADMIN_BODY_BYTES
@@ -136,6 +168,7 @@ def create_admin_app(gw: Gateway) -> QuartTrio:
             mapped = PayloadTooLarge(
                 f"admin request bodies are limited to {MAX_ADMIN_BODY_BYTES} bytes"
             )
+            mapped.headers["Connection"] = "close"
         elif error.code is not None and 400 <= error.code < 500:
             mapped = ValidationError.single("$", error.description or "bad request")
         else:

@@ -1,0 +1,233 @@
+"""Run the real ``triogate`` executable as a subprocess (process-level tests).
+
+* ``start_serve`` launches ``triogate serve [-c FILE]`` and waits (bounded) for
+  the readiness line ``triogate: admin listening on http://HOST:PORT`` on
+  stdout. stdout is drained by a background thread so the pipe never fills;
+  stderr goes to a file that failure messages quote.
+* ``ServeProcess.stop`` sends SIGTERM (or another signal), waits, and kills on
+  timeout; ``ServeProcess.kill`` is an immediate SIGKILL (no graceful path).
+* ``run_cli`` runs one CLI command to completion.
+* ``clean_env`` is the environment every child gets: the test process's own
+  environment minus every ``TRIOGATE_*`` variable (secrets and config
+  overrides), plus whatever a test passes explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "READY_RE",
+    "ServeProcess",
+    "clean_env",
+    "run_cli",
+    "serving",
+    "start_serve",
+    "triogate_command",
+    "write_config",
+]
+
+READY_RE = re.compile(r"^triogate: admin listening on (http://127\.0\.0\.1:\d+)\s*$")
+DEFAULT_START_TIMEOUT = 20.0
+
+
+def triogate_command() -> list[str]:
+    """The installed console script next to this interpreter, else ``-m triogate``."""
+    script = Path(sys.executable).parent / "triogate"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("triogate")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "triogate"]
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOGATE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTHONWARNINGS", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_config(path: Path, data_dir: Path, **server: Any) -> Path:
+    """A config with ephemeral loopback ports and ``data_dir``; ``server``
+    entries add to or override the ``[server]`` table."""
+    table: dict[str, Any] = {
+        "admin_listen": "127.0.0.1:0",
+        "proxy_listen": "127.0.0.1:0",
+        "data_dir": str(data_dir),
+        "shutdown_grace_seconds": 5,
+        **server,
+    }
+    lines = ["[server]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class ServeProcess:
+    """One running ``triogate serve``."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stderr_path: Path) -> None:
+        self.proc = proc
+        self.stderr_path = stderr_path
+        self.url = ""
+        self.stdout_lines: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        return f"<ServeProcess pid={self.proc.pid} url={self.url} rc={self.proc.returncode}>"
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            self.stdout_lines.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = DEFAULT_START_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise AssertionError(
+                    f"triogate serve not ready after {timeout}s\n"
+                    f"stdout: {self.stdout_lines}\nstderr:\n{self.stderr()}"
+                )
+            try:
+                line = self._lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                rc = self.proc.wait(5)
+                raise AssertionError(
+                    f"triogate serve exited with status {rc} before it was ready\n"
+                    f"stdout: {self.stdout_lines}\nstderr:\n{self.stderr()}"
+                )
+            m = READY_RE.match(line)
+            if m:
+                self.url = m.group(1)
+                return self.url
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        kwargs.setdefault("timeout", 10.0)
+        return httpx.Client(base_url=self.url, **kwargs)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Send ``sig``, wait up to ``timeout``; SIGKILL if it does not exit.
+        Returns the exit status (negative: killed by that signal)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def kill(self) -> int:
+        """SIGKILL at once: no graceful shutdown, no flush."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def start_serve(
+    config: Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stderr_path: Path | None = None,
+    timeout: float = DEFAULT_START_TIMEOUT,
+) -> ServeProcess:
+    """Start ``triogate serve`` (``-c config`` unless None) and wait until it
+    prints its admin URL. ``env`` adds to the cleaned environment."""
+    args = [*triogate_command(), "serve"]
+    if config is not None:
+        args += ["-c", str(config)]
+    if stderr_path is None:
+        base = config.parent if config is not None else (cwd or Path.cwd())
+        stderr_path = base / f"serve-stderr-{time.monotonic_ns()}.log"
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=clean_env(env),
+            cwd=cwd,
+        )
+    sp = ServeProcess(proc, stderr_path)
+    sp.wait_ready(timeout)
+    return sp
+
+
+@contextmanager
+def serving(config: Path | None, **kwargs: Any) -> Iterator[ServeProcess]:
+    """``start_serve`` that never leaks the process: killed on the way out if
+    the test did not stop it."""
+    sp = start_serve(config, **kwargs)
+    try:
+        yield sp
+    finally:
+        if sp.running:
+            sp.kill()
+
+
+def run_cli(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*triogate_command(), *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(env),
+        cwd=cwd,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
