@@ -86,12 +86,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run_server
 
     config = _config_for(args)
+    if args.server:
+        config = msgspec.structs.replace(
+            config, server=msgspec.structs.replace(config.server, proxy_server=args.server)
+        )
     return run_server(config, source=args.config)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    load_config(Path(args.file))
-    print(f"{args.file}: OK")
+    from .pipeline import Pipeline
+    from .plugin_loader import discover
+    from .plugins.contract import PluginEnv
+
+    config = load_config(Path(args.file))
+    # Routes compiled and every plugin validated, exactly as serve would;
+    # nothing is opened or bound.
+    Pipeline(config, discover(), PluginEnv()).close()
+    print(f"{args.file}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
     return 0
 
 
@@ -215,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("-c", "--config", help="config file (default: embedded defaults)")
+    p.add_argument(
+        "--server",
+        choices=["native", "hypercorn"],
+        help="proxy front door (default: server.proxy_server, native)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file, print every error")

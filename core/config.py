@@ -76,6 +76,10 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
         65_536
     )
     workers: Annotated[int, Meta(ge=1, le=64, description="proxy processes")] = 1
+    proxy_server: Annotated[
+        Literal["native", "hypercorn"],
+        Meta(description="the proxy front door: native (httptools) or hypercorn (ASGI)"),
+    ] = "native"
     header_timeout_seconds: Annotated[
         PositiveSeconds, Meta(description="a request's headers must arrive within this (408)")
     ] = 10.0

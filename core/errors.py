@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import msgspec
 
 __all__ = [
+    "BadRequest",
     "Conflict",
     "FieldError",
     "Forbidden",
@@ -81,6 +82,14 @@ class ValidationError(GatewayError):
     @classmethod
     def single(cls, path: str, message: str) -> ValidationError:
         return cls([FieldError(path, message)])
+
+
+class BadRequest(GatewayError):
+    """The request itself is malformed (syntax, framing, target)."""
+
+    status = 400
+    code = "BAD_REQUEST"
+    title = "Bad Request"
 
 
 class InvalidPathParameter(GatewayError):

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Final
 
+from triogate.errors import BadRequest
+
 __all__ = [
     "HOP_BY_HOP",
     "Body",
@@ -20,6 +22,7 @@ __all__ = [
     "Request",
     "Response",
     "body_from_bytes",
+    "check_target",
 ]
 
 # RFC 9110 §7.6.1: connection-specific headers a proxy must not forward.
@@ -36,6 +39,26 @@ HOP_BY_HOP: Final = frozenset(
         b"upgrade",
     }
 )
+
+
+def check_target(url: bytes) -> tuple[str, str]:
+    """Split an origin-form request target into (path, query), refusing what
+    no upstream should ever see: absolute-form and authority-form targets,
+    ``.``/``..`` segments (also percent-encoded), backslashes, NUL, non-ASCII.
+    Both front doors call this before routing."""
+    if not url.startswith(b"/"):
+        raise BadRequest("only origin-form request targets (/path?query) are accepted")
+    path, _, query = url.partition(b"?")
+    lowered = path.lower().replace(b"%2e", b".")
+    for segment in lowered.split(b"/"):
+        if segment in (b"..", b"."):
+            raise BadRequest("'.' and '..' path segments are not allowed")
+    if b"\\" in path or b"%00" in lowered or b"%5c" in lowered:
+        raise BadRequest("invalid characters in the path")
+    try:
+        return path.decode("ascii"), query.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("the request target must be ASCII (percent-encode the rest)") from None
 
 
 class Headers:

@@ -48,8 +48,8 @@ import httptools
 import trio
 
 from triogate.config import ServerConfig
-from triogate.errors import GatewayError, HeadersTooLarge, PayloadTooLarge
-from triogate.http import Body, Headers, Request, Response
+from triogate.errors import BadRequest, GatewayError, HeadersTooLarge, PayloadTooLarge
+from triogate.http import Body, Headers, Request, Response, check_target
 from triogate.pipeline import Pipeline, new_request_id, problem_response
 
 __all__ = ["ProxyListener", "parse_listen"]
@@ -65,12 +65,6 @@ _STATUS_LINES: Final = {
 }
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
-
-
-class BadRequest(GatewayError):
-    status = 400
-    code = "BAD_REQUEST"
-    title = "Bad Request"
 
 
 class RequestTimeout(GatewayError):
@@ -177,24 +171,6 @@ class _Parser:
         self.current.complete = True
 
 
-def _check_target(url: bytes) -> tuple[str, str]:
-    """Split an origin-form target into (path, query), refusing what no
-    upstream should ever see."""
-    if not url.startswith(b"/"):
-        raise BadRequest("only origin-form request targets (/path?query) are accepted")
-    path, _, query = url.partition(b"?")
-    lowered = path.lower().replace(b"%2e", b".")
-    for segment in lowered.split(b"/"):
-        if segment in (b"..", b"."):
-            raise BadRequest("'.' and '..' path segments are not allowed")
-    if b"\\" in path or b"%00" in lowered:
-        raise BadRequest("invalid characters in the path")
-    try:
-        return path.decode("ascii"), query.decode("ascii")
-    except UnicodeDecodeError:
-        raise BadRequest("the request target must be ASCII (percent-encode the rest)") from None
-
-
 class _Connection:
     __slots__ = (
         "_continue_sent",
@@ -295,7 +271,7 @@ class _Connection:
             self._feed(data)
 
     def _request(self, pending: _Pending) -> Request:
-        path, query = _check_target(pending.url)
+        path, query = check_target(pending.url)
         headers = Headers(pending.headers)
         hosts = [v for k, v in pending.headers if k == b"host"]
         if len(hosts) > 1 or (not hosts and pending.version == "1.1"):

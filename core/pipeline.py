@@ -27,8 +27,8 @@ from typing import Any
 
 import msgspec
 
-from triogate.config import Config
-from triogate.errors import GatewayError, InternalError
+from triogate.config import Config, ConfigError
+from triogate.errors import FieldError, GatewayError, InternalError
 from triogate.http import HOP_BY_HOP, Body, Headers, Request, Response
 from triogate.plugin_loader import Chain, PluginLoadError, build_chain
 from triogate.plugins.contract import Context, Plugin, PluginEnv
@@ -84,9 +84,12 @@ class Pipeline:
         env: PluginEnv,
     ) -> None:
         self.config = config
-        self.router = Router.compile(config.routes, config.api_versions)
+        errors: list[FieldError] = []
+        try:
+            self.router = Router.compile(config.routes, config.api_versions)
+        except ConfigError as exc:
+            errors.extend(exc.errors)  # reported with the plugin errors below
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
-        errors = []
         self.chains: dict[int, Chain] = {}
         for i, route in enumerate(config.routes):
             try:
@@ -103,7 +106,7 @@ class Pipeline:
             errors.extend(e for e in exc.errors if e not in errors)
             self.global_chain = Chain(())
         if errors:
-            raise PluginLoadError(errors)
+            raise ConfigError(errors, "config")
         self.max_body = config.server.max_request_body_bytes
         self.requests = 0
 

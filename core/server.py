@@ -28,6 +28,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .admin.app import DrainUnreadBody, create_admin_app
+from .asgi import GatewayASGI
 from .config import Config, ConfigError
 from .gateway import Gateway, open_gateway
 from .listener import ProxyListener
@@ -53,9 +54,9 @@ class ServerInfo:
 ADMIN_GRACE_SECONDS = 1.0
 
 
-def _hypercorn_config(config: Config) -> HypercornConfig:
+def _hypercorn_config(config: Config, listen: str) -> HypercornConfig:
     hc = HypercornConfig()
-    hc.bind = [config.server.admin_listen]
+    hc.bind = [listen]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("triogate.hypercorn")
     # hypercorn 0.18 never marks a connection idle after a quart-trio
@@ -134,12 +135,23 @@ class Server:
             if self.handle_signals:
                 await outer.start(self._watch_signals)
             async with trio.open_nursery() as listeners:
-                proxy_url = await listeners.start(self.proxy.run)
+                if self.config.server.proxy_server == "hypercorn":
+                    proxy_binds = await listeners.start(
+                        partial(
+                            hypercorn_serve,
+                            GatewayASGI(self.proxy.get_pipeline),
+                            _hypercorn_config(self.config, self.config.server.proxy_listen),
+                            shutdown_trigger=self._shutdown.wait,
+                        )
+                    )
+                    proxy_url = proxy_binds[0]
+                else:
+                    proxy_url = await listeners.start(self.proxy.run)
                 binds = await listeners.start(
                     partial(
                         hypercorn_serve,
                         app,
-                        _hypercorn_config(self.config),
+                        _hypercorn_config(self.config, self.config.server.admin_listen),
                         shutdown_trigger=self._shutdown.wait,
                     )
                 )

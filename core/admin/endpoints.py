@@ -69,6 +69,26 @@ class ConfigInfo(Struct):
     source: str | None
 
 
+class PluginView(Struct):
+    name: str
+    priority: int
+    phases: list[str]
+
+
+class RouteView(Struct):
+    name: str
+    methods: list[str]
+    path: str
+    version: str | None
+    upstream: str
+    upstream_path: str | None
+    plugins: list[PluginView]  # the effective chain, in run order
+
+
+class RouteList(Struct):
+    items: list[RouteView]
+
+
 @dataclass(frozen=True)
 class Call:
     """What a handler gets: validated inputs and who is calling."""
@@ -171,6 +191,12 @@ async def get_config(gw: Gateway, call: Call) -> Struct:
         loaded_at=msgspec.json.encode(utc_required(active.loaded_at)).decode().strip('"'),
         source=active.source,
     )
+
+
+async def list_routes(gw: Gateway, call: Call) -> Struct:
+    pipeline = gw.pipeline
+    routes = pipeline.describe_routes() if pipeline is not None else []
+    return msgspec.convert({"items": routes}, RouteList)
 
 
 async def health(gw: Gateway, call: Call) -> Struct:
@@ -322,6 +348,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "admin:system:read",
         get_config,
         response=ConfigInfo,
+        tags=("system",),
+    ),
+    Endpoint(
+        "GET",
+        "/routes",
+        "Routes with their effective plugin chain, in run order",
+        "admin:system:read",
+        list_routes,
+        response=RouteList,
         tags=("system",),
     ),
     Endpoint(
