@@ -229,9 +229,12 @@ def harness_config(
     upstream_path: str | None = None,
     routes: list[dict[str, Any]] | None = None,
     server: dict[str, Any] | None = None,
+    upstream_settings: dict[str, Any] | None = None,
+    api_versions: dict[str, Any] | None = None,
 ) -> Config:
     """A config with one upstream (``test``) and one route (``test``) unless
-    ``routes`` are given."""
+    ``routes`` are given. ``upstream_settings`` go into ``[upstreams.test]``
+    (e.g. more ``targets``, ``read_timeout_seconds``)."""
     raw: dict[str, Any] = {
         "server": {
             "proxy_listen": "127.0.0.1:0",
@@ -241,7 +244,14 @@ def harness_config(
             **(server or {}),
         },
         "plugins": global_plugins or {},
-        "upstreams": {"test": {"targets": [upstream_url], "read_timeout_seconds": 5}},
+        "upstreams": {
+            "test": {
+                "targets": [upstream_url],
+                "read_timeout_seconds": 5,
+                **(upstream_settings or {}),
+            }
+        },
+        "api_versions": api_versions or {},
         "routes": routes
         or [
             {
@@ -293,7 +303,8 @@ async def open_harness(
 
     upstream = upstream or FakeUpstream()
     async with trio.open_nursery() as nursery:
-        await nursery.start(upstream.run)
+        if not upstream.port:  # a test may have started it already
+            await nursery.start(upstream.run)
         if config is None:
             config = harness_config(
                 data_dir,

@@ -88,6 +88,7 @@ class _ResponseParser:
         "head_bytes",
         "headers",
         "headers_done",
+        "keep_alive",
         "parser",
         "skip_body",
         "status",
@@ -101,6 +102,7 @@ class _ResponseParser:
         self.status = 0
         self.head_bytes = 0
         self.skip_body = skip_body
+        self.keep_alive = False
         self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -111,6 +113,8 @@ class _ResponseParser:
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        # Read it now: llhttp resets the flag once the message is complete.
+        self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
         if self.skip_body:
             # A response to HEAD (or a 1xx/204/304) has no body whatever its
@@ -200,7 +204,7 @@ class UpstreamConnection:
             self.close()
             raise BadGateway(f"upstream sent an unsupported interim response {status}")
         headers = Headers(parsed.headers)
-        keep_alive = parsed.parser.should_keep_alive()
+        keep_alive = parsed.keep_alive
         if parsed.complete:
             content = b"".join(parsed.body)
             self.pool.release(self, reusable=keep_alive)
@@ -230,7 +234,7 @@ class UpstreamConnection:
                     raise UpstreamTimeout("upstream stalled while sending the body")
                 if not data:
                     # Close-delimited body (no length, no chunking) ends here.
-                    if parsed.parser.should_keep_alive() or not self._close_delimited(parsed):
+                    if parsed.keep_alive or not self._close_delimited(parsed):
                         raise BadGateway("upstream closed the connection mid-body")
                     keep_alive = False
                     done = True
