@@ -18,6 +18,7 @@ from .crypto import ServerSecrets
 from .errors import Conflict, InvalidKey, KeyRevoked, MissingKey, NotFound, ValidationError
 from .ids import is_valid_id, new_id
 from .keyformat import KeyFormat
+from .keys import find_by_digest
 from .models import (
     AdminList,
     AdminView,
@@ -194,19 +195,14 @@ class AdminService:
             raise MissingKey("an admin key is required: Authorization: Bearer <admin key>")
         if not self.format.is_well_formed(plaintext):
             raise InvalidKey("malformed admin key")
-        keyring = self._secrets.hmac
         with self._store.read() as txn:
-            for version in keyring.versions:
-                digest = keyring.digest(plaintext, version)
-                admin_id = txn.get(Table.ADMIN_DIGESTS, digest)
-                if admin_id is None:
-                    continue
-                raw = txn.get(Table.ADMINS, admin_id)
-                if raw is None:
-                    break
-                record = codec.admin.decode(raw)
-                if not hmac.compare_digest(record.digest, digest):
-                    break
+            found = find_by_digest(
+                txn, self._secrets.hmac, plaintext, Table.ADMIN_DIGESTS, Table.ADMINS
+            )
+        if found is not None:
+            raw, digest, _ = found
+            record = codec.admin.decode(raw)
+            if hmac.compare_digest(record.digest, digest):
                 if record.status != "active":
                     raise KeyRevoked("this admin key has been revoked")
                 return Principal(record.id, effective_permissions(record.role, record.permissions))

@@ -23,6 +23,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -135,17 +136,23 @@ def _parse_versioned(raw: str, *, what: str, decode: bool) -> dict[int, bytes]:
     return out
 
 
-def _generate_file(path: Path) -> None:
-    doc = {
-        "hmac": {"1": base64.b64encode(secrets.token_bytes(32)).decode()},
-        "encryption": {"1": base64.b64encode(AESGCM.generate_key(256)).decode()},
-    }
+def _write_private(path: Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` as JSON to a temp file beside ``path``, mode 0600, synced."""
     tmp = path.with_name(f".secrets.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def _generate_file(path: Path) -> None:
+    doc = {
+        "hmac": {"1": base64.b64encode(secrets.token_bytes(32)).decode()},
+        "encryption": {"1": base64.b64encode(AESGCM.generate_key(256)).decode()},
+    }
+    tmp = _write_private(path, doc)
     try:
         # link() fails if another process created the file first: theirs wins,
         # so every process of one data dir agrees on the same secrets.
@@ -201,11 +208,5 @@ def add_hmac_version(data_dir: Path) -> int:
     doc = json.loads(path.read_text())
     version = max(int(v) for v in doc["hmac"]) + 1
     doc["hmac"][str(version)] = base64.b64encode(secrets.token_bytes(32)).decode()
-    tmp = path.with_name(f".secrets.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(_write_private(path, doc), path)
     return version

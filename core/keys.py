@@ -41,7 +41,7 @@ from triogate.storage import (
 )
 
 from .audit import Actor, append_audit
-from .crypto import ServerSecrets
+from .crypto import HmacKeyring, ServerSecrets
 from .errors import Conflict, NotFound, ValidationError
 from .ids import is_valid_id, new_id
 from .keyformat import KeyFormat
@@ -62,11 +62,27 @@ from .paging import decode_cursor, take_page
 from .permissions import scopes_missing
 from .timeutil import Clock, epoch, system_clock, utc, utc_required
 
-__all__ = ["KeyService", "effective_status", "key_decision"]
+__all__ = ["KeyService", "effective_status", "find_by_digest", "key_decision"]
 
 _sealed_encoder = msgspec.msgpack.Encoder()
 _sealed_decoder = msgspec.msgpack.Decoder(tuple[str, dict[str, Any] | None])
 _OWNER_TAG = "owner"
+
+
+def find_by_digest(
+    txn: ReadTxn, keyring: HmacKeyring, plaintext: str, index: Table, table: Table
+) -> tuple[bytes, bytes, int] | None:
+    """The stored record whose digest of ``plaintext`` is in ``index``, trying
+    the current HMAC version first, then older ones: (record bytes, digest,
+    version), or None. Shared by API keys and admin keys."""
+    for version in keyring.versions:
+        digest = keyring.digest(plaintext, version)
+        record_id = txn.get(index, digest)
+        if record_id is None:
+            continue
+        raw = txn.get(table, record_id)
+        return None if raw is None else (raw, digest, version)
+    return None
 
 
 def effective_status(record: KeyRecord, now: float) -> str:
@@ -238,20 +254,15 @@ class KeyService:
             return None, False
         keyring = self._secrets.hmac
         with self._store.read() as txn:
-            for version in keyring.versions:
-                digest = keyring.digest(plaintext, version)
-                key_id = txn.get(Table.KEY_DIGESTS, digest)
-                if key_id is None:
-                    continue
-                raw = txn.get(Table.KEYS, key_id)
-                if raw is None:
-                    return None, False
-                record = codec.key.decode(raw)
-                # The index is only a hint: the record's own digest decides.
-                if not hmac.compare_digest(record.digest, digest):
-                    return None, False
-                return record, version != keyring.current
-        return None, False
+            found = find_by_digest(txn, keyring, plaintext, Table.KEY_DIGESTS, Table.KEYS)
+        if found is None:
+            return None, False
+        raw, digest, version = found
+        record = codec.key.decode(raw)
+        # The index is only a hint: the record's own digest decides.
+        if not hmac.compare_digest(record.digest, digest):
+            return None, False
+        return record, version != keyring.current
 
     def validate_nowait(
         self, plaintext: str, required_scopes: Sequence[str] = ()

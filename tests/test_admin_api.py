@@ -896,6 +896,9 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
     async def b_config() -> Request:
         return "GET", "/config", None
 
+    async def b_routes() -> Request:
+        return "GET", "/routes", None
+
     builders: dict[tuple[str, str], Builder] = {
         ("POST", "/keys"): b_create,
         ("GET", "/keys"): b_list,
@@ -911,6 +914,7 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
         ("GET", "/audit"): b_audit,
         ("POST", "/maintenance/cleanup"): b_cleanup,
         ("GET", "/config"): b_config,
+        ("GET", "/routes"): b_routes,
     }
     guarded: list[Endpoint] = [ep for ep in ENDPOINTS if ep.permission is not None]
     missing = [(ep.method, ep.path) for ep in guarded if (ep.method, ep.path) not in builders]
