@@ -112,33 +112,51 @@ def discover() -> dict[str, type[Plugin[Any]]]:
 def _order(
     plugins: list[Plugin[Any]], constraints: Mapping[str, tuple[list[str], list[str]]], path: str
 ) -> list[Plugin[Any]]:
-    """Priority order, adjusted by before/after: Kahn's algorithm where the
-    ready set is a heap keyed by priority, so unconstrained plugins keep their
-    priority order."""
+    """Priority order, adjusted by before/after.
+
+    A constraint moves its *subject*: ``a before b`` lifts ``a`` to ``b``'s
+    place (not ``b`` down to ``a``'s), ``a after b`` drops ``a`` to ``b``'s
+    place. Each plugin gets an effective rank (propagated to a fixed point,
+    so chains of constraints compose), and Kahn's algorithm emits plugins in
+    (effective rank, priority rank) order while honouring every edge, so
+    unconstrained plugins keep their priority order."""
     by_name = {p.name: p for p in plugins}
+    rank = {p.name: i for i, p in enumerate(plugins)}  # already priority-sorted
     edges: dict[str, set[str]] = {name: set() for name in by_name}  # a -> b: a runs before b
+    moves: list[tuple[str, str, bool]] = []  # (subject, anchor, moves up)
     for name, (before, after) in constraints.items():
         for other in before:
             if other in by_name:
                 edges[name].add(other)
+                moves.append((name, other, True))
         for other in after:
             if other in by_name:
                 edges[other].add(name)
+                moves.append((name, other, False))
+    effective = dict(rank)
+    for _ in range(len(plugins) + 1):
+        changed = False
+        for subject, anchor, up in moves:
+            target = effective[anchor]
+            if (up and target < effective[subject]) or (not up and target > effective[subject]):
+                effective[subject] = target
+                changed = True
+        if not changed:
+            break
     indegree = dict.fromkeys(by_name, 0)
     for targets in edges.values():
         for t in targets:
             indegree[t] += 1
-    rank = {p.name: i for i, p in enumerate(plugins)}  # already priority-sorted
-    ready = [(rank[n], n) for n, d in indegree.items() if d == 0]
+    ready = [(effective[n], rank[n], n) for n, d in indegree.items() if d == 0]
     heapq.heapify(ready)
     out: list[Plugin[Any]] = []
     while ready:
-        _, name = heapq.heappop(ready)
+        _, _, name = heapq.heappop(ready)
         out.append(by_name[name])
         for t in edges[name]:
             indegree[t] -= 1
             if indegree[t] == 0:
-                heapq.heappush(ready, (rank[t], t))
+                heapq.heappush(ready, (effective[t], rank[t], t))
     if len(out) != len(plugins):
         stuck = sorted(n for n, d in indegree.items() if d > 0)
         raise PluginLoadError(

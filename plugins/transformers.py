@@ -56,15 +56,10 @@ class RequestTransformerConfig(_HeaderOps, frozen=True, forbid_unknown_fields=Tr
     rename_query: Annotated[dict[FieldName, FieldName], Meta(description="old -> new")] = {}
     replace_query: Annotated[dict[FieldName, str], Meta(description="set, only if present")] = {}
     add_query: Annotated[dict[FieldName, str], Meta(description="set, only if absent")] = {}
-    path: (
-        Annotated[
-            str,
-            Meta(
-                pattern=r"^/", max_length=2048, description="upstream path template, e.g. /v2/{id}"
-            ),
-        ]
-        | None
-    ) = None
+    path: Annotated[
+        Annotated[str, Meta(pattern=r"^/", max_length=2048)] | None,
+        Meta(description="upstream path template from route params, e.g. /v2/{id}"),
+    ] = None
 
 
 class ResponseTransformerConfig(_HeaderOps, frozen=True, forbid_unknown_fields=True):
