@@ -18,6 +18,7 @@ from triogate.errors import BadRequest
 __all__ = [
     "HOP_BY_HOP",
     "Body",
+    "ClientDisconnected",
     "Headers",
     "Request",
     "Response",
@@ -41,6 +42,11 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 
+class ClientDisconnected(Exception):
+    """The client went away (mid-body, mid-response). Not an error of ours:
+    nobody is left to answer, so every layer lets it through quietly."""
+
+
 def check_target(url: bytes) -> tuple[str, str]:
     """Split an origin-form request target into (path, query), refusing what
     no upstream should ever see: absolute-form and authority-form targets,
@@ -49,7 +55,8 @@ def check_target(url: bytes) -> tuple[str, str]:
     if not url.startswith(b"/"):
         raise BadRequest("only origin-form request targets (/path?query) are accepted")
     path, _, query = url.partition(b"?")
-    lowered = path.lower().replace(b"%2e", b".")
+    # Decoded the way an upstream might decode it: %2e is '.', %2f is '/'.
+    lowered = path.lower().replace(b"%2e", b".").replace(b"%2f", b"/")
     for segment in lowered.split(b"/"):
         if segment in (b"..", b"."):
             raise BadRequest("'.' and '..' path segments are not allowed")

@@ -49,7 +49,7 @@ import trio
 
 from triogate.config import ServerConfig
 from triogate.errors import BadRequest, GatewayError, HeadersTooLarge, PayloadTooLarge
-from triogate.http import Body, Headers, Request, Response, check_target
+from triogate.http import Body, ClientDisconnected, Headers, Request, Response, check_target
 from triogate.pipeline import Pipeline, new_request_id, problem_response
 
 __all__ = ["ProxyListener", "parse_listen"]
@@ -79,10 +79,6 @@ class ExpectationFailed(GatewayError):
     title = "Expectation Failed"
 
 
-class _ClientGone(Exception):
-    pass
-
-
 def parse_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
@@ -93,10 +89,12 @@ class _Pending:
 
     __slots__ = (
         "body_bytes",
+        "broken",
         "chunks",
         "complete",
         "error",
         "expect_continue",
+        "head_done",
         "headers",
         "keep_alive",
         "method",
@@ -114,6 +112,10 @@ class _Pending:
         self.version = "1.1"
         self.keep_alive = True
         self.expect_continue = False
+        self.head_done = False
+        # The body stream failed (bad chunk, timeout, client gone): what is
+        # left on the connection cannot be trusted, so it must close.
+        self.broken = False
         self.error: GatewayError | None = None
 
 
@@ -143,6 +145,8 @@ class _Parser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.current is not None
+        if self.current.head_done:
+            return  # a chunked body's trailer fields: never request headers
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.max_header:
             raise HeadersTooLarge("the request headers are too large")
@@ -155,6 +159,7 @@ class _Parser:
         current.method = parser.get_method().decode("ascii")
         current.version = parser.get_http_version()
         current.keep_alive = parser.should_keep_alive()
+        current.head_done = True
         self.ready.append(current)
 
     def on_body(self, body: bytes) -> None:
@@ -201,7 +206,7 @@ class _Connection:
                 sent = await self.sock.send(view)
                 view = view[sent:]
         except OSError as exc:
-            raise _ClientGone() from exc
+            raise ClientDisconnected() from exc
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -219,56 +224,73 @@ class _Connection:
             try:
                 data = await self.sock.recv(READ_SIZE)
             except OSError as exc:
-                raise _ClientGone() from exc
+                raise ClientDisconnected() from exc
         if scope.cancelled_caught:
             raise RequestTimeout("the client was too slow")
         return data
 
     async def next_request(self) -> _Pending | None:
-        """The next request head, or None when the client is done with us."""
+        """The next request head, or None when the client is done with us.
+
+        Idle between requests, the connection waits ``idle_timeout_seconds``
+        (and shutdown may close it). Once a request's first byte is in, its
+        whole head must arrive within ``header_timeout_seconds`` (a deadline
+        for the block, not per read: slowloris) and within
+        ``max_header_bytes`` (counted as received: llhttp reports a header
+        only once its line ends, so one endless line would go unnoticed)."""
         parsed = self.parsed
+        cfg = self.listener.config
+        deadline: float | None = None
+        received = 0
         while not parsed.ready:
             idle = parsed.current is None or parsed.current.complete
             if idle and self.listener.closing:
                 return None
-            try:
-                # Idle between requests: the keep-alive timeout; once a
-                # request has begun, the (short) header timeout.
-                with trio.CancelScope() as scope:
-                    self.scope = scope if idle else None
-                    cfg = self.listener.config
-                    data = await self._recv(
-                        cfg.idle_timeout_seconds if idle else cfg.header_timeout_seconds
-                    )
-                if scope.cancelled_caught:
-                    return None  # shutdown closed this idle connection
-            except RequestTimeout:
-                if idle:
+            with trio.CancelScope() as scope:
+                if deadline is None:
+                    self.scope = scope  # shutdown may close an idle connection
+                    scope.deadline = trio.current_time() + cfg.idle_timeout_seconds
+                else:
+                    scope.deadline = deadline
+                try:
+                    data = await self.sock.recv(READ_SIZE)
+                except OSError as exc:
+                    raise ClientDisconnected() from exc
+                finally:
+                    self.scope = None
+            if scope.cancelled_caught:
+                if deadline is None:
                     return None
-                raise
-            finally:
-                self.scope = None
+                raise RequestTimeout("the request headers took too long")
             if not data:
                 return None
-            # Parsing a new request: its headers get HEADER_TIMEOUT in all.
+            if deadline is None:
+                deadline = trio.current_time() + cfg.header_timeout_seconds
+            received += len(data)
             self._feed(data)
+            if not parsed.ready and received > cfg.max_header_bytes + 1024:
+                raise HeadersTooLarge("the request line and headers are too large")
         return parsed.ready.popleft()
 
     async def _body(self, pending: _Pending) -> AsyncIterator[bytes]:
-        if pending.expect_continue and not self._continue_sent:
-            self._continue_sent = True
-            await self._send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while True:
-            while pending.chunks:
-                yield pending.chunks.popleft()
-            if pending.error is not None:
-                raise pending.error
-            if pending.complete:
-                return
-            data = await self._recv(self.listener.config.body_timeout_seconds)
-            if not data:
-                raise _ClientGone()
-            self._feed(data)
+        try:
+            if pending.expect_continue and not self._continue_sent:
+                self._continue_sent = True
+                await self._send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            while True:
+                while pending.chunks:
+                    yield pending.chunks.popleft()
+                if pending.error is not None:
+                    raise pending.error
+                if pending.complete:
+                    return
+                data = await self._recv(self.listener.config.body_timeout_seconds)
+                if not data:
+                    raise ClientDisconnected()
+                self._feed(data)
+        except (GatewayError, ClientDisconnected):
+            pending.broken = True
+            raise
 
     def _request(self, pending: _Pending) -> Request:
         path, query = check_target(pending.url)
@@ -348,7 +370,7 @@ class _Connection:
         on a big one, or when the client was told to wait (100-continue)."""
         if pending.expect_continue and not self._continue_sent:
             return False
-        if pending.error is not None:
+        if pending.error is not None or pending.broken:
             return False
         try:
             while not pending.complete:
@@ -359,14 +381,14 @@ class _Connection:
                 if not data:
                     return False
                 self._feed(data)
-        except (GatewayError, _ClientGone):
+        except (GatewayError, ClientDisconnected):
             return False
         pending.chunks.clear()
         return True
 
     async def _send_error(self, exc: GatewayError, method: str) -> None:
         response = problem_response(exc, new_request_id())
-        with contextlib.suppress(_ClientGone):
+        with contextlib.suppress(ClientDisconnected):
             await self._send_response(response, method, "1.1", keep_alive=False)
 
     async def _send_response(
@@ -512,7 +534,7 @@ class ProxyListener:
         self.connections.add(conn)
         try:
             await conn.serve()
-        except _ClientGone:
+        except ClientDisconnected:
             pass
         except GatewayError as exc:
             await conn._send_error(exc, "GET")

@@ -29,7 +29,7 @@ import msgspec
 
 from triogate.config import Config, ConfigError
 from triogate.errors import FieldError, GatewayError, InternalError
-from triogate.http import HOP_BY_HOP, Body, Headers, Request, Response
+from triogate.http import HOP_BY_HOP, Body, ClientDisconnected, Headers, Request, Response
 from triogate.plugin_loader import Chain, PluginLoadError, build_chain
 from triogate.plugins.contract import Context, Plugin, PluginEnv
 from triogate.router import Match, Router
@@ -50,6 +50,7 @@ _REPLACED = frozenset(
         b"x-forwarded-proto",
         b"x-forwarded-host",
         b"x-request-id",
+        b"x-key-id",  # only the gateway says which key was used
         b"content-length",
         b"expect",
     }
@@ -163,6 +164,8 @@ class Pipeline:
             ctx.version = match.version
             ctx.upstream_path = self.router.rewrite(match)
             response = await self._run(ctx, chain)
+        except ClientDisconnected:
+            raise  # nobody to answer; the front door closes quietly
         except GatewayError as exc:
             response = problem_response(exc, request_id)
         except Exception:
@@ -245,20 +248,23 @@ class Pipeline:
         lines = [
             f"{request.method} {target} HTTP/1.1\r\nhost: {pool.authority}\r\n".encode("latin-1")
         ]
-        forwarded_for = headers.get_raw(b"x-forwarded-for")
-        original_host = headers.get_raw(b"host")
+        forwarded_for: list[bytes] = []
+        original_host = None
         for name, value in headers.raw:
             if name not in drop:
                 lines.append(b"%b: %b\r\n" % (name, value))
-        client = request.client_ip.encode("ascii")
-        lines.append(
-            b"x-forwarded-for: %b\r\n"
-            % (forwarded_for + b", " + client if forwarded_for else client)
-        )
+            elif name == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif name == b"host" and original_host is None:
+                original_host = value
+        forwarded_for.append(request.client_ip.encode("ascii"))
+        lines.append(b"x-forwarded-for: %b\r\n" % b", ".join(forwarded_for))
         lines.append(b"x-forwarded-proto: %b\r\n" % request.scheme.encode("ascii"))
         if original_host is not None:
             lines.append(b"x-forwarded-host: %b\r\n" % original_host)
         lines.append(b"x-request-id: %b\r\n" % ctx.request_id.encode("ascii"))
+        if ctx.consumer is not None:
+            lines.append(b"x-key-id: %b\r\n" % ctx.consumer.id.encode("ascii"))
         if body is None:
             if request.method in ("POST", "PUT", "PATCH"):
                 lines.append(b"content-length: 0\r\n")

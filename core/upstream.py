@@ -22,15 +22,17 @@ in one write.
 
 Errors are mapped once, here: refused/reset/protocol garbage -> 502
 ``BAD_GATEWAY``, no answer within the timeouts -> 504 ``UPSTREAM_TIMEOUT``. A
-request that met a *stale* keep-alive connection (closed by the upstream
-while idle; nothing of the response arrived) is retried once on a fresh
-connection when its body has not been streamed, as every HTTP client does.
+pooled connection is checked before reuse (an idle one that has become
+readable was closed by the upstream); a request that still meets a *stale*
+connection (nothing of the response arrived) is retried once on a fresh one
+when its method is idempotent and its body has not been streamed.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import select
 import socket as _stdsocket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 READ_SIZE = 65536
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_IDLE_PER_TARGET = 256
 MAX_RESPONSE_HEAD_BYTES = 65536
 
@@ -290,9 +293,12 @@ class TargetPool:
     async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
         self.active += 1
         try:
-            if not fresh and self._idle:
-                await trio.lowlevel.checkpoint()
-                return self._idle.pop()
+            while not fresh and self._idle:
+                conn = self._idle.pop()
+                if _still_open(conn.sock):
+                    await trio.lowlevel.checkpoint()
+                    return conn
+                conn.close()  # the upstream closed it while it idled
             return await self._connect()
         except BaseException:
             self.active -= 1
@@ -336,6 +342,14 @@ class TargetPool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+def _still_open(sock: trio.socket.SocketType) -> bool:
+    """An idle keep-alive connection should have nothing to read: readable
+    means the upstream closed it (EOF) or sent something unasked. Checking
+    costs one poll; reusing a dead one would cost the request."""
+    readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    return not readable
 
 
 def _round_robin(pools: list[TargetPool]) -> Callable[[], TargetPool]:
@@ -388,18 +402,30 @@ class Upstream:
     ) -> Response:
         pool = self.pick()
         head = head_for(pool)
-        fresh = False
-        for _ in range(2):
-            conn = await pool.acquire(fresh=fresh)
-            try:
-                return await conn.exchange(method, head, body, self.config.read_timeout_seconds)
-            except _StaleConnection:
-                pool.discard(conn)
-                fresh = True  # once, on a new connection
-            except BaseException:
-                pool.discard(conn)
-                raise
-        raise BadGateway(f"upstream {pool.authority} closed the connection twice")
+        conn = await pool.acquire()
+        try:
+            return await conn.exchange(method, head, body, self.config.read_timeout_seconds)
+        except _StaleConnection:
+            pool.discard(conn)
+            if method not in IDEMPOTENT_METHODS:
+                # The upstream may have acted on it before closing: a proxy
+                # must not repeat a non-idempotent request on its own
+                # (RFC 9110 §9.2.2). The retry plugin decides, with rules.
+                raise BadGateway(
+                    f"upstream {pool.authority} closed a reused connection without answering"
+                ) from None
+        except BaseException:
+            pool.discard(conn)
+            raise
+        conn = await pool.acquire(fresh=True)
+        try:
+            return await conn.exchange(method, head, body, self.config.read_timeout_seconds)
+        except _StaleConnection:
+            pool.discard(conn)
+            raise BadGateway(f"upstream {pool.authority} closed the connection twice") from None
+        except BaseException:
+            pool.discard(conn)
+            raise
 
     def close(self) -> None:
         for pool in self.pools:

@@ -4,7 +4,8 @@ The key is checked synchronously against LMDB on every request (checksum,
 HMAC digest, two lookups: ~8 µs), so a key revoked or rotated through the
 admin API or the CLI, from any process, is refused on the very next request.
 The key never reaches the upstream; the upstream gets ``X-Key-ID`` instead
-(and a client cannot forge that header: it is removed from what they send).
+(the gateway sets it from ``ctx.consumer``, and drops any ``X-Key-ID`` a
+client sends, on every route).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ __all__ = ["KeyAuth"]
 
 _AUTHORIZATION = b"authorization"
 _X_API_KEY = b"x-api-key"
-_X_KEY_ID = b"x-key-id"
-_STRIP = frozenset({_AUTHORIZATION, _X_API_KEY, _X_KEY_ID})
+_STRIP = frozenset({_AUTHORIZATION, _X_API_KEY})
 _DETAILS = {
     "INVALID_KEY": "the API key is malformed or unknown",
     "KEY_REVOKED": "the API key has been revoked",
@@ -86,7 +86,4 @@ class KeyAuth(Plugin[KeyAuthConfig]):
         ctx.consumer = record
         if self.config.hide_credentials:
             headers.raw = [(k, v) for k, v in headers.raw if k not in _STRIP]
-        else:
-            headers.remove_raw(_X_KEY_ID)
-        headers.raw.append((_X_KEY_ID, record.id.encode("ascii")))
         return None
