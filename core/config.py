@@ -161,7 +161,8 @@ class ConfigError(Exception):
     def __init__(self, errors: list[FieldError], source: str) -> None:
         self.errors = errors
         self.source = source
-        super().__init__(f"{source}: {len(errors)} error(s)")
+        lines = "".join(f"\n  {e.path}: {e.message}" for e in errors)
+        super().__init__(f"{source}: {len(errors)} error(s){lines}")
 
     def lines(self) -> list[str]:
         return [f"{e.path}: {e.message}" for e in self.errors]

@@ -246,7 +246,7 @@ class Response:
     """A response: from the upstream (streaming ``body``) or made by the
     gateway or a plugin (``content`` bytes)."""
 
-    __slots__ = ("body", "content", "headers", "status")
+    __slots__ = ("body", "content", "from_gateway", "headers", "status")
 
     def __init__(
         self,
@@ -255,11 +255,15 @@ class Response:
         *,
         content: bytes | None = None,
         body: Body | None = None,
+        from_gateway: bool = False,
     ) -> None:
         self.status = status
         self.headers = Headers() if headers is None else headers
         self.content = content
         self.body = body
+        # True for what the gateway itself answered (problem+json errors):
+        # body-editing plugins leave those whole.
+        self.from_gateway = from_gateway
 
     def __repr__(self) -> str:
         kind = "streaming" if self.body is not None else f"{len(self.content or b'')} bytes"

@@ -66,7 +66,10 @@ def problem_response(error: GatewayError, request_id: str) -> Response:
     for name, value in error.headers.items():
         headers.raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     return Response(
-        error.status, headers, content=_problem_encoder.encode(error.problem(request_id))
+        error.status,
+        headers,
+        content=_problem_encoder.encode(error.problem(request_id)),
+        from_gateway=True,
     )
 
 
@@ -191,14 +194,24 @@ class Pipeline:
         for wrapper in reversed(chain.upstream):
             call = _wrap(wrapper, ctx, call)
         response = await call()
-        if chain.buffers_response and response.body is not None:
-            # Plugins that edit bodies get a buffered one, within their cap.
-            limit = min(p.max_buffer_bytes for p in chain.plugins if p.buffers_response)
-            try:
-                await response.read(limit)
-            except ValueError:
-                raise BadGateway("upstream response too large to transform") from None
+        if chain.buffering and not response.from_gateway:
+            await self._buffer(ctx, chain, response)
         return response
+
+    @staticmethod
+    async def _buffer(ctx: Context, chain: Chain, response: Response) -> None:
+        """Buffer the body for the plugins that edit it, within their cap."""
+        wanting = [p for p in chain.buffering if p.wants_body(ctx, response)]
+        if not wanting:
+            return
+        limit = min(p.max_buffer_bytes for p in wanting)
+        try:
+            if response.body is not None:
+                await response.read(limit)
+            elif response.content is not None and len(response.content) > limit:
+                raise ValueError("body too large")
+        except ValueError:
+            raise BadGateway("upstream response too large to transform") from None
 
     async def after(self, ctx: Context, response: Response) -> None:
         """The log phases, once the response has been sent. Never raises."""

@@ -48,7 +48,7 @@ class PluginLoadError(ConfigError):
 class Chain:
     """One route's plugins in run order, and their phase methods."""
 
-    __slots__ = ("access", "buffers_response", "log", "plugins", "response", "upstream")
+    __slots__ = ("access", "buffering", "log", "plugins", "response", "upstream")
 
     def __init__(self, plugins: Sequence[Plugin[Any]]) -> None:
         self.plugins = tuple(plugins)
@@ -56,7 +56,7 @@ class Chain:
         self.upstream = tuple(p.upstream for p in plugins if "upstream" in p.phases())
         self.response = tuple(p.response for p in plugins if "response" in p.phases())
         self.log = tuple(p.log for p in plugins if "log" in p.phases())
-        self.buffers_response = any(p.buffers_response for p in plugins)
+        self.buffering = tuple(p for p in plugins if p.buffers_response)
 
     def __repr__(self) -> str:
         return f"<Chain {' > '.join(p.name for p in self.plugins) or '(empty)'}>"

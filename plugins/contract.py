@@ -29,8 +29,10 @@ Phases, in the order a request meets them:
 ``response(ctx, response)``
     After the upstream answered (or a plugin answered early), before anything
     is sent to the client: change ``response.status`` or ``response.headers``.
-    A plugin that sets ``buffers_response = True`` may also read and replace
-    the body: ``await response.read(limit)`` and assign ``response.content``.
+    A plugin that sets ``buffers_response = True`` gets the body buffered in
+    ``response.content`` (up to its ``max_buffer_bytes``; larger: 502) for
+    the responses its ``wants_body(ctx, response)`` accepts (default: all the
+    upstream's, never the gateway's own errors), and may replace it.
     Runs in priority order, highest first.
 
 ``log(ctx, response)``
@@ -171,8 +173,8 @@ class Plugin(Generic[C]):
     Config: ClassVar[type[msgspec.Struct]] = NoConfig
     #: True if ``response`` reads or replaces the body (it is then buffered,
     #: up to ``max_buffer_bytes``).
-    buffers_response: ClassVar[bool] = False
-    max_buffer_bytes: ClassVar[int] = 1 << 20
+    buffers_response: bool = False
+    max_buffer_bytes: int = 1 << 20
 
     def __init__(self, config: C, env: PluginEnv) -> None:
         self.config = config
@@ -192,6 +194,12 @@ class Plugin(Generic[C]):
 
     async def log(self, ctx: Context, response: Response) -> None:
         return None
+
+    def wants_body(self, ctx: Context, response: Response) -> bool:
+        """With ``buffers_response``: should this response's body be
+        buffered for the ``response`` phase? Say no to what you will not edit,
+        so it streams. Gateway-made responses (errors) are never offered."""
+        return True
 
     @classmethod
     def phases(cls) -> tuple[str, ...]:

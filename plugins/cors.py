@@ -18,6 +18,14 @@ from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
 
 __all__ = ["Cors"]
 
+_CORS_RESPONSE_HEADERS = frozenset(
+    {
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-expose-headers",
+    }
+)
+
 Names = list[Annotated[str, Meta(min_length=1, max_length=200)]]
 
 
@@ -91,7 +99,9 @@ class Cors(Plugin[CorsConfig]):
         allowed = self._allow_origin(origin)
         if allowed is None:
             return
-        raw = response.headers.raw
+        headers = response.headers
+        # Ours replace the upstream's: two Allow-Origin values break browsers.
+        headers.raw = raw = [(k, v) for k, v in headers.raw if k not in _CORS_RESPONSE_HEADERS]
         raw.append((b"access-control-allow-origin", allowed))
         if not self.any_origin:
             raw.append((b"vary", b"Origin"))

@@ -10,12 +10,12 @@ body edits buffer the body, so they are opt-in per route and capped by
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import msgspec
 from msgspec import Meta
 
-from triogate.errors import PayloadTooLarge, ValidationError
+from triogate.errors import InternalError, PayloadTooLarge, ValidationError
 from triogate.http import Headers, body_from_bytes
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
 
@@ -123,7 +123,8 @@ class RequestTransformer(Plugin[RequestTransformerConfig]):
             try:
                 ctx.upstream_path = cfg.path.format_map(ctx.params)
             except KeyError as exc:
-                raise ValidationError.single("path", f"no path parameter {exc}") from None
+                # The route has no such parameter: an operator's mistake.
+                raise InternalError(f"request-transformer path names no parameter {exc}") from None
         if self.json_ops and _is_json(request.headers):
             try:
                 raw = await request.body.read(cfg.max_body_bytes)
@@ -149,7 +150,7 @@ class RequestTransformer(Plugin[RequestTransformerConfig]):
         present = {k for k, _ in pairs}
         pairs = [(k, cfg.replace_query.get(k, v)) for k, v in pairs]
         pairs += [(k, v) for k, v in cfg.add_query.items() if k not in present]
-        return urlencode(pairs)
+        return urlencode(pairs, quote_via=quote)
 
 
 class ResponseTransformer(Plugin[ResponseTransformerConfig]):
@@ -160,13 +161,21 @@ class ResponseTransformer(Plugin[ResponseTransformerConfig]):
     def __init__(self, config: ResponseTransformerConfig, env: PluginEnv) -> None:
         super().__init__(config, env)
         self.json_ops = _has_json_ops(config)
-        # Buffer bodies only on routes that edit them.
-        self.buffers_response = self.json_ops  # type: ignore[misc]
-        self.max_buffer_bytes = config.max_body_bytes  # type: ignore[misc]
+        # Buffer bodies only on routes that edit them, and only JSON ones.
+        self.buffers_response = self.json_ops
+        self.max_buffer_bytes = config.max_body_bytes
+
+    def wants_body(self, ctx: Context, response: Response) -> bool:
+        return _is_json(response.headers)
 
     async def response(self, ctx: Context, response: Response) -> None:
         _edit_headers(self.config, response.headers)
-        if self.json_ops and response.content is not None and _is_json(response.headers):
+        if (
+            self.json_ops
+            and not response.from_gateway
+            and response.content is not None
+            and _is_json(response.headers)
+        ):
             try:
                 doc = msgspec.json.decode(response.content)
             except msgspec.DecodeError:

@@ -435,7 +435,7 @@ def test_only_overridden_phases_are_in_the_chain() -> None:
 
 
 def test_buffers_response_only_when_a_plugin_asks() -> None:
-    assert not _chain({"response-transformer": {"add_headers": {"X-A": "1"}}}).buffers_response
+    assert _chain({"response-transformer": {"add_headers": {"X-A": "1"}}}).buffering == ()
     chain = _chain({"response-transformer": {"add_json": {"a": 1}, "max_body_bytes": 1000}})
-    assert chain.buffers_response
+    assert chain.buffering == (chain.plugins[0],)
     assert chain.plugins[0].max_buffer_bytes == 1000
