@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from . import validate
+from . import proxy, validate
 
-BENCHMARKS = {"validate": validate.main}
+BENCHMARKS = {"validate": validate.main, "proxy": proxy.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,9 @@ class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
     flush_interval_seconds: Annotated[
         PositiveSeconds, Meta(description="how often actors flush usage")
     ] = 1.0
+    actor_idle_seconds: Annotated[
+        PositiveSeconds, Meta(description="an actor unused this long is flushed and evicted")
+    ] = 300.0
 
 
 class UpstreamConfig(Struct, frozen=True, forbid_unknown_fields=True):

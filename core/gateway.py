@@ -12,8 +12,9 @@ from typing import Any
 
 import msgspec
 
-from triogate.storage import Store, open_lmdb_store
+from triogate.storage import RateLimit, Store, open_lmdb_store
 
+from .actors import ActorRegistry
 from .admins import AdminService
 from .audit import AuditLog
 from .config import Config, config_version
@@ -51,6 +52,12 @@ class Gateway:
         self.keys = KeyService(store, secrets, prefix=config.keys.prefix, clock=clock)
         self.admins = AdminService(store, secrets, clock=clock)
         self.audit = AuditLog(store)
+        self.actors = ActorRegistry(
+            store,
+            flush_interval=config.storage.flush_interval_seconds,
+            idle_timeout=config.storage.actor_idle_seconds,
+            clock=clock,
+        )
         # The data plane, once built (``serve``); the CLI never builds one.
         self.pipeline: Pipeline | None = None
         # Plugin classes not installed as entry points (tests, triogate.testing).
@@ -63,9 +70,20 @@ class Gateway:
     def build_pipeline(self, config: Config | None = None) -> Pipeline:
         """A complete data plane for ``config`` (default: the active one).
         Raises ConfigError listing every route or plugin problem."""
-        env = PluginEnv(keys=self.keys, clock=self.clock)
+        config = config or self.config
+        default = config.keys.default_rate_limit
+        env = PluginEnv(
+            keys=self.keys,
+            actors=self.actors,
+            default_key_limit=(
+                RateLimit("default", default.limit, default.period_seconds)
+                if default is not None
+                else None
+            ),
+            clock=self.clock,
+        )
         registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
-        return Pipeline(config or self.config, registry, env)
+        return Pipeline(config, registry, env)
 
     @property
     def config(self) -> Config:

@@ -233,9 +233,14 @@ class KeyService:
             record = self._load(txn, key_id)
             usage = self._usage(txn, key_id)
         classes = {f"{i + 1}xx": n for i, n in enumerate(usage.by_class)}
-        remaining = usage.credits_remaining
-        if remaining is None and record.credits is not None:
+        remaining = None
+        if record.credits is not None:
             remaining = record.credits.remaining
+            if (
+                usage.credits_remaining is not None
+                and usage.credits_version == record.credits_version
+            ):
+                remaining = usage.credits_remaining
         return UsageView(
             key_id=key_id,
             requests=usage.requests,
@@ -410,14 +415,10 @@ class KeyService:
             if req.rate_limits is not UNSET:
                 changes["rate_limits"] = tuple(req.rate_limits)
             if req.credits is not UNSET:
+                # A new version makes every balance counted so far (by any
+                # actor, in any process) stale: the PATCH takes effect at once.
                 changes["credits"] = req.credits
-                # The usage record carries the live balance; a PATCH resets it.
-                usage = self._usage(txn, key_id)
-                txn.put(
-                    Table.USAGE,
-                    key_id.encode(),
-                    codec.encode(msgspec.structs.replace(usage, credits_remaining=None)),
-                )
+                changes["credits_version"] = record.credits_version + 1
             if req.metadata is not UNSET:
                 owner, _ = self._unseal(record)
                 changes["sealed"] = self._seal(key_id, owner, req.metadata)

@@ -32,6 +32,7 @@ from triogate.errors import FieldError, GatewayError, InternalError
 from triogate.http import HOP_BY_HOP, Body, ClientDisconnected, Headers, Request, Response
 from triogate.plugin_loader import Chain, PluginLoadError, build_chain
 from triogate.plugins.contract import Context, Plugin, PluginEnv
+from triogate.ratelimit import headers_for
 from triogate.router import Match, Router
 from triogate.upstream import BadGateway, TargetPool, Upstream
 
@@ -182,6 +183,13 @@ class Pipeline:
         except Exception:
             log.exception("internal error in a response phase, request %s", request_id)
             response = problem_response(InternalError("an internal error occurred"), request_id)
+        if ctx.undo and response.from_gateway and response.status >= 400:
+            # Refused by the gateway after all: give back what was taken.
+            for undo in ctx.undo:
+                try:
+                    undo()
+                except Exception:
+                    log.exception("undo failed for request %s", request_id)
         self._finish_headers(ctx, response, match)
         return ctx, response
 
@@ -231,6 +239,8 @@ class Pipeline:
                 headers.raw = raw = [(k, v) for k, v in raw if k not in drop]
         if ctx.response_headers:
             raw.extend(ctx.response_headers)
+        if ctx.rate_limits:
+            raw.extend(headers_for(ctx.rate_limits))
         if match is not None and match.deprecation_headers:
             raw.extend(
                 (k.lower().encode("latin-1"), v.encode("latin-1"))

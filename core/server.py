@@ -122,7 +122,12 @@ class Server:
             app = DrainUnreadBody(create_admin_app(gw))
             self.proxy = ProxyListener(self.config.server, gw.current_pipeline)
             try:
-                await self._serve(app, task_status)
+                async with trio.open_nursery() as actors:
+                    # The actors outlive the listeners: their final flush
+                    # runs after the last request, before storage closes.
+                    await actors.start(gw.actors.run)
+                    await self._serve(app, task_status)
+                    actors.cancel_scope.cancel()
             finally:
                 gw.current_pipeline().close()
             log.info("listeners stopped; flushing storage")

@@ -72,8 +72,10 @@ from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Request, Response
 
 if TYPE_CHECKING:
+    from triogate.actors import ActorRegistry
     from triogate.keys import KeyService
-    from triogate.storage import KeyRecord
+    from triogate.ratelimit import Decision
+    from triogate.storage import KeyRecord, RateLimit
 
 __all__ = [
     "PHASES",
@@ -106,6 +108,9 @@ class PluginEnv:
     """What the gateway lends a plugin: its services. Given to ``__init__``."""
 
     keys: KeyService | None = None
+    actors: ActorRegistry | None = None
+    #: ``[keys] default_rate_limit``: for keys without limits of their own.
+    default_key_limit: RateLimit | None = None
     clock: Callable[[], float] = field(default=lambda: 0.0)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("triogate.plugins"))
     extras: dict[str, Any] = field(default_factory=dict)
@@ -119,18 +124,26 @@ class Context:
     record once key-auth has run; ``state`` is scratch space shared by the
     plugins of one request; ``response_headers`` are added to whatever
     response goes back (also to errors and early answers).
+
+    ``rate_limits`` collects every limit decision made for the request (the
+    gateway reports the most restrictive in the ``RateLimit`` headers);
+    ``undo`` holds callbacks that give back what was taken (rate-limit
+    tokens, credits) if the gateway ends up refusing the request, so a
+    refused request consumes nothing.
     """
 
     __slots__ = (
         "client_ip",
         "consumer",
         "params",
+        "rate_limits",
         "request",
         "request_id",
         "response_headers",
         "route",
         "started_at",
         "state",
+        "undo",
         "upstream_path",
         "version",
     )
@@ -156,6 +169,8 @@ class Context:
         self.state: dict[str, Any] = {}
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.upstream_path: str = request.path
+        self.rate_limits: list[Decision] = []
+        self.undo: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         route = getattr(self.route, "name", None)

@@ -15,9 +15,11 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from triogate.actors import QuotaExceeded, RateLimited
 from triogate.errors import KEY_ERRORS, InsufficientScope, MissingKey
 from triogate.permissions import scopes_missing
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
+from triogate.storage import KeyRecord
 
 __all__ = ["KeyAuth"]
 
@@ -40,6 +42,9 @@ class KeyAuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hide_credentials: Annotated[
         bool, Meta(description="remove the key headers before the request goes upstream")
     ] = True
+    cost: Annotated[
+        int, Meta(ge=0, le=1_000_000, description="credits a request on this route costs")
+    ] = 1
 
 
 def _extract(raw: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -84,6 +89,32 @@ class KeyAuth(Plugin[KeyAuthConfig]):
             # (once per key after a secret rotation).
             await keys.reindex(key, record.id)
         ctx.consumer = record
+        self._admit(ctx, record)
         if self.config.hide_credentials:
             headers.raw = [(k, v) for k, v in headers.raw if k not in _STRIP]
         return None
+
+    def _admit(self, ctx: Context, record: KeyRecord) -> None:
+        """The key's own limits and credits, all-or-nothing, in its actor."""
+        actors = self.env.actors
+        if actors is None:
+            return
+        actor = actors.actor(record.id)
+        limits = actor.key_limits(record, self.env.default_key_limit)
+        if not limits and record.credits is None:
+            return
+        now = actors.clock()
+        admission = actor.admit_nowait(
+            limits, now, cost=self.config.cost, record=record, use_credits=True
+        )
+        ctx.rate_limits.extend(admission.decisions)
+        if not admission.allowed:
+            if admission.code == "QUOTA_EXCEEDED":
+                raise QuotaExceeded("the key has no credits left", credits_remaining=0)
+            raise RateLimited("the key's rate limit is exhausted; see Retry-After")
+        ctx.undo.append(lambda: actor.undo_nowait(admission, actors.clock()))
+
+    async def log(self, ctx: Context, response: Response) -> None:
+        actors = self.env.actors
+        if actors is not None and ctx.consumer is not None:
+            actors.actor(ctx.consumer.id).record_nowait(response.status, actors.clock())

@@ -14,7 +14,7 @@ the admin API validates requests with the very same types.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -41,6 +41,10 @@ class RateLimit(Struct, frozen=True, forbid_unknown_fields=True):
     period_seconds: Annotated[
         float, Meta(gt=0, le=31_536_000, description="length of the period in seconds")
     ]
+    algorithm: Annotated[
+        Literal["gcra", "sliding_window"],
+        Meta(description="gcra (exact, the default) or sliding_window"),
+    ] = "gcra"
 
 
 class Credits(Struct, frozen=True, forbid_unknown_fields=True):
@@ -77,6 +81,9 @@ class KeyRecord(Struct, array_like=True, frozen=True):
     grace_ends_at: float | None = None
     rate_limits: tuple[RateLimit, ...] = ()
     credits: Credits | None = None
+    # Bumped whenever credits are set (create, PATCH): a usage record whose
+    # balance belongs to an older version is stale, whoever wrote it.
+    credits_version: int = 0
 
 
 class UsageRecord(Struct, array_like=True, frozen=True):
@@ -88,6 +95,9 @@ class UsageRecord(Struct, array_like=True, frozen=True):
     by_class: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     credits_remaining: int | None = None
     credits_refilled_at: float | None = None
+    credits_version: int = 0
+    # GCRA state (theoretical arrival time) of the key's own limits, by name.
+    limiters: dict[str, float] = {}
 
 
 class AdminRecord(Struct, array_like=True, frozen=True):

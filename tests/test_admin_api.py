@@ -179,7 +179,7 @@ async def test_create_returns_plaintext_once_and_reads_never_do(
     assert created["scopes"] == ["users:read", "orders:*"]
     assert created["status"] == "active"
     assert created["metadata"] == body["metadata"]
-    assert created["rate_limits"] == body["rate_limits"]
+    assert created["rate_limits"] == [{**r, "algorithm": "gcra"} for r in body["rate_limits"]]
     assert created["credits"] == body["credits"]
     assert created["revoked_at"] is None
     assert created["rotated_to"] is None and created["rotated_from"] is None
@@ -270,7 +270,7 @@ async def test_patch_changes_only_given_fields_and_null_clears(
     assert p["scopes"] == ["b:write", "users:*"]
     assert p["metadata"] == {"v": 2, "tags": ["x"]}
     assert abs(rfc3339_utc(p["expires_at"]) - rfc3339_utc(new_expiry)) < timedelta(milliseconds=1)
-    assert p["rate_limits"] == new_limits
+    assert p["rate_limits"] == [{**r, "algorithm": "gcra"} for r in new_limits]
     assert p["credits"] == {"remaining": 50, "refill_amount": 5, "refill_interval_seconds": 60}
     # Untouchable fields stay.
     assert p["owner"] == "carol" and p["id"] == k["id"] and p["status"] == "active"
@@ -290,7 +290,10 @@ async def test_patch_changes_only_given_fields_and_null_clears(
     assert q["metadata"] is None and q["credits"] is not None
     q = await patch({"credits": None})
     assert q["credits"] is None
-    assert q["rate_limits"] == new_limits and q["scopes"] == ["b:write", "users:*"]
+    assert q["rate_limits"] == [{**r, "algorithm": "gcra"} for r in new_limits] and q["scopes"] == [
+        "b:write",
+        "users:*",
+    ]
     q = await patch({"rate_limits": [], "scopes": []})
     assert q["rate_limits"] == [] and q["scopes"] == []
 
@@ -477,7 +480,7 @@ async def test_usage_shape(running: Running, root: Admin) -> None:
     assert u["requests"] == 0
     assert u["last_used_at"] is None
     assert u["credits_remaining"] == 42
-    assert u["rate_limits"] == limits
+    assert u["rate_limits"] == [{**r, "algorithm": "gcra"} for r in limits]
     assert_no_secrets(u, k["key"])
 
     # A PATCH of credits sets the balance.

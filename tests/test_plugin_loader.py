@@ -23,6 +23,7 @@ from triogate.plugins import CallNext, Context, NoConfig, Plugin, PluginEnv, Res
 from triogate.plugins.cors import Cors
 from triogate.plugins.ip_restriction import IpRestriction
 from triogate.plugins.key_auth import KeyAuth
+from triogate.plugins.rate_limit import RateLimit
 from triogate.plugins.request_id import RequestId
 from triogate.plugins.request_size import RequestSizeLimiting
 from triogate.plugins.transformers import RequestTransformer, ResponseTransformer
@@ -35,6 +36,7 @@ BUILTINS: dict[str, type[Plugin[Any]]] = {
     "key-auth": KeyAuth,
     "request-transformer": RequestTransformer,
     "response-transformer": ResponseTransformer,
+    "rate-limit": RateLimit,
 }
 
 # ---- plugin classes for the tests ------------------------------------------------
@@ -143,7 +145,7 @@ def _names(chain: Chain) -> list[str]:
 # ---- discovery ------------------------------------------------------------------
 
 
-def test_discover_finds_the_seven_builtins() -> None:
+def test_discover_finds_every_builtin() -> None:
     found = discover()
     for name, cls in BUILTINS.items():
         assert found[name] is cls
@@ -416,7 +418,7 @@ def test_describe() -> None:
     assert chain.describe() == [
         {"name": "request-id", "priority": 100000, "phases": ["response"]},
         {"name": "cors", "priority": 2000, "phases": ["access", "response"]},
-        {"name": "key-auth", "priority": 1250, "phases": ["access"]},
+        {"name": "key-auth", "priority": 1250, "phases": ["access", "log"]},
     ]
     empty = _chain({})
     assert empty.describe() == []

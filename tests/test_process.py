@@ -354,7 +354,9 @@ def test_cli_key_lifecycle(tmp_path: Path) -> None:
         assert k["key"].startswith("tg_") and k["id"].startswith("key_")
         assert k["owner"] == owner and k["status"] == "active"
         assert k["scopes"] == ["users:read", "users:write"]
-        assert k["rate_limits"] == [{"name": "burst", "limit": 10, "period_seconds": 1.0}]
+        assert k["rate_limits"] == [
+            {"name": "burst", "limit": 10, "period_seconds": 1.0, "algorithm": "gcra"}
+        ]
         ids.append(k["id"])
 
     page = _cli_json("keys", "list", "--data-dir", d)
@@ -398,7 +400,9 @@ def test_cli_key_lifecycle(tmp_path: Path) -> None:
     assert new["key"].startswith("tg_") and new["id"] != ids[2]
     assert new["rotated_from"] == ids[2]
     assert new["owner"] == "alice" and new["scopes"] == ["users:read", "users:write"]
-    assert new["rate_limits"] == [{"name": "burst", "limit": 10, "period_seconds": 1.0}]
+    assert new["rate_limits"] == [
+        {"name": "burst", "limit": 10, "period_seconds": 1.0, "algorithm": "gcra"}
+    ]
     old = _cli_json("keys", "get", ids[2], "--data-dir", d)
     assert old["status"] == "rotated" and old["rotated_to"] == new["id"]
 

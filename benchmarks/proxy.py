@@ -1,0 +1,715 @@
+"""End-to-end proxy throughput: wrk against nginx, nginx as a proxy, and triogate.
+
+Four targets in one run, each loaded the same way (wrk, one thread, N
+keep-alive connections, after a short warm-up):
+
+  direct         wrk -> nginx serving a fixed 20-byte body (the upstream)
+  nginx-proxy    wrk -> nginx as a reverse proxy (upstream keep-alive) -> upstream
+  triogate       wrk -> ``triogate serve``, a route without plugins -> upstream
+  triogate+key   the same with ``key-auth`` on the route (X-API-Key header)
+
+Every server under test (both nginx instances and triogate) is pinned to one
+core and wrk to another, so the servers share one core the way they would
+share a small machine, and the load generator does not steal from them.
+Before loading a target the benchmark checks that it answers 200 with the
+expected body; wrk's socket errors and non-2xx/3xx answers are reported, and
+a run with any of them is flagged (exit status 1).
+
+Needs nginx and wrk: ``bash benchmarks/setup.sh`` installs them from Debian's
+packages. Only loopback traffic; every process started here is stopped on
+the way out, on errors and Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from .machine import describe
+
+BODY = b"triogate-bench-body\n"  # 20 bytes, what the upstream answers
+assert len(BODY) == 20
+HOST = "127.0.0.1"
+REQUEST_PATH = "bench/item"  # after the route prefix; the upstream answers any path
+START_TIMEOUT = 20.0  # seconds for a server to come up
+STOP_TIMEOUT = 5.0  # seconds for a server to go after SIGTERM, then SIGKILL
+TARGET_NOKEY = 0.35  # triogate without plugins vs nginx as a proxy
+TARGET_KEY = 0.30  # triogate with key-auth vs nginx as a proxy
+_LISTENING = re.compile(r"^triogate: proxy listening on (http://\S+)$", re.MULTILINE)
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Group)\b.*")
+
+
+class BenchError(Exception):
+    """Something the benchmark cannot go on without; the message says what."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise BenchError(message)
+
+
+# --- processes -------------------------------------------------------------
+
+
+def _affinity(core: int | None) -> Callable[[], None] | None:
+    """A preexec hook pinning the child (and whatever it forks) to one core."""
+    if core is None:
+        return None
+
+    def pin() -> None:
+        os.sched_setaffinity(0, {core})
+
+    return pin
+
+
+def _cpus_allowed(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Cpus_allowed_list:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+@dataclass
+class Managed:
+    """A server process started here, in its own session (so a Ctrl-C on the
+    terminal reaches us, not it, and we stop it in order)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    logs: list[Path] = field(default_factory=list)
+
+    def tail(self, lines: int = 30) -> str:
+        out: list[str] = []
+        for path in self.logs:
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").strip()
+                if text:
+                    out.append(f"--- {path.name} (last {lines} lines) ---")
+                    out.extend(text.splitlines()[-lines:])
+        return "\n".join(out)
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            _fail(f"{self.name} exited with status {code}\n{self.tail()}")
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT)
+        # The session leader is this pid: take down anything it left behind
+        # (an nginx worker whose master was killed, say).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT)
+
+
+def _start(
+    stack: contextlib.ExitStack,
+    name: str,
+    argv: Sequence[str],
+    *,
+    core: int | None,
+    stdout: Path,
+    stderr: Path,
+    logs: Sequence[Path] = (),
+) -> Managed:
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=_affinity(core),
+        )
+    managed = Managed(name, proc, [stdout, stderr, *logs])
+    stack.callback(managed.stop)
+    return managed
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(server: Managed, port: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        server.check_alive()
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    _fail(f"{server.name} did not listen on {HOST}:{port} within {START_TIMEOUT:.0f} s")
+
+
+# --- nginx -----------------------------------------------------------------
+
+
+def _nginx_conf(tmp: Path, name: str, port: int, locations: str, http_extra: str = "") -> Path:
+    """One nginx instance: foreground master, one worker, everything in tmp."""
+    temp = tmp / f"{name}-temp"
+    temp.mkdir()
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    conf = tmp / f"{name}.conf"
+    conf.write_text(
+        f"""{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/client_body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    keepalive_timeout 75s;
+    keepalive_requests 10000000;
+{http_extra}
+    server {{
+        listen {HOST}:{port};
+{locations}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def _write_upstream_conf(tmp: Path, port: int) -> Path:
+    body = BODY.decode("ascii").replace("\n", "\\n")  # nginx reads \n in a quoted string
+    locations = f"""        location / {{
+            default_type text/plain;
+            return 200 "{body}";
+        }}"""
+    return _nginx_conf(tmp, "upstream", port, locations)
+
+
+def _write_proxy_conf(tmp: Path, port: int, upstream_port: int) -> Path:
+    upstream = f"""    upstream bench_upstream {{
+        server {HOST}:{upstream_port};
+        keepalive 64;
+        keepalive_requests 10000000;
+    }}"""
+    locations = """        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }"""
+    return _nginx_conf(tmp, "proxy", port, locations, upstream)
+
+
+def _start_nginx(
+    stack: contextlib.ExitStack, nginx: str, tmp: Path, name: str, conf: Path, core: int | None
+) -> Managed:
+    error_log = tmp / f"{name}-error.log"
+    argv = [nginx, "-p", str(tmp), "-c", str(conf), "-e", str(error_log)]
+    check = subprocess.run(
+        [*argv, "-t", "-q"], capture_output=True, text=True, timeout=30, check=False
+    )
+    if check.returncode != 0:
+        _fail(f"nginx rejected {conf}:\n{check.stderr}")
+    return _start(
+        stack,
+        f"nginx ({name})",
+        argv,
+        core=core,
+        stdout=tmp / f"{name}.out",
+        stderr=tmp / f"{name}.err",
+        logs=[error_log],
+    )
+
+
+# --- triogate --------------------------------------------------------------
+
+
+def _triogate_conf(tmp: Path, data_dir: Path, upstream_port: int) -> Path:
+    conf = tmp / "triogate.toml"
+    q = json.dumps  # a JSON string is a valid TOML basic string
+    conf.write_text(
+        f"""[server]
+proxy_listen = "{HOST}:0"
+admin_listen = "{HOST}:0"
+data_dir = {q(str(data_dir))}
+shutdown_grace_seconds = 1
+
+[upstreams.nginx]
+targets = ["http://{HOST}:{upstream_port}"]
+
+[[routes]]
+name = "nokey"
+path = "/nokey/{{rest:path}}"
+upstream = "nginx"
+
+[[routes]]
+name = "key"
+path = "/key/{{rest:path}}"
+upstream = "nginx"
+plugins = {{ key-auth = {{}} }}
+"""
+    )
+    return conf
+
+
+def _create_key(data_dir: Path) -> str:
+    argv = [sys.executable, "-m", "triogate", "keys", "create", "--data-dir", str(data_dir)]
+    argv += ["--name", "bench", "--owner", "bench", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        _fail(f"'triogate keys create' failed ({done.returncode}):\n{done.stderr}")
+    try:
+        key = json.loads(done.stdout)["key"]
+    except (ValueError, KeyError, TypeError):
+        _fail(f"'triogate keys create --json' printed no key:\n{done.stdout}")
+    if not isinstance(key, str) or not key:
+        _fail("'triogate keys create --json' printed an empty key")
+    return key
+
+
+def _start_triogate(
+    stack: contextlib.ExitStack, tmp: Path, conf: Path, core: int | None
+) -> tuple[Managed, str]:
+    stdout = tmp / "triogate.out"
+    server = _start(
+        stack,
+        "triogate",
+        [sys.executable, "-m", "triogate", "serve", "-c", str(conf)],
+        core=core,
+        stdout=stdout,
+        stderr=tmp / "triogate.err",
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        server.check_alive()
+        match = _LISTENING.search(stdout.read_text(errors="replace"))
+        if match:
+            return server, match.group(1)
+        time.sleep(0.05)
+    _fail(f"triogate did not report its proxy address within {START_TIMEOUT:.0f} s")
+
+
+# --- checking and loading ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _get(url: str, headers: Sequence[tuple[str, str]]) -> tuple[int, bytes]:
+    rest = url.removeprefix("http://")
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/" + path, headers=dict(headers))
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _verify(target: Target) -> None:
+    """The target must answer 200 with the upstream's exact body."""
+    try:
+        status, body = _get(target.url, target.headers)
+    except OSError as exc:
+        _fail(f"{target.name}: GET {target.url} failed: {exc}")
+    if status != 200 or body != BODY:
+        _fail(
+            f"{target.name}: GET {target.url} answered {status} with {body[:200]!r}; "
+            f"expected 200 with {BODY!r}"
+        )
+
+
+@dataclass
+class WrkResult:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx_3xx: int
+    socket_errors: dict[str, int]
+    output: str
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx_3xx + sum(self.socket_errors.values())
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _duration_ms(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        _fail(f"cannot read wrk's duration {text!r}")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(output: str, *, latency: bool = True) -> WrkResult:
+    """wrk's summary; p50/p99 need ``--latency`` (NaN without it)."""
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", output, re.MULTILINE)
+    p50 = re.search(r"^\s+50(?:\.000)?%\s+(\S+)", output, re.MULTILINE)
+    p99 = re.search(r"^\s+99(?:\.000)?%\s+(\S+)", output, re.MULTILINE)
+    total = re.search(r"^\s+(\d+) requests in", output, re.MULTILINE)
+    if rps is None or total is None or (latency and (p50 is None or p99 is None)):
+        _fail(f"cannot read wrk's output:\n{output}")
+    non2xx = re.search(r"^\s+Non-2xx or 3xx responses:\s+(\d+)", output, re.MULTILINE)
+    sock = re.search(
+        r"^\s+Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+        output,
+        re.MULTILINE,
+    )
+    socket_errors = {}
+    if sock is not None:
+        names = ("connect", "read", "write", "timeout")
+        socket_errors = {n: int(v) for n, v in zip(names, sock.groups(), strict=True) if int(v)}
+    return WrkResult(
+        requests_per_second=float(rps.group(1)),
+        p50_ms=_duration_ms(p50.group(1)) if p50 else math.nan,
+        p99_ms=_duration_ms(p99.group(1)) if p99 else math.nan,
+        requests=int(total.group(1)),
+        non_2xx_3xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=socket_errors,
+        output=output,
+    )
+
+
+def _wrk(
+    wrk: str,
+    target: Target,
+    *,
+    seconds: int,
+    connections: int,
+    core: int | None,
+    latency: bool,
+) -> str:
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s"]
+    if latency:
+        argv.append("--latency")
+    for name, value in target.headers:
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(target.url)
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+            check=False,
+            preexec_fn=_affinity(core),
+        )
+    except subprocess.TimeoutExpired:
+        _fail(f"wrk against {target.name} did not finish within {seconds + 30} s")
+    if done.returncode != 0:
+        _fail(f"wrk against {target.name} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout
+
+
+# --- the run -------------------------------------------------------------------
+
+
+def _find(program: str) -> str:
+    found = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+    if found is None:
+        _fail(f"{program} not found: run 'bash benchmarks/setup.sh' first (as root)")
+    return found
+
+
+def _core(value: int, role: str) -> int | None:
+    if value < 0:
+        return None
+    allowed = os.sched_getaffinity(0)
+    if value not in allowed:
+        _fail(f"--{role}-core {value}: this process may only use cores {sorted(allowed)}")
+    return value
+
+
+def _pinning(server_core: int | None, load_core: int | None) -> str:
+    servers = "not pinned" if server_core is None else f"pinned to core {server_core}"
+    load = "not pinned" if load_core is None else f"pinned to core {load_core}"
+    shared = " (SAME core as the servers)" if server_core == load_core is not None else ""
+    return f"servers (nginx upstream, nginx proxy, triogate) {servers}; wrk {load}{shared}"
+
+
+def _tree_affinity(server: Managed) -> str:
+    pids = [server.proc.pid, *_children(server.proc.pid)]
+    return ",".join(sorted({_cpus_allowed(pid) for pid in pids}))
+
+
+def run(args: argparse.Namespace) -> int:
+    nginx = _find("nginx")
+    wrk = _find("wrk")
+    server_core = _core(args.server_core, "server")
+    load_core = _core(args.load_core, "load")
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triogate-bench-")))
+        upstream_port, proxy_port = _free_port(), _free_port()
+        while proxy_port == upstream_port:
+            proxy_port = _free_port()
+
+        upstream = _start_nginx(
+            stack, nginx, tmp, "upstream", _write_upstream_conf(tmp, upstream_port), server_core
+        )
+        proxy = _start_nginx(
+            stack,
+            nginx,
+            tmp,
+            "proxy",
+            _write_proxy_conf(tmp, proxy_port, upstream_port),
+            server_core,
+        )
+        data_dir = tmp / "data"
+        data_dir.mkdir()
+        key = _create_key(data_dir)
+        gateway, gateway_url = _start_triogate(
+            stack, tmp, _triogate_conf(tmp, data_dir, upstream_port), server_core
+        )
+        _wait_port(upstream, upstream_port)
+        _wait_port(proxy, proxy_port)
+
+        targets = [
+            Target("direct (nginx)", f"http://{HOST}:{upstream_port}/nokey/{REQUEST_PATH}"),
+            Target("nginx as proxy", f"http://{HOST}:{proxy_port}/nokey/{REQUEST_PATH}"),
+            Target("triogate, no plugins", f"{gateway_url}/nokey/{REQUEST_PATH}"),
+            Target(
+                "triogate, key-auth",
+                f"{gateway_url}/key/{REQUEST_PATH}",
+                (("X-API-Key", key),),
+            ),
+        ]
+        for target in targets:
+            _verify(target)
+        # And key-auth is really on: no key, no entry.
+        status, _ = _get(targets[3].url, ())
+        if status != 401:
+            _fail(f"triogate's key-auth route answered {status} without a key; expected 401")
+
+        servers = (upstream, proxy, gateway)
+        placement = "; ".join(f"{s.name}: cpus {_tree_affinity(s)}" for s in servers)
+
+        print("benchmark: end-to-end HTTP/1.1 proxy, 20-byte body from an nginx upstream")
+        print(describe(_pinning(server_core, load_core)))
+        print(f"processes: {placement}")
+        print(
+            f"load: wrk -t1 -c{args.connections} -d{args.seconds}s --latency "
+            f"(after a {args.warmup} s warm-up), one target at a time, all on loopback"
+        )
+        print(f"  ({nginx} {_version([nginx, '-v'])}; {_version([wrk, '-v'])})")
+        print()
+
+        load_before = os.getloadavg()[0]
+        results: dict[str, WrkResult] = {}
+        warmups: dict[str, WrkResult] = {}
+        for target in targets:
+            for server in servers:
+                server.check_alive()
+            if args.warmup > 0:
+                output = _wrk(
+                    wrk,
+                    target,
+                    seconds=args.warmup,
+                    connections=args.connections,
+                    core=load_core,
+                    latency=False,
+                )
+                warmups[target.name] = parse_wrk(output, latency=False)
+            results[target.name] = parse_wrk(
+                _wrk(
+                    wrk,
+                    target,
+                    seconds=args.seconds,
+                    connections=args.connections,
+                    core=load_core,
+                    latency=True,
+                )
+            )
+            for server in servers:
+                server.check_alive()
+            _verify(target)  # still healthy after the load
+        triogate_log = _problems(tmp / "triogate.err")
+        load_after = os.getloadavg()[0]
+
+    code = _report(targets, results, warmups, triogate_log)
+    print(
+        f"machine load (1-min average) before/after: {load_before:.2f}/{load_after:.2f}; "
+        "anything else running on the servers' core skews these figures"
+    )
+    return code
+
+
+def _problems(path: Path, tail: int = 25) -> str:
+    """What triogate logged above INFO: counts, the distinct exceptions, and
+    the last traceback."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    records = [line for line in lines if _LOG_RECORD.match(line)]
+    bad = [line for line in records if " INFO " not in line and " DEBUG " not in line]
+    if not bad and not any(line.startswith("Traceback") for line in lines):
+        return ""
+    levels: dict[str, int] = {}
+    for line in bad:
+        level = line.split()[2]
+        levels[level] = levels.get(level, 0) + 1
+    out = [", ".join(f"{n} {level} records" for level, n in levels.items()) or "no records"]
+    exceptions: dict[str, int] = {}
+    for line in lines:
+        if _EXCEPTION_LINE.match(line):
+            exceptions[line] = exceptions.get(line, 0) + 1
+    out += [f"  {n} x {exc}" for exc, n in sorted(exceptions.items(), key=lambda kv: -kv[1])]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    if starts:
+        last = lines[starts[-1] - 1 if starts[-1] else 0 :]
+        out.append("the last one:")
+        out += last[:tail] + ([f"... ({len(last) - tail} more lines)"] if len(last) > tail else [])
+    return "\n".join(out)
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    if not text:
+        return "?"
+    first = text[0]
+    first = first.split("Copyright")[0].strip()
+    return first.removeprefix("nginx version: ")
+
+
+def _error_text(result: WrkResult) -> str:
+    parts = []
+    if result.non_2xx_3xx:
+        parts.append(f"{result.non_2xx_3xx} non-2xx/3xx")
+    parts += [f"{n} {kind}" for kind, n in result.socket_errors.items()]
+    return ", ".join(parts) + f" of {result.requests}"
+
+
+def _report(
+    targets: list[Target],
+    results: dict[str, WrkResult],
+    warmups: dict[str, WrkResult],
+    triogate_log: str,
+) -> int:
+    baseline = results[targets[1].name].requests_per_second
+    header = f"{'target':<22} {'req/s':>10} {'p50':>10} {'p99':>10} {'vs nginx proxy':>15}  errors"
+    print(header)
+    print("-" * len(header))
+    flagged = False
+    for target in targets:
+        r = results[target.name]
+        errors = "none"
+        if r.errors:
+            flagged = True
+            errors = "ERRORS: " + _error_text(r)
+        warm = warmups.get(target.name)
+        if warm is not None and warm.errors:
+            flagged = True
+            errors = ("" if errors == "none" else errors + "; ") + (
+                "WARM-UP ERRORS: " + _error_text(warm)
+            )
+        ratio = r.requests_per_second / baseline if baseline else 0.0
+        print(
+            f"{target.name:<22} {r.requests_per_second:>10,.0f} {r.p50_ms:>7.3f} ms "
+            f"{r.p99_ms:>7.3f} ms {ratio:>14.2f}x  {errors}"
+        )
+    print()
+    checks = (
+        (targets[2].name, TARGET_NOKEY),
+        (targets[3].name, TARGET_KEY),
+    )
+    for name, target_ratio in checks:
+        ratio = results[name].requests_per_second / baseline if baseline else 0.0
+        verdict = "meets" if ratio >= target_ratio else "BELOW"
+        print(
+            f"target: {name} >= {target_ratio:.2f} x nginx as proxy req/s: {ratio:.2f} x, {verdict}"
+        )
+    if triogate_log:
+        flagged = True
+        print()
+        print("triogate logged problems during the run (warm-ups included):")
+        print(triogate_log)
+    if flagged:
+        print()
+        print("FLAGGED: errors during the run (see above); these figures are not a valid")
+        print("measurement of a healthy gateway.")
+    return 1 if flagged else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks proxy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="measured seconds per target")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per target")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections")
+    parser.add_argument(
+        "--server-core", type=int, default=0, help="core for every server under test (-1: none)"
+    )
+    parser.add_argument("--load-core", type=int, default=1, help="core for wrk (-1: none)")
+    args = parser.parse_args(argv)
+    if args.seconds < 1 or args.warmup < 0 or args.connections < 1:
+        parser.error("--seconds and --connections must be >= 1, --warmup >= 0")
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # SIGTERM unwinds like Ctrl-C does, so every server is stopped.
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"benchmarks proxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("benchmarks proxy: interrupted; servers stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,231 @@
+"""Rate-limit decisions: pure functions of ``now`` (sans-IO, no clock, no I/O).
+
+Theory of operation
+-------------------
+Two algorithms, chosen per limit:
+
+GCRA (the generic cell rate algorithm; the default)
+    One float of state per limit: the *theoretical arrival time* ``tat``.
+    With emission interval ``T = period / limit``, a request of cost ``c`` at
+    ``now`` is allowed iff ``max(tat, now) + c*T - period <= now``; allowing
+    it sets ``tat = max(tat, now) + c*T``. So a fresh limit admits a burst of
+    ``limit`` requests, then one every ``T``: over any interval of length
+    ``L`` at most ``L/T + limit`` requests pass. Exact, O(1), and the wait
+    before the next allowed request is known exactly (``Retry-After``).
+
+sliding window counter (``algorithm = "sliding_window"``)
+    Two counters: this fixed window's and the previous one's. The estimate
+    at ``now`` weighs the previous window by how much of it still overlaps
+    the sliding window ``(now - period, now]``. Cheaper to reason about for
+    people used to "N per minute", approximate by design (Cloudflare's
+    published error is a fraction of a percent).
+
+Several limits on one request are decided all-or-nothing by ``acquire``:
+every limit is checked first, and state changes only if all allow, so a
+denied request consumes nothing. ``release`` gives a reservation back (a
+request that a later check refused consumes nothing either).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "Decision",
+    "Limit",
+    "LimitState",
+    "Reservation",
+    "acquire",
+    "decide",
+    "release",
+]
+
+Algorithm = Literal["gcra", "sliding_window"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A policy: at most ``limit`` requests per ``period`` seconds."""
+
+    name: str
+    limit: int
+    period: float
+    algorithm: Algorithm = "gcra"
+
+    @property
+    def interval(self) -> float:
+        return self.period / self.limit
+
+
+class LimitState:
+    """The mutable state of one limit for one subject (a key, an address...)."""
+
+    __slots__ = ("count", "previous", "tat", "window")
+
+    def __init__(self, tat: float = 0.0) -> None:
+        self.tat = tat  # GCRA
+        self.window = 0.0  # sliding window: start of the current window
+        self.count = 0  # ... requests in it
+        self.previous = 0  # ... requests in the window before
+
+    def __repr__(self) -> str:
+        return f"<LimitState tat={self.tat:.3f} window={self.window} {self.previous}/{self.count}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer for one limit. ``remaining`` is how many more requests
+    would pass right now; ``reset`` the seconds until the limit is whole
+    again; ``retry_after`` the seconds until this request would pass (0 if
+    it does)."""
+
+    limit: Limit
+    allowed: bool
+    remaining: int
+    reset: float
+    retry_after: float
+
+
+def _gcra(limit: Limit, state: LimitState, now: float, cost: int) -> tuple[Decision, float]:
+    t = limit.interval
+    start = max(state.tat, now)
+    new_tat = start + cost * t
+    allow_at = new_tat - limit.period
+    if allow_at > now + 1e-9:
+        remaining = max(0, math.floor((limit.period - (start - now)) / t + 1e-9))
+        return Decision(limit, False, remaining, start - now, allow_at - now), state.tat
+    remaining = max(0, math.floor((limit.period - (new_tat - now)) / t + 1e-9))
+    return Decision(limit, True, remaining, new_tat - now, 0.0), new_tat
+
+
+def _window(limit: Limit, state: LimitState, now: float) -> tuple[float, int, int]:
+    """(window start, previous count, current count) as of ``now``."""
+    start = math.floor(now / limit.period) * limit.period
+    if start == state.window:
+        return start, state.previous, state.count
+    if start - state.window == limit.period:
+        return start, state.count, 0
+    return start, 0, 0
+
+
+def _sliding(limit: Limit, state: LimitState, now: float, cost: int) -> Decision:
+    start, previous, count = _window(limit, state, now)
+    weight = 1.0 - (now - start) / limit.period
+    used = previous * weight + count
+    reset = start + limit.period - now  # when this fixed window ends
+    if used + cost <= limit.limit + 1e-9:
+        remaining = max(0, math.floor(limit.limit - used - cost + 1e-9))
+        return Decision(limit, True, remaining, reset, 0.0)
+    # When will previous*w(t) + count + cost fit? Within this window if the
+    # previous window's share can decay enough; else in the next one.
+    room = limit.limit - count - cost
+    if previous > 0 and room >= 0:
+        wait = start + limit.period * (1.0 - room / previous) - now
+    else:
+        nxt = start + limit.period
+        room_next = limit.limit - cost
+        if room_next < 0:
+            wait = math.inf
+        elif count > 0:
+            wait = nxt + limit.period * max(0.0, 1.0 - room_next / count) - now
+        else:
+            wait = nxt - now
+    remaining = max(0, math.floor(limit.limit - used + 1e-9))
+    return Decision(limit, False, remaining, reset, max(wait, 1e-3))
+
+
+def decide(limit: Limit, state: LimitState, now: float, cost: int = 1) -> Decision:
+    """What would happen to a request of ``cost`` now (state unchanged)."""
+    if limit.algorithm == "gcra":
+        return _gcra(limit, state, now, cost)[0]
+    return _sliding(limit, state, now, cost)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What ``acquire`` took, so that ``release`` can give it back."""
+
+    items: tuple[tuple[Limit, LimitState], ...]
+    cost: int
+    at: float
+
+
+def acquire(
+    items: Sequence[tuple[Limit, LimitState]], now: float, cost: int = 1
+) -> tuple[list[Decision], Reservation | None]:
+    """Decide every limit; commit all of them only if all allow.
+
+    Returns the decisions (denied ones first, then by fewest remaining, so
+    ``decisions[0]`` is the one to report) and the reservation if allowed.
+    Synchronous and free of awaits: atomic under trio."""
+    decisions: list[Decision] = []
+    commits: list[tuple[LimitState, float]] = []
+    for limit, state in items:
+        if limit.algorithm == "gcra":
+            decision, new_tat = _gcra(limit, state, now, cost)
+            commits.append((state, new_tat))
+        else:
+            decision = _sliding(limit, state, now, cost)
+        decisions.append(decision)
+    decisions.sort(key=lambda d: (d.allowed, d.remaining, -d.retry_after))
+    if decisions and not decisions[0].allowed:
+        return decisions, None
+    for limit, state in items:
+        if limit.algorithm == "sliding_window":
+            start, previous, count = _window(limit, state, now)
+            state.window, state.previous, state.count = start, previous, count + cost
+    for state, new_tat in commits:
+        state.tat = new_tat
+    return decisions, Reservation(tuple(items), cost, now)
+
+
+def release(reservation: Reservation, now: float) -> None:
+    """Give back what a reservation took (the request was refused later)."""
+    for limit, state in reservation.items:
+        if limit.algorithm == "gcra":
+            state.tat = max(now, state.tat - reservation.cost * limit.interval)
+            if state.tat <= now:
+                state.tat = 0.0
+        else:
+            start, previous, count = _window(limit, state, now)
+            if start == _window(limit, state, reservation.at)[0]:
+                state.window, state.previous = start, previous
+                state.count = max(0, count - reservation.cost)
+
+
+def _seconds(value: float) -> int:
+    return max(0, math.ceil(value - 1e-9))
+
+
+def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
+    """The response headers for every limit a request met: ``RateLimit-Policy``
+    lists each policy and ``RateLimit`` reports the most restrictive (IETF
+    httpapi ratelimit-headers draft syntax), with the classic
+    ``X-RateLimit-*`` trio for the same limit; a denial adds ``Retry-After``
+    (whole seconds, at least 1)."""
+    if not decisions:
+        return []
+    worst = min(decisions, key=lambda d: (d.allowed, d.remaining, -d.retry_after))
+    seen: dict[str, Limit] = {}
+    for d in decisions:
+        seen.setdefault(d.limit.name, d.limit)
+    policy = ", ".join(
+        f'"{lim.name}";q={lim.limit};w={_seconds(lim.period)}' for lim in seen.values()
+    )
+    reset = _seconds(worst.reset)
+    out = [
+        (b"ratelimit-policy", policy.encode("latin-1")),
+        (
+            b"ratelimit",
+            f'"{worst.limit.name}";r={worst.remaining};t={reset}'.encode("latin-1"),
+        ),
+        (b"x-ratelimit-limit", str(worst.limit.limit).encode()),
+        (b"x-ratelimit-remaining", str(worst.remaining).encode()),
+        (b"x-ratelimit-reset", str(reset).encode()),
+    ]
+    if not worst.allowed:
+        out.append((b"retry-after", str(max(1, _seconds(worst.retry_after))).encode()))
+    return out
