@@ -39,7 +39,7 @@ import collections
 import contextlib
 import errno
 import logging
-import socket as _stdsocket
+import socket
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any, Final
@@ -47,6 +47,7 @@ from typing import Any, Final
 import httptools
 import trio
 
+from triogate import sockio
 from triogate.config import ServerConfig
 from triogate.errors import BadRequest, GatewayError, HeadersTooLarge, PayloadTooLarge
 from triogate.http import Body, ClientDisconnected, Headers, Request, Response, check_target
@@ -185,12 +186,12 @@ class _Connection:
         "requests",
         "scope",
         "sock",
+        "waited",
     )
 
-    def __init__(
-        self, sock: trio.socket.SocketType, client_ip: str, listener: ProxyListener
-    ) -> None:
+    def __init__(self, sock: socket.socket, client_ip: str, listener: ProxyListener) -> None:
         self.sock = sock
+        self.waited = False
         self.client_ip = client_ip
         self.listener = listener
         cfg = listener.config
@@ -200,11 +201,9 @@ class _Connection:
         self._continue_sent = False
 
     async def _send_all(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
         try:
-            while view:
-                sent = await self.sock.send(view)
-                view = view[sent:]
+            if await sockio.send_all(self.sock, data):
+                self.waited = True
         except OSError as exc:
             raise ClientDisconnected() from exc
 
@@ -220,12 +219,15 @@ class _Connection:
             raise BadRequest(f"malformed request: {exc}") from None
 
     async def _recv(self, seconds: float) -> bytes:
-        with trio.move_on_after(seconds) as scope:
+        try:
             try:
-                data = await self.sock.recv(READ_SIZE)
-            except OSError as exc:
-                raise ClientDisconnected() from exc
-        if scope.cancelled_caught:
+                return self.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                self.waited = True
+                data = await sockio.recv(self.sock, READ_SIZE, trio.current_time() + seconds)
+        except OSError as exc:
+            raise ClientDisconnected() from exc
+        if data is None:
             raise RequestTimeout("the client was too slow")
         return data
 
@@ -246,22 +248,28 @@ class _Connection:
             idle = parsed.current is None or parsed.current.complete
             if idle and self.listener.closing:
                 return None
-            with trio.CancelScope() as scope:
-                if deadline is None:
-                    self.scope = scope  # shutdown may close an idle connection
-                    scope.deadline = trio.current_time() + cfg.idle_timeout_seconds
-                else:
-                    scope.deadline = deadline
-                try:
-                    data = await self.sock.recv(READ_SIZE)
-                except OSError as exc:
-                    raise ClientDisconnected() from exc
-                finally:
-                    self.scope = None
-            if scope.cancelled_caught:
-                if deadline is None:
-                    return None
-                raise RequestTimeout("the request headers took too long")
+            try:
+                data: bytes | None = self.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                self.waited = True
+                with trio.CancelScope() as scope:
+                    if deadline is None:
+                        self.scope = scope  # shutdown may close an idle connection
+                        wait_until = trio.current_time() + cfg.idle_timeout_seconds
+                    else:
+                        wait_until = deadline
+                    try:
+                        data = await sockio.recv(self.sock, READ_SIZE, wait_until)
+                    finally:
+                        self.scope = None
+                if scope.cancelled_caught:
+                    return None  # shutdown closed this idle connection
+                if data is None:
+                    if deadline is None:
+                        return None  # idle too long: close quietly
+                    raise RequestTimeout("the request headers took too long") from None
+            except OSError as exc:
+                raise ClientDisconnected() from exc
             if not data:
                 return None
             if deadline is None:
@@ -348,6 +356,11 @@ class _Connection:
                 listener.in_flight -= 1
             if not keep:
                 return
+            if not self.waited:
+                # Served without ever parking (pipelined requests, instant
+                # upstream): yield once, so no client can starve the others.
+                await trio.lowlevel.checkpoint()
+            self.waited = False
 
     async def _exchange(self, pending: _Pending, pipeline: Pipeline) -> bool:
         try:
@@ -467,7 +480,7 @@ class ProxyListener:
         self.in_flight = 0
         self.connections: set[_Connection] = set()
         self.accepted = 0
-        self._sock: trio.socket.SocketType | None = None
+        self._sock: socket.socket | None = None
         self._accept_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
@@ -492,44 +505,53 @@ class ProxyListener:
             "closing": self.closing,
         }
 
-    async def _bind(self) -> trio.socket.SocketType:
+    def _bind(self) -> socket.socket:
         host, port = parse_listen(self.config.proxy_listen)
-        family = _stdsocket.AF_INET6 if ":" in host else _stdsocket.AF_INET
-        sock = trio.socket.socket(family, _stdsocket.SOCK_STREAM)
-        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
-        await sock.bind((host, port))
-        sock.listen(1024)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
+    async def _accept(self, sock: socket.socket) -> tuple[socket.socket, str]:
+        while True:
+            try:
+                conn, addr = sock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s; pausing", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return conn, str(addr[0])
+
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        self._sock = await self._bind()
+        self._sock = listen = self._bind()
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(f"http://{self.address}")
                 with trio.CancelScope() as self._accept_scope:
                     while True:
-                        try:
-                            sock, addr = await self._sock.accept()
-                        except OSError as exc:
-                            if exc.errno in (
-                                errno.EMFILE,
-                                errno.ENFILE,
-                                errno.ENOBUFS,
-                                errno.ENOMEM,
-                            ):
-                                log.error("accept failed: %s; pausing", exc)
-                                await trio.sleep(0.1)
-                                continue
-                            raise
+                        conn, client_ip = await self._accept(listen)
                         self.accepted += 1
-                        nursery.start_soon(self._serve, sock, addr[0])
+                        nursery.start_soon(self._serve, conn, client_ip)
                 # Not accepting any more: in-flight requests finish (the
                 # nursery waits for them) unless the grace period ends first.
         finally:
-            self._sock.close()
+            sockio.close(listen)
 
-    async def _serve(self, sock: trio.socket.SocketType, client_ip: str) -> None:
-        sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+    async def _serve(self, sock: socket.socket, client_ip: str) -> None:
         conn = _Connection(sock, client_ip, self)
         self.connections.add(conn)
         try:
@@ -542,7 +564,7 @@ class ProxyListener:
             log.exception("connection from %s failed", client_ip)
         finally:
             self.connections.discard(conn)
-            sock.close()
+            sockio.close(sock)
 
     def shutdown(self) -> None:
         """Stop accepting; close idle connections; let in-flight ones finish."""

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-import select
-import socket as _stdsocket
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +40,7 @@ from urllib.parse import urlsplit
 import httptools
 import trio
 
+from triogate import sockio
 from triogate.config import UpstreamConfig
 from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Response
@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 READ_SIZE = 65536
+LIVENESS_CHECK_AFTER = 1.0  # seconds idle before a pooled connection is checked
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_IDLE_PER_TARGET = 256
 MAX_RESPONSE_HEAD_BYTES = 65536
@@ -132,24 +133,29 @@ class _ResponseParser:
 
 
 class UpstreamConnection:
-    __slots__ = ("_buffer", "pool", "requests", "sock")
+    __slots__ = ("idle_since", "pool", "requests", "sock")
 
-    def __init__(self, sock: trio.socket.SocketType, pool: TargetPool) -> None:
+    def __init__(self, sock: socket.socket, pool: TargetPool) -> None:
         self.sock = sock
         self.pool = pool
         self.requests = 0
+        self.idle_since = 0.0
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection to {self.pool.authority} after {self.requests} requests>"
 
     def close(self) -> None:
-        self.sock.close()
+        sockio.close(self.sock)
 
     async def _send_all(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            sent = await self.sock.send(view)
-            view = view[sent:]
+        await sockio.send_all(self.sock, data)
+
+    async def _recv(self, read_timeout: float) -> bytes | None:
+        """The next bytes from the upstream, or None after ``read_timeout``."""
+        try:
+            return self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return await sockio.recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
 
     async def exchange(
         self, method: str, head: bytes, body: Body | None, read_timeout: float
@@ -180,9 +186,8 @@ class UpstreamConnection:
         received_any = False
         try:
             while not parsed.headers_done:
-                with trio.move_on_after(read_timeout) as scope:
-                    data = await self.sock.recv(READ_SIZE)
-                if scope.cancelled_caught:
+                data = await self._recv(read_timeout)
+                if data is None:
                     self.close()
                     raise UpstreamTimeout(f"upstream sent no response within {read_timeout:g} s")
                 if not data:
@@ -231,9 +236,8 @@ class UpstreamConnection:
                 if parsed.complete:
                     done = True
                     return
-                with trio.move_on_after(read_timeout) as scope:
-                    data = await self.sock.recv(READ_SIZE)
-                if scope.cancelled_caught:
+                data = await self._recv(read_timeout)
+                if data is None:
                     raise UpstreamTimeout("upstream stalled while sending the body")
                 if not data:
                     # Close-delimited body (no length, no chunking) ends here.
@@ -293,41 +297,38 @@ class TargetPool:
     async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
         self.active += 1
         try:
+            now = trio.current_time()
             while not fresh and self._idle:
                 conn = self._idle.pop()
-                if _still_open(conn.sock):
-                    await trio.lowlevel.checkpoint()
+                # A connection used moments ago is alive; one that idled a
+                # while is checked (the upstream may have closed it), which
+                # costs a system call that reusing a dead one would not save.
+                if now - conn.idle_since < LIVENESS_CHECK_AFTER or sockio.still_open(conn.sock):
                     return conn
-                conn.close()  # the upstream closed it while it idled
+                conn.close()
             return await self._connect()
         except BaseException:
             self.active -= 1
             raise
 
     async def _connect(self) -> UpstreamConnection:
-        sock = trio.socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
         try:
-            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-            with trio.move_on_after(self.connect_timeout) as scope:
-                await sock.connect((self.host, self.port))
-            if scope.cancelled_caught:
-                raise UpstreamTimeout(
-                    f"could not connect to {self.authority} within {self.connect_timeout:g} s"
-                )
+            sock = await sockio.connect(self.host, self.port, self.connect_timeout)
+        except trio.TooSlowError:
+            raise UpstreamTimeout(
+                f"could not connect to {self.authority} within {self.connect_timeout:g} s"
+            ) from None
         except OSError as exc:
-            sock.close()
             raise BadGateway(
                 f"could not connect to upstream {self.authority}: {exc.strerror}"
             ) from exc
-        except BaseException:
-            sock.close()
-            raise
         self.opened += 1
         return UpstreamConnection(sock, self)
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         self.active -= 1
         if reusable and not self.closed and len(self._idle) < MAX_IDLE_PER_TARGET:
+            conn.idle_since = trio.current_time()
             self._idle.append(conn)
         else:
             conn.close()
@@ -342,14 +343,6 @@ class TargetPool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
-
-
-def _still_open(sock: trio.socket.SocketType) -> bool:
-    """An idle keep-alive connection should have nothing to read: readable
-    means the upstream closed it (EOF) or sent something unasked. Checking
-    costs one poll; reusing a dead one would cost the request."""
-    readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    return not readable
 
 
 def _round_robin(pools: list[TargetPool]) -> Callable[[], TargetPool]:
