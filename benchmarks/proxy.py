@@ -23,6 +23,7 @@ the way out, on errors and Ctrl-C too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import http.client
 import json
@@ -95,6 +96,19 @@ def _children(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (nginx workers)."""
+    total = 0.0
+    for p in (pid, *_children(pid)):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 @dataclass
@@ -371,6 +385,7 @@ class WrkResult:
     non_2xx_3xx: int
     socket_errors: dict[str, int]
     output: str
+    cpu_us_per_request: float = math.nan
 
     @property
     def errors(self) -> int:
@@ -528,6 +543,12 @@ def run(args: argparse.Namespace) -> int:
             _fail(f"triogate's key-auth route answered {status} without a key; expected 401")
 
         servers = (upstream, proxy, gateway)
+        # CPU spent per request by the process answering wrk (not the
+        # upstream): steady under load from other programs, where req/s
+        # is not.
+        answering = dict(
+            zip([t.name for t in targets], (upstream, proxy, gateway, gateway), strict=True)
+        )
         placement = "; ".join(f"{s.name}: cpus {_tree_affinity(s)}" for s in servers)
 
         print("benchmark: end-to-end HTTP/1.1 proxy, 20-byte body from an nginx upstream")
@@ -556,7 +577,8 @@ def run(args: argparse.Namespace) -> int:
                     latency=False,
                 )
                 warmups[target.name] = parse_wrk(output, latency=False)
-            results[target.name] = parse_wrk(
+            cpu_before = _cpu_seconds(answering[target.name].proc.pid)
+            measured = parse_wrk(
                 _wrk(
                     wrk,
                     target,
@@ -566,6 +588,12 @@ def run(args: argparse.Namespace) -> int:
                     latency=True,
                 )
             )
+            cpu = _cpu_seconds(answering[target.name].proc.pid) - cpu_before
+            if measured.requests:
+                measured = dataclasses.replace(
+                    measured, cpu_us_per_request=cpu / measured.requests * 1e6
+                )
+            results[target.name] = measured
             for server in servers:
                 server.check_alive()
             _verify(target)  # still healthy after the load
@@ -637,7 +665,10 @@ def _report(
     triogate_log: str,
 ) -> int:
     baseline = results[targets[1].name].requests_per_second
-    header = f"{'target':<22} {'req/s':>10} {'p50':>10} {'p99':>10} {'vs nginx proxy':>15}  errors"
+    header = (
+        f"{'target':<22} {'req/s':>10} {'p50':>10} {'p99':>10} {'vs nginx proxy':>15} "
+        f"{'CPU/req':>9}  errors"
+    )
     print(header)
     print("-" * len(header))
     flagged = False
@@ -656,7 +687,7 @@ def _report(
         ratio = r.requests_per_second / baseline if baseline else 0.0
         print(
             f"{target.name:<22} {r.requests_per_second:>10,.0f} {r.p50_ms:>7.3f} ms "
-            f"{r.p99_ms:>7.3f} ms {ratio:>14.2f}x  {errors}"
+            f"{r.p99_ms:>7.3f} ms {ratio:>14.2f}x {r.cpu_us_per_request:>6.0f} µs  {errors}"
         )
     print()
     checks = (

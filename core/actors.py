@@ -196,12 +196,12 @@ class KeyActor:
             self._limits[name] = (Limit(name, 1, 1.0), LimitState(tat))
 
     def _limit_state(self, limit: Limit) -> LimitState:
-        entry = self._limits.get(limit.name)
+        entry = self._limits.get(limit.key)
         if entry is None or entry[0] != limit:
             # New limit, or its policy changed: keep the GCRA state if we had
-            # one under this name (loaded from storage), else start fresh.
+            # one under this key (loaded from storage), else start fresh.
             state = entry[1] if entry is not None else LimitState()
-            self._limits[limit.name] = (limit, state)
+            self._limits[limit.key] = (limit, state)
             return state
         return entry[1]
 
@@ -226,7 +226,8 @@ class KeyActor:
         if self.credits_version != record.credits_version:
             self.credits = record.credits.remaining
             self.credits_version = record.credits_version
-            self.credits_refilled_at = now
+            # Refills count from when the credits were set, not first use.
+            self.credits_refilled_at = record.credits_set_at or record.updated_at
             self.taken = 0
         spec = record.credits
         if spec.refill_interval_seconds > 0 and spec.refill_amount > 0:

@@ -350,6 +350,7 @@ class KeyService:
             rotated_from=rotated_from,
             rate_limits=tuple(rate_limits),
             credits=credits,
+            credits_set_at=now if credits is not None else None,
         )
 
     @staticmethod
@@ -419,6 +420,7 @@ class KeyService:
                 # actor, in any process) stale: the PATCH takes effect at once.
                 changes["credits"] = req.credits
                 changes["credits_version"] = record.credits_version + 1
+                changes["credits_set_at"] = now
             if req.metadata is not UNSET:
                 owner, _ = self._unseal(record)
                 changes["sealed"] = self._seal(key_id, owner, req.metadata)

@@ -220,11 +220,13 @@ class _Connection:
 
     async def _recv(self, seconds: float) -> bytes:
         try:
-            try:
-                return self.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                self.waited = True
-                data = await sockio.recv(self.sock, READ_SIZE, trio.current_time() + seconds)
+            return self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            self.waited = True
+        except OSError as exc:
+            raise ClientDisconnected() from exc
+        try:
+            data = await sockio.recv(self.sock, READ_SIZE, trio.current_time() + seconds)
         except OSError as exc:
             raise ClientDisconnected() from exc
         if data is None:
@@ -251,23 +253,9 @@ class _Connection:
             try:
                 data: bytes | None = self.sock.recv(READ_SIZE)
             except BlockingIOError:
-                self.waited = True
-                with trio.CancelScope() as scope:
-                    if deadline is None:
-                        self.scope = scope  # shutdown may close an idle connection
-                        wait_until = trio.current_time() + cfg.idle_timeout_seconds
-                    else:
-                        wait_until = deadline
-                    try:
-                        data = await sockio.recv(self.sock, READ_SIZE, wait_until)
-                    finally:
-                        self.scope = None
-                if scope.cancelled_caught:
-                    return None  # shutdown closed this idle connection
+                data = await self._wait_for_head(deadline)
                 if data is None:
-                    if deadline is None:
-                        return None  # idle too long: close quietly
-                    raise RequestTimeout("the request headers took too long") from None
+                    return None  # idle too long, or shutdown closed the connection
             except OSError as exc:
                 raise ClientDisconnected() from exc
             if not data:
@@ -279,6 +267,29 @@ class _Connection:
             if not parsed.ready and received > cfg.max_header_bytes + 1024:
                 raise HeadersTooLarge("the request line and headers are too large")
         return parsed.ready.popleft()
+
+    async def _wait_for_head(self, deadline: float | None) -> bytes | None:
+        """Park until bytes of a request head arrive. Idle (``deadline`` None):
+        None after ``idle_timeout_seconds`` or when shutdown closes the
+        connection. Mid-head: RequestTimeout at the head's deadline."""
+        self.waited = True
+        with trio.CancelScope() as scope:
+            if deadline is None:
+                self.scope = scope  # shutdown may close an idle connection
+                wait_until = trio.current_time() + self.listener.config.idle_timeout_seconds
+            else:
+                wait_until = deadline
+            try:
+                data = await sockio.recv(self.sock, READ_SIZE, wait_until)
+            except OSError as exc:
+                raise ClientDisconnected() from exc
+            finally:
+                self.scope = None
+        if scope.cancelled_caught or (data is None and deadline is None):
+            return None
+        if data is None:
+            raise RequestTimeout("the request headers took too long")
+        return data
 
     async def _body(self, pending: _Pending) -> AsyncIterator[bytes]:
         try:

@@ -45,6 +45,11 @@ __all__ = [
 
 Algorithm = Literal["gcra", "sliding_window"]
 
+# Times are epoch seconds (~1.8e9), where a float resolves ~2.4e-7 s:
+# comparisons and floors get this much slack, or "exactly on time" and
+# "exactly N left" would come out one tick wrong.
+EPS = 1e-6
+
 
 @dataclass(frozen=True, slots=True)
 class Limit:
@@ -54,6 +59,13 @@ class Limit:
     limit: int
     period: float
     algorithm: Algorithm = "gcra"
+    #: Where the state lives in its owner (default: ``name``); lets two
+    #: routes report the same policy name yet count separately.
+    state_key: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.state_key or self.name
 
     @property
     def interval(self) -> float:
@@ -94,10 +106,10 @@ def _gcra(limit: Limit, state: LimitState, now: float, cost: int) -> tuple[Decis
     start = max(state.tat, now)
     new_tat = start + cost * t
     allow_at = new_tat - limit.period
-    if allow_at > now + 1e-9:
-        remaining = max(0, math.floor((limit.period - (start - now)) / t + 1e-9))
+    if allow_at > now + EPS:
+        remaining = max(0, math.floor((limit.period - (start - now) + EPS) / t))
         return Decision(limit, False, remaining, start - now, allow_at - now), state.tat
-    remaining = max(0, math.floor((limit.period - (new_tat - now)) / t + 1e-9))
+    remaining = max(0, math.floor((limit.period - (new_tat - now) + EPS) / t))
     return Decision(limit, True, remaining, new_tat - now, 0.0), new_tat
 
 

@@ -155,7 +155,8 @@ class UpstreamConnection:
         try:
             return self.sock.recv(READ_SIZE)
         except BlockingIOError:
-            return await sockio.recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
+            pass
+        return await sockio.recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
 
     async def exchange(
         self, method: str, head: bytes, body: Body | None, read_timeout: float

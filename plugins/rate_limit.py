@@ -52,15 +52,26 @@ class RateLimit(Plugin[RateLimitConfig]):
 
     def __init__(self, config: RateLimitConfig, env: PluginEnv) -> None:
         super().__init__(config, env)
-        self.policy = Limit(
-            config.name or f"route-{config.by}",
-            config.limit,
-            config.period_seconds,
-            config.algorithm,
-        )
+        self.display = config.name or f"route-{config.by}"
+        self._policies: dict[str, Limit] = {}
 
-    def _subject(self, ctx: Context) -> str:
-        route = getattr(ctx.route, "name", "-")
+    def _policy(self, route: str) -> Limit:
+        # Counted per route: in a key's actor, each route's policy keeps its
+        # own state even when two routes report the same policy name.
+        policy = self._policies.get(route)
+        if policy is None:
+            cfg = self.config
+            policy = Limit(
+                self.display,
+                cfg.limit,
+                cfg.period_seconds,
+                cfg.algorithm,
+                state_key=f"route:{route}:{self.display}",
+            )
+            self._policies[route] = policy
+        return policy
+
+    def _subject(self, ctx: Context, route: str) -> str:
         if self.config.by == "route":
             return f"route:{route}"
         if self.config.by == "key" and ctx.consumer is not None:
@@ -71,10 +82,11 @@ class RateLimit(Plugin[RateLimitConfig]):
         actors = self.env.actors
         if actors is None:
             return None
-        subject = self._subject(ctx)
+        route = getattr(ctx.route, "name", "-")
+        subject = self._subject(ctx, route)
         actor = actors.actor(subject) if subject.startswith("key_") else actors.subject(subject)
         now = actors.clock()
-        admission = actor.admit_nowait((self.policy,), now, cost=self.config.cost)
+        admission = actor.admit_nowait((self._policy(route),), now, cost=self.config.cost)
         ctx.rate_limits.extend(admission.decisions)
         if not admission.allowed:
             raise RateLimited("the route's rate limit is exhausted; see Retry-After")

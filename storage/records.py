@@ -51,7 +51,9 @@ class Credits(Struct, frozen=True, forbid_unknown_fields=True):
     """A quota: ``remaining`` requests, topped up by ``refill_amount`` on an interval."""
 
     remaining: Annotated[int, Meta(ge=0, le=10**15, description="requests left")]
-    refill_amount: Annotated[int, Meta(ge=0, le=10**15, description="added per refill")] = 0
+    refill_amount: Annotated[
+        int, Meta(ge=0, le=10**15, description="each refill tops the balance up to this")
+    ] = 0
     refill_interval_seconds: Annotated[
         float, Meta(ge=0, le=31_536_000, description="0 means never refilled")
     ] = 0
@@ -84,6 +86,7 @@ class KeyRecord(Struct, array_like=True, frozen=True):
     # Bumped whenever credits are set (create, PATCH): a usage record whose
     # balance belongs to an older version is stale, whoever wrote it.
     credits_version: int = 0
+    credits_set_at: float | None = None
 
 
 class UsageRecord(Struct, array_like=True, frozen=True):
