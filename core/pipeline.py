@@ -18,6 +18,7 @@ on errors too). Anything else is a bug: logged with the request id, answered
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -58,8 +59,14 @@ _REPLACED = frozenset(
 )
 
 
+# Request ids: a random per-process prefix and a counter. Unique without a
+# getrandom() system call per request (ids need not be secret, only unique).
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def problem_response(error: GatewayError, request_id: str) -> Response:
