@@ -42,7 +42,6 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
@@ -110,8 +109,7 @@ class Inspect(msgspec.Struct, tag=True, frozen=True):
 Message = Admit | Record | Flush | Evict | Inspect
 
 
-@dataclass(slots=True)
-class Admission:
+class Admission(msgspec.Struct, gc=False):
     """The outcome of admitting one request: the decision to report in
     headers (the most restrictive limit), and how to undo it."""
 
@@ -197,7 +195,7 @@ class KeyActor:
 
     def _limit_state(self, limit: Limit) -> LimitState:
         entry = self._limits.get(limit.key)
-        if entry is None or entry[0] != limit:
+        if entry is None or (entry[0] is not limit and entry[0] != limit):
             # New limit, or its policy changed: keep the GCRA state if we had
             # one under this key (loaded from storage), else start fresh.
             state = entry[1] if entry is not None else LimitState()
@@ -253,7 +251,15 @@ class KeyActor:
         self.last_active = now
         if use_credits:
             self._sync_credits(record, now)
-        items = [(limit, self._limit_state(limit)) for limit in limits]
+        states = self._limits
+        items = []
+        for limit in limits:
+            entry = states.get(limit.state_key or limit.name)
+            items.append(
+                (limit, entry[1])
+                if entry is not None and entry[0] is limit
+                else (limit, self._limit_state(limit))
+            )
         decisions, reservation = acquire(items, now, cost)
         if reservation is None:
             return Admission(False, "RATE_LIMITED", decisions, None, 0, self.credits)
@@ -265,7 +271,7 @@ class KeyActor:
             self.credits -= cost
             self.taken += cost
             taken = cost
-        if self.persist:
+        if self.persist and not self.dirty:
             self.dirty = True
             self.registry._mark_dirty(self)
         return Admission(True, None, decisions, reservation, taken, self.credits)
@@ -284,7 +290,7 @@ class KeyActor:
         self.last_active = now
         index = min(max(status // 100, 1), 5) - 1
         self.by_class[index] += 1
-        if self.persist:
+        if self.persist and not self.dirty:
             self.dirty = True
             self.registry._mark_dirty(self)
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 __all__ = [
     "Decision",
@@ -51,9 +52,10 @@ Algorithm = Literal["gcra", "sliding_window"]
 EPS = 1e-6
 
 
-@dataclass(frozen=True, slots=True)
-class Limit:
-    """A policy: at most ``limit`` requests per ``period`` seconds."""
+class Limit(msgspec.Struct, frozen=True, gc=False):
+    """A policy: at most ``limit`` requests per ``period`` seconds.
+    (msgspec Structs here and below: built on every decision, and a frozen
+    dataclass costs several times as much to construct.)"""
 
     name: str
     limit: int
@@ -87,8 +89,7 @@ class LimitState:
         return f"<LimitState tat={self.tat:.3f} window={self.window} {self.previous}/{self.count}>"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True, gc=False):
     """The answer for one limit. ``remaining`` is how many more requests
     would pass right now; ``reset`` the seconds until the limit is whole
     again; ``retry_after`` the seconds until this request would pass (0 if
@@ -102,8 +103,8 @@ class Decision:
 
 
 def _gcra(limit: Limit, state: LimitState, now: float, cost: int) -> tuple[Decision, float]:
-    t = limit.interval
-    start = max(state.tat, now)
+    t = limit.period / limit.limit
+    start = state.tat if state.tat > now else now
     new_tat = start + cost * t
     allow_at = new_tat - limit.period
     if allow_at > now + EPS:
@@ -156,8 +157,7 @@ def decide(limit: Limit, state: LimitState, now: float, cost: int = 1) -> Decisi
     return _sliding(limit, state, now, cost)
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(msgspec.Struct, frozen=True):
     """What ``acquire`` took, so that ``release`` can give it back."""
 
     items: tuple[tuple[Limit, LimitState], ...]
@@ -173,6 +173,14 @@ def acquire(
     Returns the decisions (denied ones first, then by fewest remaining, so
     ``decisions[0]`` is the one to report) and the reservation if allowed.
     Synchronous and free of awaits: atomic under trio."""
+    if len(items) == 1 and items[0][0].algorithm == "gcra":
+        # The common case, without the bookkeeping for several limits.
+        limit, state = items[0]
+        decision, new_tat = _gcra(limit, state, now, cost)
+        if not decision.allowed:
+            return [decision], None
+        state.tat = new_tat
+        return [decision], Reservation(tuple(items), cost, now)
     decisions: list[Decision] = []
     commits: list[tuple[LimitState, float]] = []
     for limit, state in items:
