@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from . import proxy, validate
+from . import actors, proxy, validate
 
-BENCHMARKS = {"validate": validate.main, "proxy": proxy.main}
+BENCHMARKS = {"validate": validate.main, "proxy": proxy.main, "actors": actors.main}
 
 
 def main(argv: list[str] | None = None) -> int:

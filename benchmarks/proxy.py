@@ -23,8 +23,8 @@ the way out, on errors and Ctrl-C too.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import http.client
 import json
 import math

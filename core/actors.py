@@ -218,14 +218,18 @@ class KeyActor:
         return self.policy
 
     def _sync_credits(self, record: KeyRecord | None, now: float) -> None:
-        if record is None or record.credits is None:
+        if record is None:
+            return  # no fresher word on the credits: keep the known balance
+        if record.credits is None:
             self.credits = None
             return
         if self.credits_version != record.credits_version:
             self.credits = record.credits.remaining
             self.credits_version = record.credits_version
             # Refills count from when the credits were set, not first use.
-            self.credits_refilled_at = record.credits_set_at or record.updated_at
+            self.credits_refilled_at = (
+                record.credits_set_at if record.credits_set_at is not None else record.updated_at
+            )
             self.taken = 0
         spec = record.credits
         if spec.refill_interval_seconds > 0 and spec.refill_amount > 0:
@@ -236,7 +240,7 @@ class KeyActor:
                 # does): unused credits do not pile up without bound.
                 self.credits = max(self.credits or 0, spec.refill_amount)
                 self.credits_refilled_at = since + periods * spec.refill_interval_seconds
-                self.dirty = True
+                self._touch()
 
     def admit_nowait(
         self,
@@ -271,9 +275,7 @@ class KeyActor:
             self.credits -= cost
             self.taken += cost
             taken = cost
-        if self.persist and not self.dirty:
-            self.dirty = True
-            self.registry._mark_dirty(self)
+        self._touch()
         return Admission(True, None, decisions, reservation, taken, self.credits)
 
     def undo_nowait(self, admission: Admission, now: float) -> None:
@@ -283,6 +285,7 @@ class KeyActor:
         if admission.credits_taken and self.credits is not None:
             self.credits += admission.credits_taken
             self.taken -= admission.credits_taken
+        self._touch()  # the refund must reach storage even after a flush
 
     def record_nowait(self, status: int, now: float) -> None:
         self.requests += 1
@@ -290,6 +293,10 @@ class KeyActor:
         self.last_active = now
         index = min(max(status // 100, 1), 5) - 1
         self.by_class[index] += 1
+        self._touch()
+
+    def _touch(self) -> None:
+        """Mark the state changed: the flusher will write it."""
         if self.persist and not self.dirty:
             self.dirty = True
             self.registry._mark_dirty(self)
@@ -342,7 +349,7 @@ class KeyActor:
         now = self.registry.clock()
         if isinstance(message, Admit):
             limits = [Limit(n, q, w, a) for n, q, w, a in message.limits]  # type: ignore[arg-type]
-            return self.admit_nowait(limits, now, cost=message.cost)
+            return self.admit_nowait(limits, now, cost=message.cost, use_credits=message.credits)
         if isinstance(message, Record):
             self.record_nowait(message.status, now)
             return None
@@ -443,10 +450,12 @@ class ActorRegistry:
         if not idle:
             return 0
         await self.flush([a for a in idle if a.dirty])
+        evicted = 0
         for actor in idle:
             if actor.last_active <= cutoff and not actor.dirty and not actor.running:
                 self._forget(actor)
-        return len(idle)
+                evicted += 1
+        return evicted
 
     def _forget(self, actor: KeyActor) -> None:
         if self.actors.get(actor.key) is actor:
@@ -574,7 +583,15 @@ class ActorRegistry:
                         # Another process may have spent some too: what is
                         # stored, less what we spent since our last flush.
                         remaining = max(0, min(credits + taken, old.credits_remaining) - taken)
-                    balances[key] = remaining
+                    stale = credits is not None and old.credits_version > version
+                    if stale or credits is None:
+                        # Storage has a newer credits version (a PATCH seen by
+                        # another process first): keep its balance, add only
+                        # the counters.
+                        remaining = old.credits_remaining
+                        refilled = old.credits_refilled_at
+                        version = old.credits_version
+                    balances[key] = None if stale else remaining
                     classes = tuple(o + d for o, d in zip(old.by_class, by_class, strict=True))
                     new = UsageRecord(
                         requests=old.requests + requests,
@@ -585,7 +602,7 @@ class ActorRegistry:
                         by_class=classes,  # type: ignore[arg-type]
                         credits_remaining=remaining,
                         credits_refilled_at=refilled,
-                        credits_version=version if credits is not None else old.credits_version,
+                        credits_version=version,
                         limiters=lim or old.limiters,
                     )
                     txn.put(Table.USAGE, key, codec.encode(new))

@@ -81,7 +81,10 @@ class LimitState:
 
     def __init__(self, tat: float = 0.0) -> None:
         self.tat = tat  # GCRA
-        self.window = 0.0  # sliding window: start of the current window
+        # Sliding window: the index of the current fixed window,
+        # floor(now / period). An integer, not a start time: float starts
+        # of consecutive windows differ by not-quite-period for many periods.
+        self.window = -1
         self.count = 0  # ... requests in it
         self.previous = 0  # ... requests in the window before
 
@@ -109,28 +112,31 @@ def _gcra(limit: Limit, state: LimitState, now: float, cost: int) -> tuple[Decis
     allow_at = new_tat - limit.period
     if allow_at > now + EPS:
         remaining = max(0, math.floor((limit.period - (start - now) + EPS) / t))
-        return Decision(limit, False, remaining, start - now, allow_at - now), state.tat
+        # A cost above the limit never fits, however long one waits.
+        wait = math.inf if cost > limit.limit else allow_at - now
+        return Decision(limit, False, remaining, start - now, wait), state.tat
     remaining = max(0, math.floor((limit.period - (new_tat - now) + EPS) / t))
     return Decision(limit, True, remaining, new_tat - now, 0.0), new_tat
 
 
-def _window(limit: Limit, state: LimitState, now: float) -> tuple[float, int, int]:
-    """(window start, previous count, current count) as of ``now``."""
-    start = math.floor(now / limit.period) * limit.period
-    if start == state.window:
-        return start, state.previous, state.count
-    if start - state.window == limit.period:
-        return start, state.count, 0
-    return start, 0, 0
+def _window(limit: Limit, state: LimitState, now: float) -> tuple[int, int, int]:
+    """(window index, previous count, current count) as of ``now``."""
+    index = math.floor((now + EPS) / limit.period)
+    if index == state.window:
+        return index, state.previous, state.count
+    if index == state.window + 1:
+        return index, state.count, 0
+    return index, 0, 0
 
 
 def _sliding(limit: Limit, state: LimitState, now: float, cost: int) -> Decision:
-    start, previous, count = _window(limit, state, now)
-    weight = 1.0 - (now - start) / limit.period
+    index, previous, count = _window(limit, state, now)
+    start = index * limit.period
+    weight = min(1.0, max(0.0, 1.0 - (now - start) / limit.period))
     used = previous * weight + count
     reset = start + limit.period - now  # when this fixed window ends
-    if used + cost <= limit.limit + 1e-9:
-        remaining = max(0, math.floor(limit.limit - used - cost + 1e-9))
+    if used + cost <= limit.limit + EPS:
+        remaining = max(0, math.floor(limit.limit - used - cost + EPS))
         return Decision(limit, True, remaining, reset, 0.0)
     # When will previous*w(t) + count + cost fit? Within this window if the
     # previous window's share can decay enough; else in the next one.
@@ -146,7 +152,7 @@ def _sliding(limit: Limit, state: LimitState, now: float, cost: int) -> Decision
             wait = nxt + limit.period * max(0.0, 1.0 - room_next / count) - now
         else:
             wait = nxt - now
-    remaining = max(0, math.floor(limit.limit - used + 1e-9))
+    remaining = max(0, math.floor(limit.limit - used + EPS))
     return Decision(limit, False, remaining, reset, max(wait, 1e-3))
 
 
@@ -195,8 +201,8 @@ def acquire(
         return decisions, None
     for limit, state in items:
         if limit.algorithm == "sliding_window":
-            start, previous, count = _window(limit, state, now)
-            state.window, state.previous, state.count = start, previous, count + cost
+            index, previous, count = _window(limit, state, now)
+            state.window, state.previous, state.count = index, previous, count + cost
     for state, new_tat in commits:
         state.tat = new_tat
     return decisions, Reservation(tuple(items), cost, now)
@@ -210,9 +216,9 @@ def release(reservation: Reservation, now: float) -> None:
             if state.tat <= now:
                 state.tat = 0.0
         else:
-            start, previous, count = _window(limit, state, now)
-            if start == _window(limit, state, reservation.at)[0]:
-                state.window, state.previous = start, previous
+            index, previous, count = _window(limit, state, now)
+            if index == _window(limit, state, reservation.at)[0]:
+                state.window, state.previous = index, previous
                 state.count = max(0, count - reservation.cost)
 
 
@@ -247,5 +253,8 @@ def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
         (b"x-ratelimit-reset", str(reset).encode()),
     ]
     if not worst.allowed:
-        out.append((b"retry-after", str(max(1, _seconds(worst.retry_after))).encode()))
+        # A request that can never pass (cost above the limit) still gets a
+        # finite answer: come back after a whole period.
+        wait = worst.retry_after if math.isfinite(worst.retry_after) else worst.limit.period
+        out.append((b"retry-after", str(max(1, _seconds(wait))).encode()))
     return out
