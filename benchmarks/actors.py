@@ -27,10 +27,12 @@ from triogate.storage import Credits, KeyRecord, MemoryStore, open_lmdb_store
 from .machine import describe, pin
 
 
-def _rss_mb() -> float:
+def _rss_mb(kind: str = "VmRSS") -> float:
+    """Resident memory: ``VmRSS`` all of it, ``RssAnon`` the process's own
+    (LMDB's file pages are ``RssFile``: page cache the kernel can drop)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(kind + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -93,38 +95,38 @@ async def _bench_mailbox(keys: int, seconds: float) -> float:
     return done / elapsed
 
 
-async def _bench_memory(count: int, data_dir: Path) -> dict[str, float]:
+async def _bench_memory(count: int, data_dir: Path, waves: int = 3) -> dict[str, object]:
+    """``waves`` times: spawn ``count`` new actors (each admitted once and
+    counted), flush them to LMDB, evict them. Live and after-eviction
+    memory per wave: flat means evicted memory is reused, not leaked."""
     gc.collect()
     before = _rss_mb()
+    before_anon = _rss_mb("RssAnon")
+    per_wave: list[tuple[float, float, float, float]] = []
     async with open_lmdb_store(data_dir, map_size=1 << 30) as store:
-        registry = ActorRegistry(store, clock=time.time, idle_timeout=0.0, flush_interval=3600)
+        registry = ActorRegistry(store, clock=time.time, idle_timeout=3600, flush_interval=3600)
         async with trio.open_nursery() as nursery:
             await nursery.start(registry.run)
-            now = time.time()
-            for i in range(count):
-                record = _record(i)
-                actor = registry.actor(record.id)
-                actor.admit_nowait(LIMITS, now, record=record, use_credits=True)
-                actor.record_nowait(200, now)
-            gc.collect()
-            live = _rss_mb()
-            actors = len(registry.actors)
-            t = time.perf_counter()
-            await registry.flush(list(registry._dirty.values()))
-            flush_s = time.perf_counter() - t
-            await registry.evict_idle()
-            gc.collect()
-            evicted = _rss_mb()
-            left = len(registry.actors)
+            for wave in range(waves):
+                now = time.time()
+                for i in range(wave * count, (wave + 1) * count):
+                    record = _record(i)
+                    actor = registry.actor(record.id)
+                    actor.admit_nowait(LIMITS, now, record=record, use_credits=True)
+                    actor.record_nowait(200, now)
+                gc.collect()
+                live, live_anon = _rss_mb(), _rss_mb("RssAnon")
+                t = time.perf_counter()
+                await registry.flush(list(registry._dirty.values()))
+                flush_s = time.perf_counter() - t
+                registry.idle_timeout = 0.0
+                await registry.evict_idle()
+                registry.idle_timeout = 3600
+                gc.collect()
+                assert not registry.actors
+                per_wave.append((live, live_anon, _rss_mb("RssAnon"), flush_s))
             nursery.cancel_scope.cancel()
-    return {
-        "before": before,
-        "live": live,
-        "evicted": evicted,
-        "actors": actors,
-        "left": left,
-        "flush_s": flush_s,
-    }
+    return {"before": before, "before_anon": before_anon, "waves": per_wave}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,12 +150,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target: >= 500,000 decisions/s (synchronous path): {verdict}")
     with tempfile.TemporaryDirectory() as tmp:
         mem = trio.run(_bench_memory, args.memory_keys, Path(tmp))
+    waves = mem["waves"]
+    assert isinstance(waves, list)
     print(
-        f"memory: {int(mem['actors']):,} live actors: RSS {mem['before']:.0f} MB -> "
-        f"{mem['live']:.0f} MB (+{mem['live'] - mem['before']:.0f} MB); one flush of them all "
-        f"(one LMDB write transaction): {mem['flush_s']:.2f} s; after eviction "
-        f"({int(mem['left'])} left): {mem['evicted']:.0f} MB"
+        f"memory, {args.memory_keys:,} live actors (RSS; process-private RssAnon in brackets), "
+        f"before: {mem['before']:.0f} MB [{mem['before_anon']:.0f} MB]"
     )
-    verdict = "meets" if mem["live"] < 200 else "BELOW"
-    print(f"target: {args.memory_keys:,} active keys under 200 MB RSS: {verdict}")
+    for i, (live, live_anon, evicted_anon, flush_s) in enumerate(waves, 1):
+        print(
+            f"  wave {i}: live {live:.0f} MB [{live_anon:.0f} MB]; flushed in {flush_s:.2f} s "
+            f"(one LMDB write transaction per 2,048 keys); evicted: [{evicted_anon:.0f} MB]"
+        )
+    print(
+        "  (evicted memory goes back to Python's allocator and is reused by the next wave, "
+        "so waves stay flat; the allocator keeps its arenas rather than handing them to "
+        "the OS; RSS beyond RssAnon is LMDB's file pages, page cache)"
+    )
+    peak = max(w[0] for w in waves)
+    verdict = "meets" if peak < 200 else "BELOW"
+    print(
+        f"target: {args.memory_keys:,} active keys under 200 MB RSS: peak {peak:.0f} MB, {verdict}"
+    )
     return 0

@@ -63,6 +63,7 @@ __all__ = [
 log = logging.getLogger("triogate.actors")
 
 MAILBOX_SIZE: Final = 64
+FLUSH_BATCH: Final = 2048
 
 
 class RateLimited(GatewayError):
@@ -535,8 +536,14 @@ class ActorRegistry:
     # ---- persistence --------------------------------------------------------------
 
     async def flush(self, actors: Sequence[KeyActor]) -> None:
-        """Write these actors' deltas and state in one write transaction."""
+        """Write these actors' deltas and state: one write transaction per
+        batch of at most ``FLUSH_BATCH`` actors (bounded, so a flush of
+        100,000 keys does not hold LMDB's writer, or its memory, at once)."""
         actors = [a for a in actors if a.persist and a.dirty]
+        for start in range(0, len(actors), FLUSH_BATCH):
+            await self._flush_batch(actors[start : start + FLUSH_BATCH])
+
+    async def _flush_batch(self, actors: Sequence[KeyActor]) -> None:
         if not actors:
             return
         async with self._flush_lock:
