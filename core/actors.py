@@ -257,6 +257,8 @@ class KeyActor:
         if use_credits:
             self._sync_credits(record, now)
         states = self._limits
+        if self.registry.workers > 1:
+            limits = [self.registry.share(limit) for limit in limits]
         items = []
         for limit in limits:
             entry = states.get(limit.state_key or limit.name)
@@ -326,6 +328,8 @@ class KeyActor:
         return delta
 
     def limiter_state(self) -> dict[str, float]:
+        if self.registry.workers > 1:
+            return {}  # each worker counts its own share: nothing to share
         return {n: st.tat for n, (lim, st) in self._limits.items() if lim.algorithm == "gcra"}
 
     # ---- the mailbox -------------------------------------------------------------
@@ -398,6 +402,29 @@ class ActorRegistry:
         self._last_flush_records = 0
         self._evicted = 0
         self._flush_lock = trio.Lock()
+        self.worker = 0
+        self.workers = 1
+        self._shares: dict[Limit, Limit] = {}
+
+    def set_worker(self, index: int, count: int) -> None:
+        """This process is worker ``index`` of ``count`` (server.workers)."""
+        self.worker, self.workers = index, count
+        self._shares.clear()
+
+    def share(self, limit: Limit) -> Limit:
+        """This worker's share of a limit: ``limit // workers``, the
+        remainder going to the first workers, at least 1. Shares add up to
+        the limit, so N workers together never admit more than the limit
+        (or N per period, for a limit below N)."""
+        if self.workers == 1:
+            return limit
+        shared = self._shares.get(limit)
+        if shared is None:
+            base, extra = divmod(limit.limit, self.workers)
+            count = max(1, base + (1 if self.worker < extra else 0))
+            shared = msgspec.structs.replace(limit, limit=count)
+            self._shares[limit] = shared
+        return shared
 
     def __repr__(self) -> str:
         s = self.statistics()

@@ -90,7 +90,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = msgspec.structs.replace(
             config, server=msgspec.structs.replace(config.server, proxy_server=args.server)
         )
-    return run_server(config, source=args.config)
+    workers = config.server.workers
+    if workers > 1 and args.worker is None:
+        from .supervisor import run_supervisor
+
+        return run_supervisor(args.config, workers, args.server)
+    worker = (args.worker, workers) if args.worker is not None else (0, 1)
+    return run_server(config, source=args.config, worker=worker)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -231,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["native", "hypercorn"],
         help="proxy front door (default: server.proxy_server, native)",
     )
+    # Set by the supervisor of server.workers > 1 for each worker it starts.
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file, print every error")

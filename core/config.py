@@ -191,6 +191,13 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
 
 def _cross_checks(config: Config) -> list[FieldError]:
     errors: list[FieldError] = []
+    if config.server.workers > 1 and config.server.proxy_listen.endswith(":0"):
+        errors.append(
+            FieldError(
+                "server.workers",
+                "several workers share one proxy port: proxy_listen needs a fixed port",
+            )
+        )
     seen: dict[str, int] = {}
     for i, route in enumerate(config.routes):
         if route.upstream not in config.upstreams:

@@ -484,8 +484,15 @@ class ProxyListener:
     reload takes effect for the next request while in-flight ones finish on
     the config they started with)."""
 
-    def __init__(self, config: ServerConfig, get_pipeline: Callable[[], Pipeline]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        get_pipeline: Callable[[], Pipeline],
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self.config = config
+        self.reuse_port = reuse_port
         self.get_pipeline = get_pipeline
         self.closing = False
         self.in_flight = 0
@@ -522,6 +529,10 @@ class ProxyListener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                # server.workers > 1: every worker binds the same port and
+                # the kernel spreads new connections across them.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             sock.listen(1024)
             sock.setblocking(False)

@@ -83,8 +83,10 @@ class Server:
         source: str | None = None,
         handle_signals: bool = False,
         extra_plugins: Sequence[type[Plugin[Any]]] = (),
+        worker: tuple[int, int] = (0, 1),
     ) -> None:
         self.config = config
+        self.worker = worker
         self.source = source
         self.handle_signals = handle_signals
         self.extra_plugins = tuple(extra_plugins)
@@ -118,9 +120,12 @@ class Server:
             # Built before anything listens: a bad route or plugin stops
             # start-up with every error listed (ConfigError).
             gw.extra_plugins = self.extra_plugins
+            gw.actors.set_worker(*self.worker)
             gw.pipeline = gw.build_pipeline()
             app = DrainUnreadBody(create_admin_app(gw))
-            self.proxy = ProxyListener(self.config.server, gw.current_pipeline)
+            self.proxy = ProxyListener(
+                self.config.server, gw.current_pipeline, reuse_port=self.worker[1] > 1
+            )
             try:
                 async with trio.open_nursery() as actors:
                     # The actors outlive the listeners: their final flush
@@ -152,20 +157,25 @@ class Server:
                     proxy_url = proxy_binds[0]
                 else:
                     proxy_url = await listeners.start(self.proxy.run)
-                binds = await listeners.start(
-                    partial(
-                        hypercorn_serve,
-                        app,
-                        _hypercorn_config(self.config, self.config.server.admin_listen),
-                        shutdown_trigger=self._shutdown.wait,
+                admin_url = ""
+                if self.worker[0] == 0:  # one admin API, however many workers
+                    binds = await listeners.start(
+                        partial(
+                            hypercorn_serve,
+                            app,
+                            _hypercorn_config(self.config, self.config.server.admin_listen),
+                            shutdown_trigger=self._shutdown.wait,
+                        )
                     )
-                )
+                    admin_url = binds[0]
                 info = ServerInfo(
-                    admin_url=binds[0], proxy_url=proxy_url, data_dir=self.config.data_dir
+                    admin_url=admin_url, proxy_url=proxy_url, data_dir=self.config.data_dir
                 )
                 # Lines on stdout that scripts (and tests) can wait for.
-                print(f"triogate: proxy listening on {info.proxy_url}", flush=True)
-                print(f"triogate: admin listening on {info.admin_url}", flush=True)
+                suffix = f" (worker {self.worker[0]})" if self.worker[1] > 1 else ""
+                print(f"triogate: proxy listening on {info.proxy_url}{suffix}", flush=True)
+                if admin_url:
+                    print(f"triogate: admin listening on {info.admin_url}", flush=True)
                 task_status.started(info)
                 await self._shutdown.wait()
                 self.proxy.shutdown()
@@ -176,8 +186,10 @@ class Server:
             outer.cancel_scope.cancel()
 
 
-def run_server(config: Config, *, source: str | None = None) -> int:
-    server = Server(config, source=source, handle_signals=True)
+def run_server(
+    config: Config, *, source: str | None = None, worker: tuple[int, int] = (0, 1)
+) -> int:
+    server = Server(config, source=source, handle_signals=True, worker=worker)
     try:
         trio.run(server.run)
     except ConfigError as exc:
