@@ -1,0 +1,118 @@
+"""``server.workers = 2``: two real gateway processes on one LMDB, one port."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.helpers_process import run_cli, serving
+from triogate.config import parse_config
+from triogate.gateway import open_gateway
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(tmp_path: Path, upstream: str, port: int) -> Path:
+    path = tmp_path / "workers.toml"
+    path.write_text(
+        f"""
+[server]
+proxy_listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:0"
+data_dir = "{tmp_path / "data"}"
+workers = 2
+shutdown_grace_seconds = 5
+
+[upstreams.echo]
+targets = ["{upstream}"]
+
+[[routes]]
+name = "echo"
+path = "/{{rest:path}}"
+upstream = "echo"
+[routes.plugins]
+key-auth = {{}}
+"""
+    )
+    return path
+
+
+def test_two_workers_share_the_port_the_store_and_the_limit(tmp_path: Path, upstream: str) -> None:
+    port = _free_port()
+    config = _config(tmp_path, upstream, port)
+    created = run_cli(
+        "keys", "create", "--data-dir", str(tmp_path / "data"), "--name", "w",
+        "--owner", "o", "--rate-limit", "minute=10/60", "--json",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    statuses: list[int] = []
+    with serving(config) as proc:
+        # Both workers must be up before the load: wait for both lines.
+        for _ in range(200):
+            if sum("proxy listening" in line for line in proc.stdout_lines) == 2:
+                break
+            threading.Event().wait(0.05)
+        assert sum("proxy listening" in line for line in proc.stdout_lines) == 2, proc.stdout_lines
+        # New connections each time, so the kernel spreads them over both.
+        for _ in range(40):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                r = client.get("/x", headers={"x-api-key": key["key"]})
+                statuses.append(r.status_code)
+        assert proc.stop(signal.SIGTERM) == 0
+    admitted = statuses.count(200)
+    # Each worker enforces its share (5 of 10): together never more than 10.
+    assert 5 <= admitted <= 10, statuses
+    assert statuses.count(429) == 40 - admitted
+
+    async def usage() -> int:
+        cfg = parse_config({"server": {"data_dir": str(tmp_path / "data")}}, environ={})
+        async with open_gateway(cfg) as gw:
+            return gw.keys.usage(key["id"]).requests
+
+    # Both workers flushed their counts into the one store on SIGTERM.
+    assert trio.run(usage) == 40
+
+
+def test_several_workers_need_a_fixed_port(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nproxy_listen = "127.0.0.1:0"\nworkers = 2\n')
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 1
+    assert "server.workers: several workers share one proxy port" in result.stderr
