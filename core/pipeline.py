@@ -117,6 +117,14 @@ class Pipeline:
         except PluginLoadError as exc:
             errors.extend(e for e in exc.errors if e not in errors)
             self.global_chain = Chain(())
+        if not errors:
+            for i, route in enumerate(config.routes):
+                upstream = self.upstreams[route.upstream]
+                for plugin in self.chains[i].plugins:
+                    try:
+                        plugin.bind(route, upstream)
+                    except ValueError as exc:
+                        errors.append(FieldError(f"routes[{i}].plugins.{plugin.name}", str(exc)))
         if errors:
             raise ConfigError(errors, "config")
         self.max_body = config.server.max_request_body_bytes
@@ -205,6 +213,9 @@ class Pipeline:
             early = await access(ctx)
             if early is not None:
                 return early
+        if chain.upstream:
+            assert ctx.route is not None
+            ctx.state["upstream"] = self.upstreams[ctx.route.config.upstream]
         call: Callable[[], Awaitable[Response]] = lambda: self._proxy(ctx)  # noqa: E731
         for wrapper in reversed(chain.upstream):
             call = _wrap(wrapper, ctx, call)
@@ -267,6 +278,7 @@ class Pipeline:
             request.method,
             lambda pool: self._head(ctx, pool, body if has_body else None),
             body if has_body else None,
+            tried=ctx.state.get("tried_targets"),
         )
 
     def _head(self, ctx: Context, pool: TargetPool, body: Body | None) -> bytes:

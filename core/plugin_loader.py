@@ -81,8 +81,8 @@ def _check_plugin(ep_name: str, obj: object) -> list[str]:
         problems.append("Config is not a msgspec.Struct")
     elif not config.__struct_config__.forbid_unknown_fields:
         problems.append("Config must forbid unknown fields (forbid_unknown_fields=True)")
-    if not obj.phases():
-        problems.append("overrides no phase (access, upstream, response, log)")
+    if not obj.phases() and not obj.binds():
+        problems.append("overrides no phase (access, upstream, response, log) nor bind")
     return problems
 
 

@@ -31,16 +31,18 @@ when its method is idempotent and its body has not been streamed.
 from __future__ import annotations
 
 import collections
-import itertools
+import math
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+import msgspec
 import trio
 
 from triogate import sockio
+from triogate.breaker import Breaker
 from triogate.config import UpstreamConfig
 from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Response
@@ -283,17 +285,39 @@ class TargetPool:
         self.active = 0
         self.opened = 0
         self.closed = False
+        # Passive health: set by the circuit-breaker plugin (one per target).
+        self.breaker: Breaker | None = None
+        self.failure_policy: FailurePolicy = FailurePolicy()
+        # Active health: set by the health checker, if the upstream has one.
+        self.healthy = True
 
     def __repr__(self) -> str:
-        return f"<TargetPool {self.url} {self.active} active, {len(self._idle)} idle>"
+        breaker = f", breaker {self.breaker.state.value}" if self.breaker else ""
+        return f"<TargetPool {self.url} {self.active} active, {len(self._idle)} idle{breaker}>"
 
     def statistics(self) -> dict[str, Any]:
+        now = trio.current_time()
         return {
             "target": self.url,
             "active": self.active,
             "idle": len(self._idle),
             "opened": self.opened,
+            "healthy": self.healthy,
+            "breaker": (
+                msgspec.structs.asdict(self.breaker.snapshot(now))
+                if self.breaker is not None
+                else None
+            ),
         }
+
+    def usable(self, now: float) -> bool:
+        """Healthy (active checks) and not refused by its breaker."""
+        return self.healthy and (self.breaker is None or self.breaker.available(now))
+
+    def record(self, now: float, *, status: int | None = None, error: str | None = None) -> None:
+        """The outcome of one exchange, for the breaker (if any)."""
+        if self.breaker is not None:
+            self.breaker.record(self.failure_policy.failed(status, error), now)
 
     async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
         self.active += 1
@@ -346,31 +370,46 @@ class TargetPool:
         self._idle.clear()
 
 
-def _round_robin(pools: list[TargetPool]) -> Callable[[], TargetPool]:
-    cycle = itertools.cycle(pools)
-    return lambda: next(cycle)
+class FailurePolicy(msgspec.Struct, frozen=True):
+    """What counts as a failure for a breaker: by default transport errors,
+    timeouts and any 5xx status."""
+
+    statuses: frozenset[int] = frozenset()  # empty: every 5xx
+    transport_errors: bool = True
+    timeouts: bool = True
+
+    def failed(self, status: int | None, error: str | None) -> bool:
+        if error == "timeout":
+            return self.timeouts
+        if error is not None:
+            return self.transport_errors
+        assert status is not None
+        return status in self.statuses if self.statuses else status >= 500
 
 
-def _least_connections(pools: list[TargetPool]) -> Callable[[], TargetPool]:
-    rr = itertools.cycle(range(len(pools)))
-
-    def pick() -> TargetPool:
-        # Ties broken round-robin so equal targets share the load.
-        start = next(rr)
-        order = pools[start:] + pools[:start]
-        return min(order, key=lambda p: p.active)
-
-    return pick
+# Balancers: pick one of the usable pools (a subset that changes as
+# breakers open and health checks fail). Strategies in a table, as in Kong.
+def _round_robin(upstream: Upstream, pools: list[TargetPool]) -> TargetPool:
+    upstream.turn += 1
+    return pools[upstream.turn % len(pools)]
 
 
-BALANCERS: dict[str, Callable[[list[TargetPool]], Callable[[], TargetPool]]] = {
+def _least_connections(upstream: Upstream, pools: list[TargetPool]) -> TargetPool:
+    # Ties broken round-robin so equal targets share the load.
+    upstream.turn += 1
+    start = upstream.turn % len(pools)
+    return min(pools[start:] + pools[:start], key=lambda p: p.active)
+
+
+BALANCERS: dict[str, Callable[[Upstream, list[TargetPool]], TargetPool]] = {
     "round_robin": _round_robin,
     "least_connections": _least_connections,
 }
 
 
 class Upstream:
-    """One named upstream: its target pools and how to pick among them."""
+    """One named upstream: its target pools, how to pick among them, and the
+    retry budget its routes share."""
 
     def __init__(self, name: str, config: UpstreamConfig) -> None:
         self.name = name
@@ -379,7 +418,10 @@ class Upstream:
             TargetPool(url, connect_timeout=config.connect_timeout_seconds)
             for url in config.targets
         ]
-        self.pick = BALANCERS[config.balance](self.pools)
+        self._balance = BALANCERS[config.balance]
+        self.turn = -1
+        self.in_flight = 0
+        self.retries_in_flight = 0
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name} {self.config.balance} {self.pools!r}>"
@@ -388,14 +430,73 @@ class Upstream:
         return {
             "name": self.name,
             "balance": self.config.balance,
+            "in_flight": self.in_flight,
+            "retries_in_flight": self.retries_in_flight,
             "targets": [p.statistics() for p in self.pools],
         }
 
+    def pick(self, now: float, avoid: frozenset[str] | set[str] = frozenset()) -> TargetPool:
+        """A usable target, preferring those not in ``avoid`` (already
+        tried); 503 ``UPSTREAM_UNAVAILABLE`` when none is usable. A breaker
+        in half-open state gives the pick one of its probe slots."""
+        usable = [p for p in self.pools if p.usable(now)]
+        if not usable:
+            waits = [p.breaker.retry_after(now) for p in self.pools if p.breaker is not None]
+            error = UpstreamUnavailable(f"no healthy target for upstream {self.name}")
+            error.headers["Retry-After"] = str(max(1, math.ceil(min(waits, default=1.0))))
+            raise error
+        fresh = [p for p in usable if p.url not in avoid] if avoid else usable
+        pool = self._balance(self, fresh or usable)
+        if pool.breaker is not None:
+            pool.breaker.allow(now)  # takes the probe slot when half-open
+        return pool
+
+    def begin_retry(self, ratio: float, minimum: int) -> bool:
+        """May one more retry run? Retries in flight stay under ``ratio`` of
+        the requests in flight (at least ``minimum``), so retries cannot
+        multiply the load on an upstream that is already failing."""
+        if self.retries_in_flight >= max(minimum, ratio * self.in_flight):
+            return False
+        self.retries_in_flight += 1
+        return True
+
+    def end_retry(self) -> None:
+        self.retries_in_flight -= 1
+
     async def send(
-        self, method: str, head_for: Callable[[TargetPool], bytes], body: Body | None
+        self,
+        method: str,
+        head_for: Callable[[TargetPool], bytes],
+        body: Body | None,
+        *,
+        tried: set[str] | None = None,
     ) -> Response:
-        pool = self.pick()
-        head = head_for(pool)
+        now = trio.current_time()
+        pool = self.pick(now, tried or frozenset())
+        if tried is not None:
+            tried.add(pool.url)
+        self.in_flight += 1
+        try:
+            response = await self._exchange(pool, method, head_for(pool), body)
+        except UpstreamTimeout:
+            pool.record(trio.current_time(), error="timeout")
+            raise
+        except BadGateway:
+            pool.record(trio.current_time(), error="transport")
+            raise
+        except BaseException:
+            # Cancelled from outside (a retry's per-try timeout, shutdown):
+            # as far as the breaker can tell, the target was too slow.
+            pool.record(trio.current_time(), error="timeout")
+            raise
+        finally:
+            self.in_flight -= 1
+        pool.record(trio.current_time(), status=response.status)
+        return response
+
+    async def _exchange(
+        self, pool: TargetPool, method: str, head: bytes, body: Body | None
+    ) -> Response:
         conn = await pool.acquire()
         try:
             return await conn.exchange(method, head, body, self.config.read_timeout_seconds)

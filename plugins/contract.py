@@ -39,6 +39,13 @@ Phases, in the order a request meets them:
     After the response has been sent; it never delays the response. Errors
     raised here are logged and swallowed.
 
+Besides the phases, ``bind(route, upstream)`` is called once per route when
+a config is loaded, with the route's ``RouteConfig`` and its ``Upstream``
+(target pools, balancer, retry budget): the place to check settings that
+depend on the route, or to attach state to the upstream (the circuit
+breaker gives each target its breaker there). A ``ValueError`` raised there
+is a load error naming the plugin and the route.
+
 Priorities (higher runs first), in bands as in Kong:
 
 ====================  ========  ============================================
@@ -50,7 +57,7 @@ limits on the request 1400-1999 request-size-limiting (1500)
 authentication        1000-1399 key-auth (1250)
 rate limiting         900-999   rate-limit (910)
 transformation        700-899   request-transformer (800), response-transformer (790)
-upstream wrappers     100-699   circuit-breaker (600), retry (500)
+upstream wrappers     100-699   retry (600); circuit-breaker (500) only binds
 ====================  ========  ============================================
 
 A route can move a plugin relative to others without changing priorities:
@@ -215,6 +222,14 @@ class Plugin(Generic[C]):
         buffered for the ``response`` phase? Say no to what you will not edit,
         so it streams. Gateway-made responses (errors) are never offered."""
         return True
+
+    def bind(self, route: Any, upstream: Any) -> None:
+        """Once per route and config load, before any request (see above)."""
+        return None
+
+    @classmethod
+    def binds(cls) -> bool:
+        return cls.bind is not Plugin.bind
 
     @classmethod
     def phases(cls) -> tuple[str, ...]:
