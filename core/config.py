@@ -31,6 +31,7 @@ __all__ = [
     "ApiVersionConfig",
     "Config",
     "ConfigError",
+    "HealthCheckConfig",
     "KeysConfig",
     "RouteConfig",
     "ServerConfig",
@@ -109,11 +110,30 @@ class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
     ] = 300.0
 
 
+class HealthCheckConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    path: Annotated[str, Meta(pattern=r"^/", max_length=2048, description="GET this path")] = (
+        "/health"
+    )
+    interval_seconds: Annotated[PositiveSeconds, Meta(description="between probes")] = 5.0
+    timeout_seconds: Annotated[PositiveSeconds, Meta(description="a slower probe fails")] = 2.0
+    healthy_threshold: Annotated[
+        int, Meta(ge=1, le=100, description="good probes in a row to bring a target back")
+    ] = 2
+    unhealthy_threshold: Annotated[
+        int, Meta(ge=1, le=100, description="failed probes in a row to take a target out")
+    ] = 3
+    healthy_statuses: Annotated[
+        list[Annotated[int, Meta(ge=100, le=599)]],
+        Meta(description="statuses that count as healthy (empty: below 400)"),
+    ] = []
+
+
 class UpstreamConfig(Struct, frozen=True, forbid_unknown_fields=True):
     targets: Annotated[list[TargetUrl], Meta(min_length=1, max_length=256)]
     balance: Literal["round_robin", "least_connections"] = "round_robin"
     connect_timeout_seconds: PositiveSeconds = 2.0
     read_timeout_seconds: PositiveSeconds = 30.0
+    health_check: HealthCheckConfig | None = None
 
 
 class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):

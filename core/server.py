@@ -31,6 +31,7 @@ from .admin.app import DrainUnreadBody, create_admin_app
 from .asgi import GatewayASGI
 from .config import Config, ConfigError
 from .gateway import Gateway, open_gateway
+from .health import run_health_checks
 from .listener import ProxyListener
 from .plugins.contract import Plugin
 
@@ -131,6 +132,7 @@ class Server:
                     # The actors outlive the listeners: their final flush
                     # runs after the last request, before storage closes.
                     await actors.start(gw.actors.run)
+                    await actors.start(run_health_checks, gw.current_pipeline().upstreams)
                     await self._serve(app, task_status)
                     actors.cancel_scope.cancel()
             finally:

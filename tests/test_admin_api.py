@@ -902,6 +902,9 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
     async def b_routes() -> Request:
         return "GET", "/routes", None
 
+    async def b_upstreams() -> Request:
+        return "GET", "/upstreams", None
+
     builders: dict[tuple[str, str], Builder] = {
         ("POST", "/keys"): b_create,
         ("GET", "/keys"): b_list,
@@ -918,6 +921,7 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
         ("POST", "/maintenance/cleanup"): b_cleanup,
         ("GET", "/config"): b_config,
         ("GET", "/routes"): b_routes,
+        ("GET", "/upstreams"): b_upstreams,
     }
     guarded: list[Endpoint] = [ep for ep in ENDPOINTS if ep.permission is not None]
     missing = [(ep.method, ep.path) for ep in guarded if (ep.method, ep.path) not in builders]

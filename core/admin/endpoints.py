@@ -89,6 +89,38 @@ class RouteList(Struct):
     items: list[RouteView]
 
 
+class BreakerView(Struct):
+    state: Literal["closed", "open", "half_open"]
+    consecutive_failures: int
+    window_requests: int
+    window_failures: int
+    open_until: float | None  # trio clock seconds; see open_seconds
+    open_seconds: float
+    probes_in_flight: int
+    opened: int
+
+
+class TargetView(Struct):
+    target: str
+    active: int
+    idle: int
+    opened: int
+    healthy: bool
+    breaker: BreakerView | None
+
+
+class UpstreamView(Struct):
+    name: str
+    balance: str
+    in_flight: int
+    retries_in_flight: int
+    targets: list[TargetView]
+
+
+class UpstreamList(Struct):
+    items: list[UpstreamView]
+
+
 @dataclass(frozen=True)
 class Call:
     """What a handler gets: validated inputs and who is calling."""
@@ -197,6 +229,12 @@ async def list_routes(gw: Gateway, call: Call) -> Struct:
     pipeline = gw.pipeline
     routes = pipeline.describe_routes() if pipeline is not None else []
     return msgspec.convert({"items": routes}, RouteList)
+
+
+async def list_upstreams(gw: Gateway, call: Call) -> Struct:
+    pipeline = gw.pipeline
+    items = [u.statistics() for u in pipeline.upstreams.values()] if pipeline else []
+    return msgspec.convert({"items": items}, UpstreamList)
 
 
 async def health(gw: Gateway, call: Call) -> Struct:
@@ -348,6 +386,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "admin:system:read",
         get_config,
         response=ConfigInfo,
+        tags=("system",),
+    ),
+    Endpoint(
+        "GET",
+        "/upstreams",
+        "Upstreams and their targets: connections, health, circuit breakers",
+        "admin:system:read",
+        list_upstreams,
+        response=UpstreamList,
         tags=("system",),
     ),
     Endpoint(
