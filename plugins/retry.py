@@ -55,15 +55,14 @@ class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     respect_retry_after: Annotated[
         bool, Meta(description="wait as long as the upstream's Retry-After says, within the cap")
     ] = True
-    per_try_timeout_seconds: (
-        Annotated[
-            float, Meta(gt=0, le=3600, description="a try slower than this is a timeout (504)")
-        ]
-        | None
-    ) = None
-    overall_timeout_seconds: (
-        Annotated[float, Meta(gt=0, le=3600, description="deadline for all tries together")] | None
-    ) = None
+    per_try_timeout_seconds: Annotated[
+        Annotated[float, Meta(gt=0, le=3600)] | None,
+        Meta(description="a try slower than this is a timeout (504); none: the upstream's"),
+    ] = None
+    overall_timeout_seconds: Annotated[
+        Annotated[float, Meta(gt=0, le=3600)] | None,
+        Meta(description="deadline for all tries and waits together; none: no deadline"),
+    ] = None
     max_replay_bytes: Annotated[
         int, Meta(ge=0, le=64 << 20, description="request bodies kept for replay, at most")
     ] = 65536

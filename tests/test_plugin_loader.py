@@ -20,12 +20,14 @@ from triogate.plugin_loader import (
     discover,
 )
 from triogate.plugins import CallNext, Context, NoConfig, Plugin, PluginEnv, Response
+from triogate.plugins.circuit_breaker import CircuitBreaker
 from triogate.plugins.cors import Cors
 from triogate.plugins.ip_restriction import IpRestriction
 from triogate.plugins.key_auth import KeyAuth
 from triogate.plugins.rate_limit import RateLimit
 from triogate.plugins.request_id import RequestId
 from triogate.plugins.request_size import RequestSizeLimiting
+from triogate.plugins.retry import Retry
 from triogate.plugins.transformers import RequestTransformer, ResponseTransformer
 
 BUILTINS: dict[str, type[Plugin[Any]]] = {
@@ -37,6 +39,8 @@ BUILTINS: dict[str, type[Plugin[Any]]] = {
     "request-transformer": RequestTransformer,
     "response-transformer": ResponseTransformer,
     "rate-limit": RateLimit,
+    "retry": Retry,
+    "circuit-breaker": CircuitBreaker,
 }
 
 # ---- plugin classes for the tests ------------------------------------------------
@@ -173,7 +177,7 @@ def test_discover_uses_the_entry_point_group(monkeypatch: pytest.MonkeyPatch) ->
             "WrongName",
             "declares name 'not-what-the-entry-point-says', expected 'not-what-it-declares'",
         ),
-        ("no-phases", "NoPhases", "overrides no phase (access, upstream, response, log)"),
+        ("no-phases", "NoPhases", "overrides no phase (access, upstream, response, log) nor bind"),
         (
             "loose-config",
             "LooseConfig",
@@ -208,7 +212,7 @@ def test_every_broken_plugin_is_reported_at_once(monkeypatch: pytest.MonkeyPatch
         discover()
     lines = info.value.lines()
     assert len(lines) == 3
-    assert lines[0] == "plugin no-phases: overrides no phase (access, upstream, response, log)"
+    assert lines[0] == "plugin no-phases: overrides no phase (access, upstream, response, log) nor bind"
     assert lines[1].startswith(
         "plugin gone: failed to load tests.no_such_module:Gone: ModuleNotFoundError("
     )
@@ -230,7 +234,7 @@ def test_check_plugin_lists_every_problem() -> None:
         "declares name 'bad', expected 'worse'",
         "has no int priority",
         "Config must forbid unknown fields (forbid_unknown_fields=True)",
-        "overrides no phase (access, upstream, response, log)",
+        "overrides no phase (access, upstream, response, log) nor bind",
     ]
     not_a_class = Gate(NoConfig(), PluginEnv())
     assert _check_plugin("gate", not_a_class) == ["is not a subclass of triogate.plugins.Plugin"]
