@@ -1,19 +1,35 @@
-"""End-to-end proxy throughput: wrk against nginx, nginx as a proxy, and triogate.
+"""End-to-end proxy throughput: wrk against nginx, nginx as a proxy, a bare
+trio proxy, and triogate.
 
-Four targets in one run, each loaded the same way (wrk, one thread, N
+Six targets in one run, each loaded the same way (wrk, one thread, N
 keep-alive connections, after a short warm-up):
 
-  direct         wrk -> nginx serving a fixed 20-byte body (the upstream)
-  nginx-proxy    wrk -> nginx as a reverse proxy (upstream keep-alive) -> upstream
-  triogate       wrk -> ``triogate serve``, a route without plugins -> upstream
-  triogate+key   the same with ``key-auth`` on the route (X-API-Key header)
+  direct          wrk -> nginx serving a fixed 20-byte body (the upstream)
+  nginx-proxy     wrk -> nginx as a reverse proxy (upstream keep-alive) -> upstream
+  bare trio       wrk -> ``benchmarks/bare_proxy.py`` -> upstream: the smallest
+                  honest reverse proxy on trio + httptools (no routing, no
+                  plugins), the floor of what any gateway written on trio +
+                  httptools can do on this machine; triogate's ratio to it
+                  shows how much of its cost is the language and runtime and
+                  how much is triogate's own
+  triogate        wrk -> ``triogate serve``, a route without plugins -> upstream
+  triogate+key    the same with ``key-auth`` on the route (X-API-Key header)
+  triogate+limit  ``key-auth`` and ``rate-limit`` (by key) on the route, and a
+                  key with its own rate limit and credits: every request is
+                  admitted against three limits and the credits, and counted
+                  in the key's usage, which the actors flush to storage. The
+                  limits are so high that nothing is refused: the figure is
+                  the cost of the checks, not of refusals. After the run the
+                  key's usage (admin API) must have grown by at least the
+                  requests wrk counted.
 
-Every server under test (both nginx instances and triogate) is pinned to one
-core and wrk to another, so the servers share one core the way they would
-share a small machine, and the load generator does not steal from them.
-Before loading a target the benchmark checks that it answers 200 with the
-expected body; wrk's socket errors and non-2xx/3xx answers are reported, and
-a run with any of them is flagged (exit status 1).
+Every server under test (both nginx instances, the bare proxy and triogate)
+is pinned to one core and wrk to another, so the servers share one core the
+way they would share a small machine, and the load generator does not steal
+from them. Before loading a target the benchmark checks that it answers 200
+with the expected body (and, for the rate-limited route, the RateLimit
+headers); wrk's socket errors and non-2xx/3xx answers are reported, and a run
+with any of them is flagged (exit status 1).
 
 Needs nginx and wrk: ``bash benchmarks/setup.sh`` installs them from Debian's
 packages. Only loopback traffic; every process started here is stopped on
@@ -52,9 +68,29 @@ START_TIMEOUT = 20.0  # seconds for a server to come up
 STOP_TIMEOUT = 5.0  # seconds for a server to go after SIGTERM, then SIGKILL
 TARGET_NOKEY = 0.35  # triogate without plugins vs nginx as a proxy
 TARGET_KEY = 0.30  # triogate with key-auth vs nginx as a proxy
+TARGET_LIMITED = 0.30  # triogate with key-auth + rate-limit + usage vs nginx as a proxy
+NEVER = 1_000_000_000  # a rate limit (per second) that never refuses
+CREDITS = 1_000_000_000_000  # credits that never run out
+USAGE_TIMEOUT = 10.0  # seconds for the actors to flush a key's usage after the load
 _LISTENING = re.compile(r"^triogate: proxy listening on (http://\S+)$", re.MULTILINE)
+_ADMIN_LISTENING = re.compile(r"^triogate: admin listening on (http://\S+)$", re.MULTILINE)
 _LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Group)\b.*")
+
+
+DIRECT = "direct (nginx)"
+NGINX_PROXY = "nginx as proxy"
+BARE = "bare trio + httptools proxy (floor)"
+NOKEY = "triogate, no plugins"
+KEY = "triogate, key-auth"
+LIMITED = "triogate, key-auth + rate-limit + usage"
+FLOOR_PURPOSE = (
+    f"floor: {BARE!r} (benchmarks/bare_proxy.py) is the floor of what\n"
+    "  any gateway written on trio + httptools can do on this machine: the smallest honest\n"
+    "  proxy (no routing, no plugins, one keep-alive upstream connection per client). A triogate\n"
+    "  target's 'vs bare trio' ratio shows how much of its cost is the language and runtime\n"
+    "  (what the floor pays too) and how much is triogate's own."
+)
 
 
 class BenchError(Exception):
@@ -159,6 +195,7 @@ def _start(
     stdout: Path,
     stderr: Path,
     logs: Sequence[Path] = (),
+    cwd: Path | None = None,
 ) -> Managed:
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
         proc = subprocess.Popen(
@@ -168,6 +205,7 @@ def _start(
             stderr=err,
             start_new_session=True,
             preexec_fn=_affinity(core),
+            cwd=cwd,
         )
     managed = Managed(name, proc, [stdout, stderr, *logs])
     stack.callback(managed.stop)
@@ -298,29 +336,68 @@ name = "key"
 path = "/key/{{rest:path}}"
 upstream = "nginx"
 plugins = {{ key-auth = {{}} }}
+
+[[routes]]
+name = "limited"
+path = "/limited/{{rest:path}}"
+upstream = "nginx"
+plugins = {{ key-auth = {{}}, rate-limit = {{ limit = {NEVER}, period_seconds = 1, by = "key" }} }}
 """
     )
     return conf
 
 
-def _create_key(data_dir: Path) -> str:
-    argv = [sys.executable, "-m", "triogate", "keys", "create", "--data-dir", str(data_dir)]
-    argv += ["--name", "bench", "--owner", "bench", "--json"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+def _triogate_cli(what: str, argv: Sequence[str]) -> dict[str, object]:
+    """Run ``python -m triogate ARGV`` (which must print JSON) and return it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "triogate", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if done.returncode != 0:
-        _fail(f"'triogate keys create' failed ({done.returncode}):\n{done.stderr}")
+        _fail(f"'triogate {what}' failed ({done.returncode}):\n{done.stderr}")
     try:
-        key = json.loads(done.stdout)["key"]
-    except (ValueError, KeyError, TypeError):
-        _fail(f"'triogate keys create --json' printed no key:\n{done.stdout}")
-    if not isinstance(key, str) or not key:
-        _fail("'triogate keys create --json' printed an empty key")
-    return key
+        printed = json.loads(done.stdout)
+    except ValueError:
+        printed = None
+    if not isinstance(printed, dict):
+        _fail(f"'triogate {what} --json' printed no JSON object:\n{done.stdout}")
+    return printed
+
+
+def _secret(what: str, printed: dict[str, object], field: str) -> str:
+    value = printed.get(field)
+    if not isinstance(value, str) or not value:
+        _fail(f"'triogate {what} --json' printed no {field}:\n{printed}")
+    return value
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    key: str
+
+
+def _create_key(data_dir: Path, name: str, options: Sequence[str] = ()) -> ApiKey:
+    argv = ["keys", "create", "--data-dir", str(data_dir)]
+    argv += ["--name", name, "--owner", "bench", *options, "--json"]
+    printed = _triogate_cli("keys create", argv)
+    return ApiKey(_secret("keys create", printed, "id"), _secret("keys create", printed, "key"))
+
+
+def _create_admin(data_dir: Path) -> str:
+    """An admin (super_admin) for the admin API; its key."""
+    argv = ["admin", "create", "--name", "b", "--email", "b@example.com"]
+    argv += ["--data-dir", str(data_dir), "--json"]
+    return _secret("admin create", _triogate_cli("admin create", argv), "key")
 
 
 def _start_triogate(
     stack: contextlib.ExitStack, tmp: Path, conf: Path, core: int | None
-) -> tuple[Managed, str]:
+) -> tuple[Managed, str, str]:
+    """The server, its proxy URL and its admin URL (both printed by serve)."""
     stdout = tmp / "triogate.out"
     server = _start(
         stack,
@@ -333,11 +410,36 @@ def _start_triogate(
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         server.check_alive()
-        match = _LISTENING.search(stdout.read_text(errors="replace"))
-        if match:
-            return server, match.group(1)
+        printed = stdout.read_text(errors="replace")
+        proxy, admin = _LISTENING.search(printed), _ADMIN_LISTENING.search(printed)
+        if proxy and admin:
+            return server, proxy.group(1), admin.group(1)
         time.sleep(0.05)
-    _fail(f"triogate did not report its proxy address within {START_TIMEOUT:.0f} s")
+    _fail(f"triogate did not report its proxy and admin addresses within {START_TIMEOUT:.0f} s")
+
+
+# --- the bare trio proxy (the floor) --------------------------------------------
+
+
+def _start_bare(
+    stack: contextlib.ExitStack, tmp: Path, port: int, upstream_port: int, core: int | None
+) -> Managed:
+    # This package under the name it was imported by: ``benchmarks`` from
+    # the repository root (python -m benchmarks), ``triogate.benchmarks``
+    # when installed (triogate bench); the former needs the root as cwd.
+    module = f"{__package__}.bare_proxy"
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-m", module]
+    argv += ["--listen", f"{HOST}:{port}", "--upstream", f"{HOST}:{upstream_port}"]
+    return _start(
+        stack,
+        "bare trio proxy",
+        argv,
+        core=core,
+        stdout=tmp / "bare.out",
+        stderr=tmp / "bare.err",
+        cwd=root if __package__ == "benchmarks" else None,
+    )
 
 
 # --- checking and loading ----------------------------------------------------
@@ -348,9 +450,13 @@ class Target:
     name: str
     url: str
     headers: tuple[tuple[str, str], ...] = ()
+    # Response headers the answer must carry: (name, a substring of the value).
+    expect: tuple[tuple[str, str], ...] = ()
 
 
-def _get(url: str, headers: Sequence[tuple[str, str]]) -> tuple[int, bytes]:
+def _request(
+    url: str, headers: Sequence[tuple[str, str]]
+) -> tuple[int, http.client.HTTPMessage, bytes]:
     rest = url.removeprefix("http://")
     hostport, _, path = rest.partition("/")
     host, _, port = hostport.rpartition(":")
@@ -358,15 +464,21 @@ def _get(url: str, headers: Sequence[tuple[str, str]]) -> tuple[int, bytes]:
     try:
         conn.request("GET", "/" + path, headers=dict(headers))
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, response.headers, response.read()
     finally:
         conn.close()
 
 
-def _verify(target: Target) -> None:
-    """The target must answer 200 with the upstream's exact body."""
+def _get(url: str, headers: Sequence[tuple[str, str]]) -> tuple[int, bytes]:
+    status, _, body = _request(url, headers)
+    return status, body
+
+
+def _verify(target: Target) -> dict[str, str]:
+    """The target must answer 200 with the upstream's exact body and the
+    expected headers; returns those headers as answered."""
     try:
-        status, body = _get(target.url, target.headers)
+        status, headers, body = _request(target.url, target.headers)
     except OSError as exc:
         _fail(f"{target.name}: GET {target.url} failed: {exc}")
     if status != 200 or body != BODY:
@@ -374,6 +486,93 @@ def _verify(target: Target) -> None:
             f"{target.name}: GET {target.url} answered {status} with {body[:200]!r}; "
             f"expected 200 with {BODY!r}"
         )
+    seen: dict[str, str] = {}
+    for name, part in target.expect:
+        value = headers.get(name)
+        if value is None or part not in value:
+            wanted = f"a {name} header containing {part!r}" if part else f"a {name} header"
+            _fail(
+                f"{target.name}: GET {target.url} answered without {wanted}; "
+                f"headers: {dict(headers.items())}"
+            )
+        seen[name] = value
+    return seen
+
+
+@dataclass(frozen=True)
+class Usage:
+    requests: int
+    credits_remaining: int | None
+
+
+def _usage(admin_url: str, admin_key: str, key_id: str) -> Usage:
+    """A key's usage as the admin API reports it (what the actors flushed)."""
+    url = f"{admin_url}/keys/{key_id}/usage"
+    try:
+        status, _, body = _request(url, (("Authorization", f"Bearer {admin_key}"),))
+    except OSError as exc:
+        _fail(f"GET {url} failed: {exc}")
+    if status != 200:
+        _fail(f"GET {url} answered {status}: {body[:300]!r}")
+    try:
+        usage = json.loads(body)
+        requests, credits = usage["requests"], usage["credits_remaining"]
+    except (ValueError, KeyError, TypeError):
+        _fail(f"GET {url} answered no usage: {body[:300]!r}")
+    if not isinstance(requests, int) or not (credits is None or isinstance(credits, int)):
+        _fail(f"GET {url} answered an unexpected usage: {body[:300]!r}")
+    return Usage(requests, credits)
+
+
+@dataclass(frozen=True)
+class UsageCheck:
+    """The rate-limited key's usage around its load (warm-up included)."""
+
+    key_id: str
+    before: Usage
+    after: Usage
+    answered: int  # requests wrk counted as answered, warm-up and measured
+    policy: str  # the RateLimit-Policy header the route answered with
+    waited: float  # seconds until the flushed usage covered the load
+
+    @property
+    def ok(self) -> bool:
+        credits_ok = (
+            self.before.credits_remaining is not None
+            and self.after.credits_remaining is not None
+            and self.before.credits_remaining - self.after.credits_remaining >= self.answered
+        )
+        return self.after.requests - self.before.requests >= self.answered and credits_ok
+
+    def describe(self) -> str:
+        grew = self.after.requests - self.before.requests
+        spent = (
+            self.before.credits_remaining - self.after.credits_remaining
+            if self.before.credits_remaining is not None
+            and self.after.credits_remaining is not None
+            else None
+        )
+        verdict = "ok" if self.ok else "WRONG: expected both to grow by at least that"
+        return (
+            f"usage of {self.key_id} (admin API, as flushed by the actors): requests "
+            f"{self.before.requests:,} -> {self.after.requests:,} (+{grew:,}), credits spent "
+            f"{'?' if spent is None else f'{spent:,}'}; wrk counted {self.answered:,} answered "
+            f"(warm-up included); flushed within {self.waited:.1f} s: {verdict}"
+        )
+
+
+def _await_usage(
+    admin_url: str, admin_key: str, key_id: str, before: Usage, answered: int
+) -> tuple[Usage, float]:
+    """Poll the key's usage until it covers ``answered`` more requests (the
+    actors flush every storage.flush_interval_seconds) or time runs out."""
+    start = time.monotonic()
+    while True:
+        after = _usage(admin_url, admin_key, key_id)
+        waited = time.monotonic() - start
+        if after.requests - before.requests >= answered or waited >= USAGE_TIMEOUT:
+            return after, waited
+        time.sleep(0.2)
 
 
 @dataclass
@@ -485,7 +684,10 @@ def _pinning(server_core: int | None, load_core: int | None) -> str:
     servers = "not pinned" if server_core is None else f"pinned to core {server_core}"
     load = "not pinned" if load_core is None else f"pinned to core {load_core}"
     shared = " (SAME core as the servers)" if server_core == load_core is not None else ""
-    return f"servers (nginx upstream, nginx proxy, triogate) {servers}; wrk {load}{shared}"
+    return (
+        f"servers (nginx upstream, nginx proxy, bare trio proxy, triogate) {servers}; "
+        f"wrk {load}{shared}"
+    )
 
 
 def _tree_affinity(server: Managed) -> str:
@@ -501,9 +703,13 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triogate-bench-")))
-        upstream_port, proxy_port = _free_port(), _free_port()
+        upstream_port = _free_port()
+        proxy_port = _free_port()
         while proxy_port == upstream_port:
             proxy_port = _free_port()
+        bare_port = _free_port()
+        while bare_port in (upstream_port, proxy_port):
+            bare_port = _free_port()
 
         upstream = _start_nginx(
             stack, nginx, tmp, "upstream", _write_upstream_conf(tmp, upstream_port), server_core
@@ -516,39 +722,64 @@ def run(args: argparse.Namespace) -> int:
             _write_proxy_conf(tmp, proxy_port, upstream_port),
             server_core,
         )
+        bare = _start_bare(stack, tmp, bare_port, upstream_port, server_core)
         data_dir = tmp / "data"
         data_dir.mkdir()
-        key = _create_key(data_dir)
-        gateway, gateway_url = _start_triogate(
+        key = _create_key(data_dir, "bench")
+        # Its own limit and credits: checked on every request, usage counted.
+        limited_key = _create_key(
+            data_dir,
+            "bench-limited",
+            ["--rate-limit", f"burst={NEVER}/1", "--credits", str(CREDITS)],
+        )
+        admin_key = _create_admin(data_dir)
+        gateway, gateway_url, admin_url = _start_triogate(
             stack, tmp, _triogate_conf(tmp, data_dir, upstream_port), server_core
         )
         _wait_port(upstream, upstream_port)
         _wait_port(proxy, proxy_port)
+        _wait_port(bare, bare_port)
 
         targets = [
-            Target("direct (nginx)", f"http://{HOST}:{upstream_port}/nokey/{REQUEST_PATH}"),
-            Target("nginx as proxy", f"http://{HOST}:{proxy_port}/nokey/{REQUEST_PATH}"),
-            Target("triogate, no plugins", f"{gateway_url}/nokey/{REQUEST_PATH}"),
+            Target(DIRECT, f"http://{HOST}:{upstream_port}/nokey/{REQUEST_PATH}"),
+            Target(NGINX_PROXY, f"http://{HOST}:{proxy_port}/nokey/{REQUEST_PATH}"),
+            Target(BARE, f"http://{HOST}:{bare_port}/nokey/{REQUEST_PATH}"),
+            Target(NOKEY, f"{gateway_url}/nokey/{REQUEST_PATH}"),
+            Target(KEY, f"{gateway_url}/key/{REQUEST_PATH}", (("X-API-Key", key.key),)),
             Target(
-                "triogate, key-auth",
-                f"{gateway_url}/key/{REQUEST_PATH}",
-                (("X-API-Key", key),),
+                LIMITED,
+                f"{gateway_url}/limited/{REQUEST_PATH}",
+                (("X-API-Key", limited_key.key),),
+                # Both policies, the key's own and the route's, and the state.
+                (
+                    ("RateLimit-Policy", '"burst"'),
+                    ("RateLimit-Policy", '"route-key"'),
+                    ("RateLimit", ""),
+                ),
             ),
         ]
+        by_name = {t.name: t for t in targets}
+        policy = ""
         for target in targets:
-            _verify(target)
+            policy = _verify(target).get("RateLimit-Policy", policy)
         # And key-auth is really on: no key, no entry.
-        status, _ = _get(targets[3].url, ())
-        if status != 401:
-            _fail(f"triogate's key-auth route answered {status} without a key; expected 401")
+        for name in (KEY, LIMITED):
+            status, _ = _get(by_name[name].url, ())
+            if status != 401:
+                _fail(f"triogate's {name!r} route answered {status} without a key; expected 401")
 
-        servers = (upstream, proxy, gateway)
+        servers = (upstream, proxy, bare, gateway)
         # CPU spent per request by the process answering wrk (not the
         # upstream): steady under load from other programs, where req/s
         # is not.
-        answering = dict(
-            zip([t.name for t in targets], (upstream, proxy, gateway, gateway), strict=True)
-        )
+        answering = {
+            DIRECT: upstream,
+            NGINX_PROXY: proxy,
+            BARE: bare,
+            NOKEY: gateway,
+            KEY: gateway,
+            LIMITED: gateway,
+        }
         placement = "; ".join(f"{s.name}: cpus {_tree_affinity(s)}" for s in servers)
 
         print("benchmark: end-to-end HTTP/1.1 proxy, 20-byte body from an nginx upstream")
@@ -559,14 +790,22 @@ def run(args: argparse.Namespace) -> int:
             f"(after a {args.warmup} s warm-up), one target at a time, all on loopback"
         )
         print(f"  ({nginx} {_version([nginx, '-v'])}; {_version([wrk, '-v'])})")
+        print(
+            f"{LIMITED!r}: route rate-limit {NEVER:,}/1 s by key, key limit burst={NEVER:,}/1 s, "
+            f"{CREDITS:,} credits (nothing is refused: the checks are measured)"
+        )
+        print(FLOOR_PURPOSE)
         print()
 
         load_before = os.getloadavg()[0]
         results: dict[str, WrkResult] = {}
         warmups: dict[str, WrkResult] = {}
+        usage_before = None
         for target in targets:
             for server in servers:
                 server.check_alive()
+            if target.name == LIMITED:
+                usage_before = _usage(admin_url, admin_key, limited_key.id)
             if args.warmup > 0:
                 output = _wrk(
                     wrk,
@@ -597,15 +836,33 @@ def run(args: argparse.Namespace) -> int:
             for server in servers:
                 server.check_alive()
             _verify(target)  # still healthy after the load
+        assert usage_before is not None
+        warm = warmups.get(LIMITED)
+        answered = results[LIMITED].requests + (warm.requests if warm is not None else 0)
+        usage_after, waited = _await_usage(
+            admin_url, admin_key, limited_key.id, usage_before, answered
+        )
+        usage = UsageCheck(limited_key.id, usage_before, usage_after, answered, policy, waited)
         triogate_log = _problems(tmp / "triogate.err")
+        bare_log = _stderr_text(tmp / "bare.err")
         load_after = os.getloadavg()[0]
 
-    code = _report(targets, results, warmups, triogate_log)
+    code = _report(targets, results, warmups, triogate_log, bare_log, usage)
     print(
         f"machine load (1-min average) before/after: {load_before:.2f}/{load_after:.2f}; "
         "anything else running on the servers' core skews these figures"
     )
     return code
+
+
+def _stderr_text(path: Path, tail: int = 25) -> str:
+    """The last lines a process wrote to stderr (the bare proxy writes none
+    unless something went wrong)."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-tail:])
 
 
 def _problems(path: Path, tail: int = 25) -> str:
@@ -663,11 +920,19 @@ def _report(
     results: dict[str, WrkResult],
     warmups: dict[str, WrkResult],
     triogate_log: str,
+    bare_log: str,
+    usage: UsageCheck,
 ) -> int:
-    baseline = results[targets[1].name].requests_per_second
+    baseline = results[NGINX_PROXY].requests_per_second
+    floor = results[BARE].requests_per_second
+
+    def ratio(name: str, base: float) -> float:
+        return results[name].requests_per_second / base if base else 0.0
+
+    width = max(len(t.name) for t in targets)
     header = (
-        f"{'target':<22} {'req/s':>10} {'p50':>10} {'p99':>10} {'vs nginx proxy':>15} "
-        f"{'CPU/req':>9}  errors"
+        f"{'target':<{width}} {'req/s':>10} {'p50':>10} {'p99':>10} {'vs nginx proxy':>15} "
+        f"{'vs bare trio':>13} {'CPU/req':>9}  errors"
     )
     print(header)
     print("-" * len(header))
@@ -684,27 +949,35 @@ def _report(
             errors = ("" if errors == "none" else errors + "; ") + (
                 "WARM-UP ERRORS: " + _error_text(warm)
             )
-        ratio = r.requests_per_second / baseline if baseline else 0.0
         print(
-            f"{target.name:<22} {r.requests_per_second:>10,.0f} {r.p50_ms:>7.3f} ms "
-            f"{r.p99_ms:>7.3f} ms {ratio:>14.2f}x {r.cpu_us_per_request:>6.0f} µs  {errors}"
+            f"{target.name:<{width}} {r.requests_per_second:>10,.0f} {r.p50_ms:>7.3f} ms "
+            f"{r.p99_ms:>7.3f} ms {ratio(target.name, baseline):>14.2f}x "
+            f"{ratio(target.name, floor):>12.2f}x {r.cpu_us_per_request:>6.0f} µs  {errors}"
         )
     print()
-    checks = (
-        (targets[2].name, TARGET_NOKEY),
-        (targets[3].name, TARGET_KEY),
-    )
+    checks = ((NOKEY, TARGET_NOKEY), (KEY, TARGET_KEY), (LIMITED, TARGET_LIMITED))
     for name, target_ratio in checks:
-        ratio = results[name].requests_per_second / baseline if baseline else 0.0
-        verdict = "meets" if ratio >= target_ratio else "BELOW"
+        vs_nginx = ratio(name, baseline)
+        verdict = "meets" if vs_nginx >= target_ratio else "BELOW"
         print(
-            f"target: {name} >= {target_ratio:.2f} x nginx as proxy req/s: {ratio:.2f} x, {verdict}"
+            f"target: {name} >= {target_ratio:.2f} x nginx as proxy req/s: {vs_nginx:.2f} x, "
+            f"{verdict} ({ratio(name, floor):.2f} x the bare trio floor)"
         )
+    print()
+    print(f"{LIMITED}: answered with RateLimit-Policy: {usage.policy}")
+    print(usage.describe())
+    if not usage.ok:
+        flagged = True
     if triogate_log:
         flagged = True
         print()
         print("triogate logged problems during the run (warm-ups included):")
         print(triogate_log)
+    if bare_log:
+        flagged = True
+        print()
+        print("the bare trio proxy wrote to stderr during the run (warm-ups included):")
+        print(bare_log)
     if flagged:
         print()
         print("FLAGGED: errors during the run (see above); these figures are not a valid")

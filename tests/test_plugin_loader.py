@@ -212,7 +212,9 @@ def test_every_broken_plugin_is_reported_at_once(monkeypatch: pytest.MonkeyPatch
         discover()
     lines = info.value.lines()
     assert len(lines) == 3
-    assert lines[0] == "plugin no-phases: overrides no phase (access, upstream, response, log) nor bind"
+    assert lines[0] == (
+        "plugin no-phases: overrides no phase (access, upstream, response, log) nor bind"
+    )
     assert lines[1].startswith(
         "plugin gone: failed to load tests.no_such_module:Gone: ModuleNotFoundError("
     )
