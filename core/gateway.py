@@ -23,6 +23,7 @@ from .keys import KeyService
 from .pipeline import Pipeline
 from .plugin_loader import discover
 from .plugins.contract import Plugin, PluginEnv
+from .telemetry import Observer
 from .timeutil import Clock, system_clock
 
 __all__ = ["ActiveConfig", "Gateway", "open_gateway"]
@@ -62,6 +63,9 @@ class Gateway:
         self.pipeline: Pipeline | None = None
         # Plugin classes not installed as entry points (tests, triogate.testing).
         self.extra_plugins: tuple[type[Plugin[Any]], ...] = ()
+        # Told about every answered request, whichever pipeline (config)
+        # served it: metrics, the access log.
+        self.observers: list[Observer] = []
 
     def current_pipeline(self) -> Pipeline:
         assert self.pipeline is not None, "the data plane is not built"
@@ -83,7 +87,9 @@ class Gateway:
             clock=self.clock,
         )
         registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
-        return Pipeline(config, registry, env)
+        pipeline = Pipeline(config, registry, env)
+        pipeline.observers = self.observers  # shared: survives reloads
+        return pipeline
 
     @property
     def config(self) -> Config:

@@ -35,6 +35,7 @@ from triogate.plugin_loader import Chain, PluginLoadError, build_chain
 from triogate.plugins.contract import Context, Plugin, PluginEnv
 from triogate.ratelimit import headers_for
 from triogate.router import Match, Router
+from triogate.telemetry import Observer, RequestRecord
 from triogate.upstream import BadGateway, TargetPool, Upstream
 
 __all__ = ["Pipeline", "problem_response"]
@@ -42,6 +43,7 @@ __all__ = ["Pipeline", "problem_response"]
 log = logging.getLogger("triogate.pipeline")
 
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_CODE_RE = re.compile(rb'"code":"([A-Z_]+)"')
 _problem_encoder = msgspec.json.Encoder()
 _PROBLEM_CT = (b"content-type", b"application/problem+json")
 # Headers the gateway sets itself on the upstream request.
@@ -129,6 +131,8 @@ class Pipeline:
             raise ConfigError(errors, "config")
         self.max_body = config.server.max_request_body_bytes
         self.requests = 0
+        # Told about every request once it is answered (metrics, access log).
+        self.observers: list[Observer] = []
 
     def __repr__(self) -> str:
         return (
@@ -240,13 +244,45 @@ class Pipeline:
             raise BadGateway("upstream response too large to transform") from None
 
     async def after(self, ctx: Context, response: Response) -> None:
-        """The log phases, once the response has been sent. Never raises."""
+        """The log phases and the observers, once the response has been
+        sent. Never raises."""
         chain = self.chains[ctx.route.index] if ctx.route is not None else self.global_chain
         for phase in chain.log:
             try:
                 await phase(ctx, response)
             except Exception:
                 log.exception("log phase failed for request %s", ctx.request_id)
+        if self.observers:
+            record = self._record(ctx, response)
+            for observe in self.observers:
+                try:
+                    observe(record)
+                except Exception:
+                    log.exception("an observer failed for request %s", ctx.request_id)
+
+    def _record(self, ctx: Context, response: Response) -> RequestRecord:
+        route = ctx.route
+        status = response.status
+        if response.from_gateway:
+            code = _CODE_RE.search(response.content or b"")
+            outcome = code.group(1).decode("ascii") if code else "error"
+        else:
+            outcome = "upstream_error" if status >= 500 else "ok"
+        return RequestRecord(
+            at=time.time(),
+            request_id=ctx.request_id,
+            method=ctx.request.method,
+            path=ctx.request.path,
+            route=route.name if route is not None else None,
+            upstream=route.config.upstream if route is not None else None,
+            status=status,
+            outcome=outcome,
+            key_id=ctx.consumer.id if ctx.consumer is not None else None,
+            client_ip=ctx.client_ip,
+            duration_seconds=time.monotonic() - ctx.started_at,
+            upstream_seconds=ctx.state.get("upstream_seconds"),
+            retries=ctx.state.get("retries", 0),
+        )
 
     def _finish_headers(self, ctx: Context, response: Response, match: Match | None) -> None:
         headers = response.headers
@@ -274,12 +310,19 @@ class Pipeline:
         request = ctx.request
         body = request.body
         has_body = body.length is None or body.length > 0
-        return await upstream.send(
-            request.method,
-            lambda pool: self._head(ctx, pool, body if has_body else None),
-            body if has_body else None,
-            tried=ctx.state.get("tried_targets"),
-        )
+        started = time.monotonic()
+        try:
+            return await upstream.send(
+                request.method,
+                lambda pool: self._head(ctx, pool, body if has_body else None),
+                body if has_body else None,
+                tried=ctx.state.get("tried_targets"),
+            )
+        finally:
+            # Time to the answer's head, summed over tries (retries).
+            ctx.state["upstream_seconds"] = (
+                ctx.state.get("upstream_seconds", 0.0) + time.monotonic() - started
+            )
 
     def _head(self, ctx: Context, pool: TargetPool, body: Body | None) -> bytes:
         request = ctx.request

@@ -130,6 +130,7 @@ class Retry(Plugin[RetryConfig]):
                 await trio.sleep(delay)
                 attempt += 1
                 self.retries += 1
+                ctx.state["retries"] = attempt - 1
                 if replay is not None:
                     request.body = body_from_bytes(replay)
                 response, error = await self._try(call_next, deadline)
