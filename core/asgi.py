@@ -104,8 +104,10 @@ class GatewayASGI:
             await self._send(send, problem_response(exc, new_request_id()), method)
             return
         ctx, response = await pipeline.handle(request)
-        await self._send(send, response, method)
-        await pipeline.after(ctx, response)
+        try:
+            await self._send(send, response, method)
+        finally:
+            await pipeline.after(ctx, response)
 
     @staticmethod
     def _request(scope: Scope, receive: Receive, max_body: int) -> Request:

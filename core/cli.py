@@ -99,6 +99,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(config, source=args.config, worker=worker)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(
+        proxy_port=args.proxy_port,
+        admin_port=args.admin_port,
+        data_dir=args.data_dir,
+        print_config=args.print_config,
+    )
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     from .plugin_loader import discover
@@ -240,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the supervisor of server.workers > 1 for each worker it starts.
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
+
+    from .demo import DEFAULT_ADMIN_PORT, DEFAULT_DATA_DIR, DEFAULT_PROXY_PORT
+
+    p = sub.add_parser(
+        "demo",
+        help="the gateway on a bundled config and echo upstream, with keys and curl lines",
+    )
+    p.add_argument("--proxy-port", type=int, default=DEFAULT_PROXY_PORT, metavar="PORT")
+    p.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT, metavar="PORT")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="default: %(default)s")
+    p.add_argument("--print-config", action="store_true", help="print the bundled config, exit")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check-config", help="validate a config file, print every error")
     p.add_argument("file")

@@ -33,6 +33,7 @@ __all__ = [
     "ConfigError",
     "HealthCheckConfig",
     "KeysConfig",
+    "LogConfig",
     "RouteConfig",
     "ServerConfig",
     "StorageConfig",
@@ -166,10 +167,40 @@ class ApiVersionConfig(Struct, frozen=True, forbid_unknown_fields=True):
     sunset: Annotated[datetime, Meta(tz=True)] | None = None
 
 
+class LogConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+        Meta(description="the application log's threshold"),
+    ] = "INFO"
+    format: Annotated[
+        Literal["text", "json"],
+        Meta(description="application log lines on stderr: text, or one JSON object per line"),
+    ] = "text"
+    access_log: Annotated[
+        str | None,
+        Meta(description='one JSON line per request: "-" for stdout, a file path, "" for none'),
+    ] = "-"
+    access_log_queue: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=10_000_000,
+            description="access log lines waiting to be written; more are dropped (counted)",
+        ),
+    ] = 10_000
+
+    @property
+    def access_log_destination(self) -> str | None:
+        """Where access log lines go; None when there is no access log
+        (TOML has no null, so an empty string turns it off)."""
+        return self.access_log or None
+
+
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerConfig = ServerConfig()
     keys: KeysConfig = KeysConfig()
     storage: StorageConfig = StorageConfig()
+    log: LogConfig = LogConfig()
     plugins: PluginConfigs = {}
     upstreams: dict[str, UpstreamConfig] = {}
     routes: list[RouteConfig] = []

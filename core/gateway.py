@@ -23,6 +23,7 @@ from .keys import KeyService
 from .pipeline import Pipeline
 from .plugin_loader import discover
 from .plugins.contract import Plugin, PluginEnv
+from .reload import ConfigManager
 from .telemetry import Observer
 from .timeutil import Clock, system_clock
 
@@ -66,14 +67,18 @@ class Gateway:
         # Told about every answered request, whichever pipeline (config)
         # served it: metrics, the access log.
         self.observers: list[Observer] = []
+        self.configs = ConfigManager(self)
 
     def current_pipeline(self) -> Pipeline:
         assert self.pipeline is not None, "the data plane is not built"
         return self.pipeline
 
-    def build_pipeline(self, config: Config | None = None) -> Pipeline:
-        """A complete data plane for ``config`` (default: the active one).
-        Raises ConfigError listing every route or plugin problem."""
+    def build_pipeline(
+        self, config: Config | None = None, *, previous: Pipeline | None = None
+    ) -> Pipeline:
+        """A complete data plane for ``config`` (default: the active one),
+        keeping ``previous``'s unchanged upstreams. Raises ConfigError
+        listing every route or plugin problem."""
         config = config or self.config
         default = config.keys.default_rate_limit
         env = PluginEnv(
@@ -87,7 +92,7 @@ class Gateway:
             clock=self.clock,
         )
         registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
-        pipeline = Pipeline(config, registry, env)
+        pipeline = Pipeline(config, registry, env, previous=previous)
         pipeline.observers = self.observers  # shared: survives reloads
         return pipeline
 

@@ -380,12 +380,14 @@ class _Connection:
             await self._send_error(exc, pending.method)
             return False
         ctx, response = await pipeline.handle(request)
-        body_done = pending.complete and not pending.chunks
-        keep = pending.keep_alive and not self.listener.closing
-        if not body_done and keep:
-            keep = await self._drain(pending)
-        keep = await self._send_response(response, pending.method, pending.version, keep)
-        await pipeline.after(ctx, response)
+        try:
+            body_done = pending.complete and not pending.chunks
+            keep = pending.keep_alive and not self.listener.closing
+            if not body_done and keep:
+                keep = await self._drain(pending)
+            keep = await self._send_response(response, pending.method, pending.version, keep)
+        finally:
+            await pipeline.after(ctx, response)
         return keep
 
     async def _drain(self, pending: _Pending) -> bool:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
+import trio
 
 from triogate.config import Config, ConfigError
 from triogate.errors import FieldError, GatewayError, InternalError
@@ -96,6 +97,8 @@ class Pipeline:
         config: Config,
         registry: Mapping[str, type[Plugin[Any]]],
         env: PluginEnv,
+        *,
+        previous: Pipeline | None = None,
     ) -> None:
         self.config = config
         errors: list[FieldError] = []
@@ -103,7 +106,13 @@ class Pipeline:
             self.router = Router.compile(config.routes, config.api_versions)
         except ConfigError as exc:
             errors.extend(exc.errors)  # reported with the plugin errors below
-        self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
+        # A reload keeps every upstream whose settings did not change: its
+        # pools, breakers, health and retry budget carry over.
+        kept: dict[str, Upstream] = previous.upstreams if previous is not None else {}
+        self.upstreams: dict[str, Upstream] = {
+            name: kept[name] if name in kept and kept[name].config == cfg else Upstream(name, cfg)
+            for name, cfg in config.upstreams.items()
+        }
         self.chains: dict[int, Chain] = {}
         for i, route in enumerate(config.routes):
             try:
@@ -131,6 +140,8 @@ class Pipeline:
             raise ConfigError(errors, "config")
         self.max_body = config.server.max_request_body_bytes
         self.requests = 0
+        self.in_flight = 0  # handle() .. after(): a retired pipeline waits for 0
+        self._idle: trio.Event | None = None
         # Told about every request once it is answered (metrics, access log).
         self.observers: list[Observer] = []
 
@@ -139,6 +150,15 @@ class Pipeline:
             f"<Pipeline {len(self.chains)} routes, {len(self.upstreams)} upstreams, "
             f"{self.requests} requests>"
         )
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight on this pipeline."""
+        if self.in_flight:
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+        else:
+            await trio.lowlevel.checkpoint()
 
     def describe_routes(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -164,7 +184,17 @@ class Pipeline:
     # ---- per request -------------------------------------------------------
 
     async def handle(self, request: Request) -> tuple[Context, Response]:
+        """Answer one request. Every call that returns must be followed by
+        ``after`` (the front doors do it once the response is sent)."""
         self.requests += 1
+        self.in_flight += 1
+        try:
+            return await self._handle(request)
+        except BaseException:
+            self.in_flight -= 1
+            raise
+
+    async def _handle(self, request: Request) -> tuple[Context, Response]:
         sent_id = request.headers.get_raw(b"x-request-id")
         request_id = (
             sent_id.decode("ascii")
@@ -245,7 +275,10 @@ class Pipeline:
 
     async def after(self, ctx: Context, response: Response) -> None:
         """The log phases and the observers, once the response has been
-        sent. Never raises."""
+        sent (or its sending failed). Never raises."""
+        self.in_flight -= 1
+        if self._idle is not None and self.in_flight == 0:
+            self._idle.set()
         chain = self.chains[ctx.route.index] if ctx.route is not None else self.global_chain
         for phase in chain.log:
             try:

@@ -7,6 +7,8 @@ Nurseries, outermost first (after hypercorn's run.py):
   listeners  the proxy listener (its connections in its own nursery) and the
              admin listener (hypercorn + quart-trio).
 
+SIGHUP reloads the config file (see reload.py).
+
 Shutdown: SIGTERM/SIGINT (or ``Server.shutdown()``) sets one event; both
 listeners stop accepting, idle connections close, in-flight requests get
 ``shutdown_grace_seconds`` (then they are cancelled); then the storage writer
@@ -29,10 +31,13 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .admin.app import DrainUnreadBody, create_admin_app
 from .asgi import GatewayASGI
+from .audit import Actor
 from .config import Config, ConfigError
+from .errors import GatewayError
 from .gateway import Gateway, open_gateway
 from .health import run_health_checks
 from .listener import ProxyListener
+from .pipeline import Pipeline
 from .plugins.contract import Plugin
 
 __all__ = ["Server", "ServerInfo"]
@@ -95,6 +100,8 @@ class Server:
         self.proxy: ProxyListener | None = None
         self._shutdown = trio.Event()
         self.stopped = trio.Event()
+        self._tasks: trio.Nursery | None = None
+        self._health: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         state = "stopping" if self._shutdown.is_set() else "running" if self.gateway else "idle"
@@ -106,12 +113,41 @@ class Server:
     async def _watch_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self._reload_on_signal()
+                    continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 self.shutdown()
                 return
+
+    async def _reload_on_signal(self) -> None:
+        assert self.gateway is not None
+        try:
+            active = await self.gateway.configs.reload(Actor("signal:SIGHUP"))
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded; the old one keeps serving:\n%s", exc)
+        except GatewayError as exc:
+            log.error("SIGHUP: config not reloaded: %s", exc.detail)
+        else:
+            log.info("SIGHUP: config version %s is active", active.version)
+
+    def _on_reload(self, old: Pipeline, new: Pipeline) -> None:
+        """A new pipeline is live: restart the health checks for its
+        upstreams and retire the old pipeline once it is idle."""
+        assert self._tasks is not None and self.gateway is not None
+        if self._health is not None:
+            self._health.cancel()
+        self._health = trio.CancelScope()
+        self._tasks.start_soon(self._run_health_checks, new, self._health)
+        grace = self.config.server.shutdown_grace_seconds
+        self._tasks.start_soon(self.gateway.configs.retire, old, new, grace)
+
+    async def _run_health_checks(self, pipeline: Pipeline, scope: trio.CancelScope) -> None:
+        with scope:
+            await run_health_checks(pipeline.upstreams)
 
     async def run(
         self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED
@@ -128,14 +164,19 @@ class Server:
                 self.config.server, gw.current_pipeline, reuse_port=self.worker[1] > 1
             )
             try:
-                async with trio.open_nursery() as actors:
-                    # The actors outlive the listeners: their final flush
-                    # runs after the last request, before storage closes.
-                    await actors.start(gw.actors.run)
-                    await actors.start(run_health_checks, gw.current_pipeline().upstreams)
+                async with trio.open_nursery() as tasks:
+                    # The actors (and these config-bound tasks) outlive the
+                    # listeners: the final flush runs after the last
+                    # request, before storage closes.
+                    self._tasks = tasks
+                    await tasks.start(gw.actors.run)
+                    self._health = trio.CancelScope()
+                    tasks.start_soon(self._run_health_checks, gw.current_pipeline(), self._health)
+                    gw.configs.hooks.append(self._on_reload)
                     await self._serve(app, task_status)
-                    actors.cancel_scope.cancel()
+                    tasks.cancel_scope.cancel()
             finally:
+                self._tasks = None
                 gw.current_pipeline().close()
             log.info("listeners stopped; flushing storage")
         self.gateway = None

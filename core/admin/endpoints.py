@@ -18,6 +18,8 @@ from msgspec import Meta, Struct
 
 from triogate import __version__
 from triogate.audit import Actor
+from triogate.config import ConfigError
+from triogate.errors import ValidationError
 from triogate.gateway import Gateway
 from triogate.models import (
     AdminList,
@@ -63,10 +65,15 @@ class AuditQuery(Struct, forbid_unknown_fields=True):
     action: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
 
 
-class ConfigInfo(Struct):
+class ConfigVersion(Struct):
     version: str
     loaded_at: str
     source: str | None
+
+
+class ConfigInfo(ConfigVersion):
+    reloads: int
+    history: list[ConfigVersion]  # newest first, the active one included
 
 
 class PluginView(Struct):
@@ -216,13 +223,31 @@ async def cleanup(gw: Gateway, call: Call) -> Struct:
     return CleanupResult(expired=expired, purged=purged)
 
 
-async def get_config(gw: Gateway, call: Call) -> Struct:
-    active = gw.active
-    return ConfigInfo(
+def _version(active: Any) -> ConfigVersion:
+    return ConfigVersion(
         version=active.version,
         loaded_at=msgspec.json.encode(utc_required(active.loaded_at)).decode().strip('"'),
         source=active.source,
     )
+
+
+async def get_config(gw: Gateway, call: Call) -> Struct:
+    current = _version(gw.active)
+    return ConfigInfo(
+        version=current.version,
+        loaded_at=current.loaded_at,
+        source=current.source,
+        reloads=gw.configs.reloads,
+        history=[_version(a) for a in reversed(gw.configs.history)],
+    )
+
+
+async def reload_config(gw: Gateway, call: Call) -> Struct:
+    try:
+        await gw.configs.reload(call.actor)
+    except ConfigError as exc:
+        raise ValidationError(exc.errors, f"the config was not reloaded: {exc.source}") from None
+    return await get_config(gw, call)
 
 
 async def list_routes(gw: Gateway, call: Call) -> Struct:
@@ -377,6 +402,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "admin:system:maintenance",
         cleanup,
         response=CleanupResult,
+        tags=("system",),
+    ),
+    Endpoint(
+        "POST",
+        "/config/reload",
+        "Re-read the config file, validate it, swap it in atomically",
+        "admin:system:maintenance",
+        reload_config,
+        response=ConfigInfo,
         tags=("system",),
     ),
     Endpoint(
