@@ -160,7 +160,11 @@ class AccessLog:
         try:
             while True:
                 first = await self._receive.receive()
-                await self._write(*self._take(first))
+                # Taken records are written even if we are cancelled now
+                # (the thread cannot be interrupted anyway): none are lost
+                # between the queue and the drain.
+                with trio.CancelScope(shield=True):
+                    await self._write(*self._take(first))
         finally:
             self.running = False
             with trio.CancelScope(shield=True) as drain:

@@ -83,9 +83,12 @@ def _key_line(k: Any) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
     from .server import run_server
 
     config = _config_for(args)
+    # The served gateway logs as [log] says; --log-level still wins.
+    configure_logging(config.log, level=args.log_level)
     if args.server:
         config = msgspec.structs.replace(
             config, server=msgspec.structs.replace(config.server, proxy_server=args.server)
@@ -237,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triogate", description="An API gateway on trio.")
     parser.add_argument("--version", action="version", version=f"triogate {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: INFO; for serve, [log] level in the config",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -258,8 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the gateway on a bundled config and echo upstream, with keys and curl lines",
     )
-    p.add_argument("--proxy-port", type=int, default=DEFAULT_PROXY_PORT, metavar="PORT")
-    p.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT, metavar="PORT")
+    for name, default in (
+        ("--proxy-port", DEFAULT_PROXY_PORT),
+        ("--admin-port", DEFAULT_ADMIN_PORT),
+    ):
+        p.add_argument(name, type=int, default=default, metavar="PORT", help=f"default: {default}")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="default: %(default)s")
     p.add_argument("--print-config", action="store_true", help="print the bundled config, exit")
     p.set_defaults(func=cmd_demo)
@@ -344,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level,
+        level=args.log_level or "INFO",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -14,12 +14,14 @@ import msgspec
 
 from triogate.storage import RateLimit, Store, open_lmdb_store
 
+from .accesslog import AccessLog
 from .actors import ActorRegistry
 from .admins import AdminService
 from .audit import AuditLog
 from .config import Config, config_version
 from .crypto import ServerSecrets, load_secrets
 from .keys import KeyService
+from .metrics import Metrics
 from .pipeline import Pipeline
 from .plugin_loader import discover
 from .plugins.contract import Plugin, PluginEnv
@@ -67,6 +69,14 @@ class Gateway:
         # Told about every answered request, whichever pipeline (config)
         # served it: metrics, the access log.
         self.observers: list[Observer] = []
+        # Telemetry (observers above). The access log's writer task is run by
+        # the server, next to the actors; a reload keeps both ([log] is read
+        # once, at start).
+        self.access_log = AccessLog.from_config(config.log)
+        self.metrics = Metrics(self, access_log=self.access_log)
+        self.observers.append(self.metrics.observe)
+        if self.access_log is not None:
+            self.observers.append(self.access_log.observe)
         self.configs = ConfigManager(self)
 
     def current_pipeline(self) -> Pipeline:

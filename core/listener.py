@@ -181,10 +181,10 @@ class _Connection:
     __slots__ = (
         "_continue_sent",
         "client_ip",
+        "idle",
         "listener",
         "parsed",
         "requests",
-        "scope",
         "sock",
         "waited",
     )
@@ -197,14 +197,16 @@ class _Connection:
         cfg = listener.config
         self.parsed = _Parser(cfg.max_header_bytes, cfg.max_request_body_bytes)
         self.requests = 0
-        self.scope: trio.CancelScope | None = None
+        self.idle = False
         self._continue_sent = False
 
     async def _send_all(self, data: bytes | memoryview) -> None:
+        # A client that stops reading for body_timeout_seconds is dropped.
+        deadline = trio.current_time() + self.listener.config.body_timeout_seconds
         try:
-            if await sockio.send_all(self.sock, data):
+            if await sockio.send_all(self.sock, data, deadline):
                 self.waited = True
-        except OSError as exc:
+        except (OSError, trio.ClosedResourceError) as exc:
             raise ClientDisconnected() from exc
 
     def _feed(self, data: bytes) -> None:
@@ -227,7 +229,7 @@ class _Connection:
             raise ClientDisconnected() from exc
         try:
             data = await sockio.recv(self.sock, READ_SIZE, trio.current_time() + seconds)
-        except OSError as exc:
+        except (OSError, trio.ClosedResourceError) as exc:
             raise ClientDisconnected() from exc
         if data is None:
             raise RequestTimeout("the client was too slow")
@@ -273,19 +275,20 @@ class _Connection:
         None after ``idle_timeout_seconds`` or when shutdown closes the
         connection. Mid-head: RequestTimeout at the head's deadline."""
         self.waited = True
-        with trio.CancelScope() as scope:
-            if deadline is None:
-                self.scope = scope  # shutdown may close an idle connection
-                wait_until = trio.current_time() + self.listener.config.idle_timeout_seconds
-            else:
-                wait_until = deadline
-            try:
-                data = await sockio.recv(self.sock, READ_SIZE, wait_until)
-            except OSError as exc:
-                raise ClientDisconnected() from exc
-            finally:
-                self.scope = None
-        if scope.cancelled_caught or (data is None and deadline is None):
+        if deadline is None:
+            self.idle = True  # shutdown may close an idle connection
+            wait_until = trio.current_time() + self.listener.config.idle_timeout_seconds
+        else:
+            wait_until = deadline
+        try:
+            data = await sockio.recv(self.sock, READ_SIZE, wait_until)
+        except trio.ClosedResourceError:
+            return None  # interrupted by shutdown
+        except OSError as exc:
+            raise ClientDisconnected() from exc
+        finally:
+            self.idle = False
+        if data is None and deadline is None:
             return None
         if data is None:
             raise RequestTimeout("the request headers took too long")
@@ -596,5 +599,5 @@ class ProxyListener:
         if self._accept_scope is not None:
             self._accept_scope.cancel()
         for conn in list(self.connections):
-            if conn.scope is not None:
-                conn.scope.cancel()
+            if conn.idle:
+                sockio.interrupt(conn.sock)

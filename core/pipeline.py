@@ -129,6 +129,9 @@ class Pipeline:
             errors.extend(e for e in exc.errors if e not in errors)
             self.global_chain = Chain(())
         if not errors:
+            for upstream in self.upstreams.values():
+                for pool in upstream.pools:
+                    pool.breaker_bound = False
             for i, route in enumerate(config.routes):
                 upstream = self.upstreams[route.upstream]
                 for plugin in self.chains[i].plugins:
@@ -136,6 +139,10 @@ class Pipeline:
                         plugin.bind(route, upstream)
                     except ValueError as exc:
                         errors.append(FieldError(f"routes[{i}].plugins.{plugin.name}", str(exc)))
+            for upstream in self.upstreams.values():
+                for pool in upstream.pools:
+                    if not pool.breaker_bound:
+                        pool.breaker = None  # no route configures one any more
         if errors:
             raise ConfigError(errors, "config")
         self.max_body = config.server.max_request_body_bytes

@@ -170,6 +170,9 @@ class Server:
                     # request, before storage closes.
                     self._tasks = tasks
                     await tasks.start(gw.actors.run)
+                    if gw.access_log is not None:
+                        # Outlives the listeners too: drains the last lines.
+                        await tasks.start(gw.access_log.run)
                     self._health = trio.CancelScope()
                     tasks.start_soon(self._run_health_checks, gw.current_pipeline(), self._health)
                     gw.configs.hooks.append(self._on_reload)

@@ -150,7 +150,7 @@ class UpstreamConnection:
         sockio.close(self.sock)
 
     async def _send_all(self, data: bytes | memoryview) -> None:
-        await sockio.send_all(self.sock, data)
+        await sockio.send_all(self.sock, data, trio.current_time() + self.pool.send_timeout)
 
     async def _recv(self, read_timeout: float) -> bytes | None:
         """The next bytes from the upstream, or None after ``read_timeout``."""
@@ -281,6 +281,8 @@ class TargetPool:
         self.authority = f"{self.host}:{self.port}" if parts.port else self.host
         self.base_path = parts.path.rstrip("/")
         self.connect_timeout = connect_timeout
+        # An upstream that stops reading a request body is as good as gone.
+        self.send_timeout = 30.0
         self._idle: list[UpstreamConnection] = []
         self.active = 0
         self.opened = 0
@@ -288,6 +290,7 @@ class TargetPool:
         # Passive health: set by the circuit-breaker plugin (one per target).
         self.breaker: Breaker | None = None
         self.failure_policy: FailurePolicy = FailurePolicy()
+        self.breaker_bound = False  # bound by a plugin of the config being built
         # Active health: set by the health checker, if the upstream has one.
         self.healthy = True
 
@@ -418,6 +421,8 @@ class Upstream:
             TargetPool(url, connect_timeout=config.connect_timeout_seconds)
             for url in config.targets
         ]
+        for pool in self.pools:
+            pool.send_timeout = config.read_timeout_seconds
         self._balance = BALANCERS[config.balance]
         self.turn = -1
         self.in_flight = 0

@@ -90,9 +90,14 @@ class CircuitBreaker(Plugin[CircuitBreakerConfig]):
         )
 
     def bind(self, route: Any, upstream: Upstream) -> None:
-        """Give every target of the route's upstream a breaker (the first
-        route to configure one for a target sets its settings)."""
+        """Give every target of the route's upstream a breaker. The first
+        route of a config to do so sets its settings; a target that already
+        has a breaker with the same settings (a reload) keeps it, and its
+        state; changed settings give it a new one."""
         for pool in upstream.pools:
-            if pool.breaker is None:
+            if pool.breaker_bound:
+                continue
+            if pool.breaker is None or pool.breaker.settings != self.settings:
                 pool.breaker = Breaker(self.settings)
-                pool.failure_policy = self.policy
+            pool.failure_policy = self.policy
+            pool.breaker_bound = True

@@ -120,7 +120,7 @@ class Retry(Plugin[RetryConfig]):
             if attempt >= cfg.attempts or not isinstance(upstream, Upstream):
                 return self._give_up(response, error)
             delay = self._delay(attempt, response)
-            if trio.current_time() + delay >= deadline:
+            if delay is None or trio.current_time() + delay >= deadline:
                 return self._give_up(response, error)
             if not upstream.begin_retry(cfg.budget_ratio, cfg.budget_min_retries):
                 return self._give_up(response, error)  # the budget is spent
@@ -153,17 +153,19 @@ class Retry(Plugin[RetryConfig]):
         except (BadGateway, UpstreamTimeout) as exc:
             return None, exc
 
-    def _delay(self, attempt: int, response: Response | None) -> float:
+    def _delay(self, attempt: int, response: Response | None) -> float | None:
+        """Seconds to wait before the next try; None: do not retry (the
+        upstream asked for a longer pause than the cap allows)."""
         cfg = self.config
         if cfg.respect_retry_after and response is not None:
-            asked = retry_after(
-                response.headers.get_raw(b"retry-after"), cfg.backoff_cap_seconds, time.time()
-            )
+            header = response.headers.get_raw(b"retry-after")
+            asked = retry_after(header, cfg.backoff_cap_seconds, time.time())
             if asked is not None:
                 return asked
-        return backoff(
-            attempt, cfg.backoff_base_seconds, cfg.backoff_cap_seconds, self.random.random()
-        )
+            if header is not None and retry_after(header, math.inf, time.time()) is not None:
+                return None  # a valid Retry-After beyond the cap: respect it, give up
+        draw = self.random.random()
+        return backoff(attempt, cfg.backoff_base_seconds, cfg.backoff_cap_seconds, draw)
 
     @staticmethod
     def _give_up(response: Response | None, error: Exception | None) -> Response:

@@ -33,7 +33,7 @@ from triogate.gateway import Gateway
 from triogate.permissions import grants
 from triogate.validation import convert_all, decode_json_object
 
-from .endpoints import ENDPOINTS, Call, Endpoint
+from .endpoints import ENDPOINTS, Call, Endpoint, Raw
 from .openapi import build_openapi
 
 __all__ = ["MAX_ADMIN_BODY_BYTES", "DrainUnreadBody", "create_admin_app"]
@@ -89,6 +89,8 @@ def _view(gw: Gateway, ep: Endpoint) -> Any:
             assert isinstance(raw, bytes)
             body = convert_all(decode_json_object(raw), ep.request)
         result = await ep.handler(gw, Call(actor=actor, params=params, body=body, query=query))
+        if isinstance(result, Raw):
+            return Response(result.body, status=ep.status, content_type=result.content_type)
         return _json(result, ep.status)
 
     view.__name__ = ep.name

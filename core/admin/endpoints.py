@@ -45,7 +45,7 @@ from triogate.models import (
 )
 from triogate.timeutil import utc_required
 
-__all__ = ["ENDPOINTS", "Call", "Endpoint"]
+__all__ = ["ENDPOINTS", "Call", "Endpoint", "Raw"]
 
 Limit = Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")]
 Cursor = Annotated[str, Meta(max_length=200, description="next_cursor of the previous page")]
@@ -138,7 +138,16 @@ class Call:
     query: Any = None
 
 
-Handler = Callable[[Gateway, Call], Awaitable[Struct]]
+@dataclass(frozen=True)
+class Raw:
+    """A handler's answer that is not JSON (``GET /metrics``): sent as is.
+    Its endpoint says ``content_type`` so /openapi.json describes it."""
+
+    body: bytes
+    content_type: str
+
+
+Handler = Callable[[Gateway, Call], Awaitable[Struct | Raw]]
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,8 @@ class Endpoint:
     response: type[Struct] | None = None
     status: int = 200
     tags: tuple[str, ...] = field(default=())
+    # The success answer's media type; anything but JSON comes back as Raw.
+    content_type: str = "application/json"
 
     @property
     def name(self) -> str:
@@ -260,6 +271,11 @@ async def list_upstreams(gw: Gateway, call: Call) -> Struct:
     pipeline = gw.pipeline
     items = [u.statistics() for u in pipeline.upstreams.values()] if pipeline else []
     return msgspec.convert({"items": items}, UpstreamList)
+
+
+async def metrics(gw: Gateway, call: Call) -> Raw:
+    body, content_type = gw.metrics.render()
+    return Raw(body, content_type)
 
 
 async def health(gw: Gateway, call: Call) -> Struct:
@@ -442,5 +458,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "GET", "/health", "Liveness and readiness", None, health, response=Health, tags=("system",)
+    ),
+    Endpoint(
+        "GET",
+        "/metrics",
+        "Prometheus metrics (text exposition format 0.0.4), no key needed",
+        None,
+        metrics,
+        content_type="text/plain",
+        tags=("system",),
     ),
 )

@@ -35,6 +35,14 @@ def _query_parameters(ep: Endpoint, schemas: dict[str, Any]) -> list[dict[str, A
     ]
 
 
+def _content(ep: Endpoint) -> dict[str, Any]:
+    if ep.content_type != "application/json":
+        return {ep.content_type: {"schema": {"type": "string"}}}
+    if ep.response is None:
+        return {}
+    return {"application/json": {"schema": {"$ref": _REF.format(name=ep.response.__name__)}}}
+
+
 def build_openapi() -> dict[str, Any]:
     types: list[Any] = [Problem]
     for ep in ENDPOINTS:
@@ -47,18 +55,7 @@ def build_openapi() -> dict[str, Any]:
             "summary": ep.summary,
             "tags": list(ep.tags),
             "parameters": _query_parameters(ep, dict(schemas)),
-            "responses": {
-                str(ep.status): {
-                    "description": "OK",
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": _REF.format(name=ep.response.__name__)}
-                        }
-                    }
-                    if ep.response
-                    else {},
-                }
-            },
+            "responses": {str(ep.status): {"description": "OK", "content": _content(ep)}},
         }
         if "{id}" in ep.path:
             op["parameters"].append(
