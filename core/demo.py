@@ -57,6 +57,9 @@ shutdown_grace_seconds = 2
 [keys]
 prefix = "tg_"
 
+[log]
+access_log = ""                           # keep the terminal for the curl lines
+
 [plugins]                                 # global: every route
 request-id = {}                           # X-Request-ID on every response
 cors = { allow_origins = ["*"] }

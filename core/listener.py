@@ -504,6 +504,7 @@ class ProxyListener:
         self.connections: set[_Connection] = set()
         self.accepted = 0
         self._sock: socket.socket | None = None
+        self._address = ""
         self._accept_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
@@ -514,10 +515,7 @@ class ProxyListener:
 
     @property
     def address(self) -> str:
-        if self._sock is None:
-            return self.config.proxy_listen
-        host, port = self._sock.getsockname()[:2]
-        return f"{host}:{port}"
+        return self._address or self.config.proxy_listen
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -565,6 +563,8 @@ class ProxyListener:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         self._sock = listen = self._bind()
+        host, port = listen.getsockname()[:2]
+        self._address = f"{host}:{port}"
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(f"http://{self.address}")
@@ -573,6 +573,9 @@ class ProxyListener:
                         conn, client_ip = await self._accept(listen)
                         self.accepted += 1
                         nursery.start_soon(self._serve, conn, client_ip)
+                # Refuse new connections at once (not leave them in the
+                # backlog to be reset when the drain is over).
+                sockio.close(listen)
                 # Not accepting any more: in-flight requests finish (the
                 # nursery waits for them) unless the grace period ends first.
         finally:

@@ -17,8 +17,10 @@ has no request in flight (or after the shutdown grace period).
 
 Settings that need new sockets or another data directory (listen
 addresses, data_dir, workers, the proxy front door, the key prefix, the
-LMDB map size) cannot change in place: a reload that changes them is
-refused with those fields listed.
+LMDB map size, where the logs go) cannot change in place: a reload that
+changes them is refused with those fields listed. Everything else applies
+at once: routes, plugins, upstreams, the listener's timeouts and size caps,
+the shutdown grace, the actors' flush interval and idle time, the log level.
 
 The last ``HISTORY`` configs are kept with their version ids (a content
 hash) and load times; ``GET /config`` shows them.
@@ -58,6 +60,9 @@ _NEEDS_RESTART: Final = (
     ("server", "proxy_server"),
     ("keys", "prefix"),
     ("storage", "map_size_mb"),
+    ("log", "format"),
+    ("log", "access_log"),
+    ("log", "access_log_queue"),
 )
 
 ReloadHook = Callable[["Pipeline", "Pipeline"], None]
@@ -105,10 +110,13 @@ class ConfigManager:
             await trio.lowlevel.checkpoint()
             config = load_config(Path(source))
             errors = _needs_restart(gw.config, config)
+            old = gw.current_pipeline()
+            try:
+                new = gw.build_pipeline(config, previous=old)
+            except ConfigError as exc:
+                errors.extend(exc.errors)  # every problem at once, with the file's name
             if errors:
                 raise ConfigError(errors, source)
-            old = gw.current_pipeline()
-            new = gw.build_pipeline(config, previous=old)
             previous = gw.active
             gw.active = ActiveConfig(config, config_version(config), time.time(), source)
             gw.pipeline = new  # the swap: the next request uses the new config

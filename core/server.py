@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
@@ -138,6 +139,17 @@ class Server:
         """A new pipeline is live: restart the health checks for its
         upstreams and retire the old pipeline once it is idle."""
         assert self._tasks is not None and self.gateway is not None
+        config = new.config
+        # Settings that apply live: the listener's timeouts and caps, the
+        # grace, the actors' timing, the log level.
+        self.config = msgspec.structs.replace(
+            self.config, server=config.server, storage=config.storage, log=config.log
+        )
+        if self.proxy is not None:
+            self.proxy.config = config.server
+        self.gateway.actors.flush_interval = config.storage.flush_interval_seconds
+        self.gateway.actors.idle_timeout = config.storage.actor_idle_seconds
+        logging.getLogger().setLevel(config.log.level)
         if self._health is not None:
             self._health.cancel()
         self._health = trio.CancelScope()
