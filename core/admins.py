@@ -8,6 +8,7 @@ admin key is never an API key on the data plane, nor the reverse.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
 import msgspec
 
@@ -15,7 +16,15 @@ from triogate.storage import AdminRecord, ReadTxn, Store, Table, WriteTxn, codec
 
 from .audit import Actor, append_audit
 from .crypto import ServerSecrets
-from .errors import Conflict, InvalidKey, KeyRevoked, MissingKey, NotFound, ValidationError
+from .errors import (
+    Conflict,
+    Forbidden,
+    InvalidKey,
+    KeyRevoked,
+    MissingKey,
+    NotFound,
+    ValidationError,
+)
 from .ids import is_valid_id, new_id
 from .keyformat import KeyFormat
 from .keys import find_by_digest
@@ -27,13 +36,18 @@ from .models import (
     SetupRequest,
     SetupResult,
 )
-from .permissions import effective_permissions, unknown_permissions
+from .permissions import PERMISSIONS, effective_permissions, grants, unknown_permissions
 from .timeutil import Clock, system_clock, utc, utc_required
 
 __all__ = ["ADMIN_KEY_PREFIX", "AdminService", "Principal"]
 
 ADMIN_KEY_PREFIX = "tgadm_"
 _SETUP = b"setup"
+
+
+def _expand(permissions: Sequence[str]) -> list[str]:
+    """Every concrete permission the given ones (wildcards too) grant."""
+    return [p for p in PERMISSIONS if grants(permissions, p)]
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -127,13 +141,26 @@ class AdminService:
                 or next(txn.scan(Table.ADMINS), None) is not None
             )
 
-    async def create(self, req: CreateAdminRequest, actor: Actor) -> CreatedAdmin:
+    async def create(
+        self, req: CreateAdminRequest, actor: Actor, *, granter: Sequence[str] = ("*",)
+    ) -> CreatedAdmin:
+        """Create an admin. ``granter`` is what the creating admin may do: it
+        cannot hand out a permission it does not hold (no escalation from
+        ``admin:users:create`` to ``super_admin``). The CLI, root on the
+        data directory, passes ``*``."""
         if req.permissions is not None:
             bad = unknown_permissions(req.permissions)
             if bad:
                 raise ValidationError.single(
                     "permissions", f"unknown permissions: {', '.join(bad)}"
                 )
+        wanted = effective_permissions(req.role, req.permissions or ())
+        beyond = [p for p in _expand(wanted) if not grants(granter, p)]
+        if beyond:
+            raise Forbidden(
+                f"an admin cannot grant what it does not hold: {', '.join(beyond)}",
+                required_permission=beyond[0],
+            )
         now = self._clock()
         record, plaintext = self._new(
             name=req.name,

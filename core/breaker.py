@@ -125,6 +125,7 @@ class Breaker:
 
     def snapshot(self, now: float) -> BreakerSnapshot:
         self._fire(Event.TICK, now)
+        self._forget_before(now - self.settings.window_seconds)
         failures = sum(1 for _, failed in self._outcomes if failed)
         return BreakerSnapshot(
             state=self.state.value,
@@ -148,14 +149,18 @@ class Breaker:
         if handler is not None:
             handler(self, now)
 
+    def _forget_before(self, cutoff: float) -> None:
+        window = self._outcomes
+        while window and window[0][0] <= cutoff:
+            window.popleft()
+
     # ---- handlers (the table's cells) -----------------------------------------
 
     def _closed_outcome(self, now: float, failed: bool) -> None:
         s = self.settings
         window = self._outcomes
         window.append((now, failed))
-        while window and window[0][0] <= now - s.window_seconds:
-            window.popleft()
+        self._forget_before(now - s.window_seconds)
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         if self.consecutive_failures >= s.failure_threshold:
             self._open(now, s.open_seconds)

@@ -53,7 +53,11 @@ Seconds = Annotated[float, Meta(ge=0, le=86400)]
 PositiveSeconds = Annotated[float, Meta(gt=0, le=86400)]
 Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 TargetUrl = Annotated[
-    str, Meta(pattern=r"^https?://[^/\s]+(/[^\s]*)?$", description="http://host:port")
+    str,
+    Meta(
+        pattern=r"^http://[^/\s]+(/[^\s]*)?$",
+        description="http://host:port[/base path] (TLS to upstreams is not supported yet)",
+    ),
 ]
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 PluginConfigs = dict[str, dict[str, Any]]

@@ -10,7 +10,7 @@ re-encoding every header of every request would be pure overhead. The
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Final
 
 from triogate.errors import BadRequest
@@ -147,12 +147,21 @@ class Body:
     """A request or response body: an async stream of chunks, with the length
     when it is known. ``read()`` buffers it (use only with a size cap)."""
 
-    __slots__ = ("_chunks", "_consumed", "length")
+    __slots__ = ("_chunks", "_consumed", "_on_close", "length")
 
-    def __init__(self, chunks: AsyncIterator[bytes], length: int | None) -> None:
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        length: int | None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self._chunks = chunks
         self._consumed = False
         self.length = length
+        # Called by aclose(): an async generator that never started runs no
+        # finally block when closed, so whatever it holds (an upstream
+        # connection) is given back here instead. Must be idempotent.
+        self._on_close = on_close
 
     def __repr__(self) -> str:
         return f"<Body length={self.length} consumed={self._consumed}>"
@@ -173,6 +182,8 @@ class Body:
         aclose = getattr(self._chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+        if self._on_close is not None:
+            self._on_close()
 
     async def read(self, limit: int) -> bytes:
         """The whole body; ``ValueError`` if it is longer than ``limit``."""

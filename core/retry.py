@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import Collection
+from datetime import UTC
 
 __all__ = ["IDEMPOTENT", "backoff", "may_retry", "retry_after"]
 
@@ -33,13 +34,15 @@ def retry_after(value: bytes | None, cap: float, now: float) -> float | None:
     if value is None:
         return None
     text = value.decode("latin-1").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # not "²": Unicode digits are no seconds
         seconds = float(text)
     else:
         try:
             when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, IndexError):
             return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)  # an HTTP-date is always GMT
         seconds = when.timestamp() - now
     if seconds < 0:
         return 0.0

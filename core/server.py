@@ -120,9 +120,13 @@ class Server:
                 if signum == signal.SIGHUP:
                     await self._reload_on_signal()
                     continue
+                if self._shutdown.is_set():
+                    # Keep the handler installed: a second signal (systemd
+                    # signals the whole group) must not kill the drain.
+                    log.info("received %s again: still draining", signal.Signals(signum).name)
+                    continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 self.shutdown()
-                return
 
     async def _reload_on_signal(self) -> None:
         assert self.gateway is not None

@@ -71,8 +71,15 @@ def run_supervisor(config_path: str | None, workers: int, server: str | None) ->
             if w.proc is not None and w.proc.poll() is None:
                 w.proc.send_signal(signum)
 
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        # Every worker reloads the file itself (each validates it the same way).
+        for w in pool:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGHUP)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     for w in pool:
         w.start()
     print(f"triogate: supervising {workers} workers", flush=True)

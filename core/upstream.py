@@ -135,13 +135,14 @@ class _ResponseParser:
 
 
 class UpstreamConnection:
-    __slots__ = ("idle_since", "pool", "requests", "sock")
+    __slots__ = ("idle_since", "pool", "requests", "returned", "sock")
 
     def __init__(self, sock: socket.socket, pool: TargetPool) -> None:
         self.sock = sock
         self.pool = pool
         self.requests = 0
         self.idle_since = 0.0
+        self.returned = True  # no exchange under way
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection to {self.pool.authority} after {self.requests} requests>"
@@ -165,6 +166,7 @@ class UpstreamConnection:
     ) -> Response:
         """Send one request and return the response (body still streaming)."""
         self.requests += 1
+        self.returned = False
         reused = self.requests > 1
         try:
             if body is None or body.length == 0:
@@ -218,14 +220,18 @@ class UpstreamConnection:
         keep_alive = parsed.keep_alive
         if parsed.complete:
             content = b"".join(parsed.body)
-            self.pool.release(self, reusable=keep_alive)
+            self._give_back(keep_alive)
             return Response(status, headers, content=content)
         length_raw = headers.get_raw(b"content-length")
         length = int(length_raw) if length_raw is not None and length_raw.isdigit() else None
         return Response(
             status,
             headers,
-            body=Body(self._stream(parsed, read_timeout, keep_alive), length),
+            body=Body(
+                self._stream(parsed, read_timeout, keep_alive),
+                length,
+                on_close=lambda: self._give_back(False),
+            ),
         )
 
     async def _stream(
@@ -254,10 +260,13 @@ class UpstreamConnection:
                 except httptools.HttpParserError as exc:
                     raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
         finally:
-            if done:
-                self.pool.release(self, reusable=keep_alive)
-            else:
-                self.pool.release(self, reusable=False)
+            self._give_back(done and keep_alive)
+
+    def _give_back(self, reusable: bool) -> None:
+        """Return the connection after a streamed answer, once only."""
+        if not self.returned:
+            self.returned = True
+            self.pool.release(self, reusable=reusable)
 
     @staticmethod
     def _close_delimited(parsed: _ResponseParser) -> bool:

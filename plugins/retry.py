@@ -53,7 +53,13 @@ class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         float, Meta(ge=0, le=600, description="largest back-off, and largest Retry-After honoured")
     ] = 2.0
     respect_retry_after: Annotated[
-        bool, Meta(description="wait as long as the upstream's Retry-After says, within the cap")
+        bool,
+        Meta(
+            description=(
+                "wait as long as the upstream's Retry-After says, within the cap; "
+                "a longer one ends retrying"
+            )
+        ),
     ] = True
     per_try_timeout_seconds: Annotated[
         Annotated[float, Meta(gt=0, le=3600)] | None,

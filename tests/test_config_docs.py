@@ -57,6 +57,7 @@ _HEADING_RE = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
 _ROW_RE = re.compile(r"^\|\s*`([A-Za-z_][A-Za-z0-9_]*)`\s*\|")
 _TOML_BLOCK_RE = re.compile(r"^```toml\n(.*?)^```", re.DOTALL | re.MULTILINE)
 _CODE_BLOCK_RE = re.compile(r"^```[a-z]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
+_CODE_SPAN_RE = re.compile(r"`([^`\n]+)`")
 _ENV_RE = re.compile(r"^(TRIOGATE_[A-Za-z0-9_]+__[A-Za-z0-9_]+)=(.*)$")
 REQUIRED = object()
 
@@ -396,10 +397,39 @@ def test_documented_environment_overrides_work() -> None:
         assert got == expected, f"{name}={value!r} gave {got!r}"
 
 
-def test_restart_only_settings_are_in_the_reload_section() -> None:
+def _restart_only() -> set[str]:
+    return {f"{section}.{name}" for section, name in _NEEDS_RESTART}
+
+
+def test_the_reload_section_lists_exactly_the_restart_only_settings() -> None:
     section = _section_text(_docs(), RELOAD_HEADING)
-    missing = [f"{s}.{f}" for s, f in _NEEDS_RESTART if f"`{s}.{f}`" not in section]
+    refused = [line for line in section.splitlines() if "**refused**" in line]
+    assert len(refused) == 1, f"{RELOAD_HEADING!r}: expected one table row saying **refused**"
+    listed = set(_CODE_SPAN_RE.findall(refused[0].split("**refused**")[0]))
+    missing = sorted(_restart_only() - listed)
     assert not missing, (
-        f"docs/configuration.md, {RELOAD_HEADING!r}: restart-only settings "
-        f"(triogate.reload._NEEDS_RESTART) not listed: {missing}"
+        f"{RELOAD_HEADING!r}: restart-only settings (triogate.reload._NEEDS_RESTART) "
+        f"not in the refused row: {missing}"
     )
+    extra = sorted(listed - _restart_only())
+    assert not extra, (
+        f"{RELOAD_HEADING!r}: the refused row lists settings a reload changes: {extra}"
+    )
+
+
+@pytest.mark.parametrize(
+    "section", [s for s in SECTIONS.values() if len(s.steps) == 1], ids=lambda s: s.heading
+)
+def test_each_setting_says_reload_or_restart(section: Section) -> None:
+    """In the first-level tables ([server], [keys], ...) every description
+    ends in "Reload" or "Restart", as core/reload.py decides."""
+    rows = _rows(section)
+    wrong = []
+    for field in msgspec.structs.fields(section.struct):
+        if field.name not in rows:
+            continue  # test_every_setting_has_a_row reports it
+        description = rows[field.name][3].rstrip(" .")
+        expected = "Restart" if f"{section.steps[0]}.{field.name}" in _restart_only() else "Reload"
+        if not description.endswith(expected):
+            wrong.append(f"{field.name} (should end in {expected!r})")
+    assert not wrong, f"docs/configuration.md, section {section.heading}: {wrong}"

@@ -72,6 +72,7 @@ def _bearer() -> str | None:
 def _view(gw: Gateway, ep: Endpoint) -> Any:
     async def view(**params: str) -> Response:
         actor = Actor("anonymous", request.remote_addr)
+        permissions: tuple[str, ...] = ()
         if ep.permission is not None:
             principal = gw.admins.authenticate(_bearer())
             if not grants(principal.permissions, ep.permission):
@@ -79,6 +80,7 @@ def _view(gw: Gateway, ep: Endpoint) -> Any:
                     f"this admin lacks {ep.permission}", required_permission=ep.permission
                 )
             actor = Actor(principal.id, request.remote_addr)
+            permissions = principal.permissions
         query = None
         if ep.query is not None:
             raw_query = {k: request.args.get(k) for k in request.args}
@@ -88,7 +90,8 @@ def _view(gw: Gateway, ep: Endpoint) -> Any:
             raw = await request.get_data(as_text=False)
             assert isinstance(raw, bytes)
             body = convert_all(decode_json_object(raw), ep.request)
-        result = await ep.handler(gw, Call(actor=actor, params=params, body=body, query=query))
+        call = Call(actor=actor, params=params, body=body, query=query, permissions=permissions)
+        result = await ep.handler(gw, call)
         if isinstance(result, Raw):
             return Response(result.body, status=ep.status, content_type=result.content_type)
         return _json(result, ep.status)

@@ -136,6 +136,7 @@ class Call:
     params: dict[str, str]
     body: Any = None
     query: Any = None
+    permissions: tuple[str, ...] = ()  # what the calling admin may do
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ async def key_usage(gw: Gateway, call: Call) -> Struct:
 
 
 async def create_admin(gw: Gateway, call: Call) -> Struct:
-    return await gw.admins.create(call.body, call.actor)
+    return await gw.admins.create(call.body, call.actor, granter=call.permissions)
 
 
 async def list_admins(gw: Gateway, call: Call) -> Struct:
