@@ -323,6 +323,9 @@ admin_listen = "{HOST}:0"
 data_dir = {q(str(data_dir))}
 shutdown_grace_seconds = 1
 
+[log]
+access_log = ""  # as the nginx peers run: access_log off
+
 [upstreams.nginx]
 targets = ["http://{HOST}:{upstream_port}"]
 

@@ -68,6 +68,9 @@ _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
 
 
+_NOT_FORWARDED = HOP_BY_HOP | _REPLACED
+
+
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
@@ -89,6 +92,13 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     if value is None:
         return frozenset()
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
+    """``base`` plus the headers the message's ``Connection`` names (no new
+    set when there is no Connection header, the common case)."""
+    tokens = _connection_tokens(headers)
+    return base | tokens if tokens else base
 
 
 class Pipeline:
@@ -328,7 +338,7 @@ class Pipeline:
         headers = response.headers
         raw = headers.raw
         if raw:
-            drop = HOP_BY_HOP | _connection_tokens(headers)
+            drop = _drop_set(headers, HOP_BY_HOP)
             if any(k in drop for k, _ in raw):
                 headers.raw = raw = [(k, v) for k, v in raw if k not in drop]
         if ctx.response_headers:
@@ -369,7 +379,7 @@ class Pipeline:
         path = pool.base_path + ctx.upstream_path
         target = f"{path}?{request.query}" if request.query else path
         headers = request.headers
-        drop = HOP_BY_HOP | _REPLACED | _connection_tokens(headers)
+        drop = _drop_set(headers, _NOT_FORWARDED)
         lines = [
             f"{request.method} {target} HTTP/1.1\r\nhost: {pool.authority}\r\n".encode("latin-1")
         ]
