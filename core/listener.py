@@ -202,9 +202,8 @@ class _Connection:
 
     async def _send_all(self, data: bytes | memoryview) -> None:
         # A client that stops reading for body_timeout_seconds is dropped.
-        deadline = trio.current_time() + self.listener.config.body_timeout_seconds
         try:
-            if await sockio.send_all(self.sock, data, deadline):
+            if await sockio.send_all(self.sock, data, self.listener.config.body_timeout_seconds):
                 self.waited = True
         except (OSError, trio.ClosedResourceError) as exc:
             raise ClientDisconnected() from exc

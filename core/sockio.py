@@ -99,11 +99,11 @@ async def _park(sock: socket.socket, deadline: float | None, *, write: bool) -> 
 
 
 async def send_all(
-    sock: socket.socket, data: bytes | memoryview, deadline: float | None = None
+    sock: socket.socket, data: bytes | memoryview, stall_seconds: float | None = None
 ) -> bool:
     """Write everything; True if the task had to wait (it checkpointed).
-    Raises TimeoutError if ``deadline`` (trio time) passes while the peer
-    is not reading."""
+    Raises TimeoutError if the peer reads nothing for ``stall_seconds``
+    (the clock is only read when the kernel's buffer is full)."""
     waited = False
     view = memoryview(data)
     while view:
@@ -111,6 +111,7 @@ async def send_all(
             sent = sock.send(view)
         except BlockingIOError:
             waited = True
+            deadline = None if stall_seconds is None else trio.current_time() + stall_seconds
             if not await _park(sock, deadline, write=True):
                 raise TimeoutError("the peer stopped reading") from None
             continue

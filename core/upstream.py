@@ -151,7 +151,7 @@ class UpstreamConnection:
         sockio.close(self.sock)
 
     async def _send_all(self, data: bytes | memoryview) -> None:
-        await sockio.send_all(self.sock, data, trio.current_time() + self.pool.send_timeout)
+        await sockio.send_all(self.sock, data, self.pool.send_timeout)
 
     async def _recv(self, read_timeout: float) -> bytes | None:
         """The next bytes from the upstream, or None after ``read_timeout``."""
@@ -331,10 +331,11 @@ class TargetPool:
         if self.breaker is not None:
             self.breaker.record(self.failure_policy.failed(status, error), now)
 
-    async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
+    async def acquire(self, *, fresh: bool = False, now: float | None = None) -> UpstreamConnection:
         self.active += 1
         try:
-            now = trio.current_time()
+            if now is None:
+                now = trio.current_time()
             while not fresh and self._idle:
                 conn = self._idle.pop()
                 # A connection used moments ago is alive; one that idled a
@@ -491,7 +492,7 @@ class Upstream:
             tried.add(pool.url)
         self.in_flight += 1
         try:
-            response = await self._exchange(pool, method, head_for(pool), body)
+            response = await self._exchange(pool, method, head_for(pool), body, now)
         except UpstreamTimeout:
             pool.record(trio.current_time(), error="timeout")
             raise
@@ -505,13 +506,14 @@ class Upstream:
             raise
         finally:
             self.in_flight -= 1
-        pool.record(trio.current_time(), status=response.status)
+        if pool.breaker is not None:
+            pool.record(trio.current_time(), status=response.status)
         return response
 
     async def _exchange(
-        self, pool: TargetPool, method: str, head: bytes, body: Body | None
+        self, pool: TargetPool, method: str, head: bytes, body: Body | None, now: float
     ) -> Response:
-        conn = await pool.acquire()
+        conn = await pool.acquire(now=now)
         try:
             return await conn.exchange(method, head, body, self.config.read_timeout_seconds)
         except _StaleConnection:
