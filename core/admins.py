@@ -222,10 +222,9 @@ class AdminService:
             raise MissingKey("an admin key is required: Authorization: Bearer <admin key>")
         if not self.format.is_well_formed(plaintext):
             raise InvalidKey("malformed admin key")
-        with self._store.read() as txn:
-            found = find_by_digest(
-                txn, self._secrets.hmac, plaintext, Table.ADMIN_DIGESTS, Table.ADMINS
-            )
+        found = find_by_digest(
+            self._store, self._secrets.hmac, plaintext, Table.ADMIN_DIGESTS, Table.ADMINS
+        )
         if found is not None:
             raw, digest, _ = found
             record = codec.admin.decode(raw)

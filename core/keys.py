@@ -70,18 +70,16 @@ _OWNER_TAG = "owner"
 
 
 def find_by_digest(
-    txn: ReadTxn, keyring: HmacKeyring, plaintext: str, index: Table, table: Table
+    store: Store, keyring: HmacKeyring, plaintext: str, index: Table, table: Table
 ) -> tuple[bytes, bytes, int] | None:
     """The stored record whose digest of ``plaintext`` is in ``index``, trying
     the current HMAC version first, then older ones: (record bytes, digest,
     version), or None. Shared by API keys and admin keys."""
     for version in keyring.versions:
         digest = keyring.digest(plaintext, version)
-        record_id = txn.get(index, digest)
-        if record_id is None:
-            continue
-        raw = txn.get(table, record_id)
-        return None if raw is None else (raw, digest, version)
+        raw = store.get_through(index, digest, table)
+        if raw is not None:
+            return raw, digest, version
     return None
 
 
@@ -258,8 +256,7 @@ class KeyService:
         if not self.format.is_well_formed(plaintext):
             return None, False
         keyring = self._secrets.hmac
-        with self._store.read() as txn:
-            found = find_by_digest(txn, keyring, plaintext, Table.KEY_DIGESTS, Table.KEYS)
+        found = find_by_digest(self._store, keyring, plaintext, Table.KEY_DIGESTS, Table.KEYS)
         if found is None:
             return None, False
         raw, digest, version = found

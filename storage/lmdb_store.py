@@ -150,6 +150,18 @@ class LmdbStore:
         """A read snapshot, for use in ``with``: ``with store.read() as txn``."""
         return _LmdbTxn(self._env.begin(buffers=False), self._dbs)
 
+    def get_through(self, index: Table, key: bytes, table: Table) -> bytes | None:
+        dbs = self._dbs
+        txn = self._env.begin(buffers=False)
+        try:
+            found = txn.get(key, db=dbs[index])
+            if found is None:
+                return None
+            raw: bytes | None = txn.get(found, db=dbs[table])
+            return raw
+        finally:
+            txn.abort()
+
     async def write(self, fn: Callable[[_LmdbTxn], T]) -> T:
         job = _Job(fn)
         await self._send.send(job)

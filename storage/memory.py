@@ -112,6 +112,10 @@ class MemoryStore:
     def read(self) -> _MemoryTxn:
         return _MemoryTxn(self._tables, None)
 
+    def get_through(self, index: Table, key: bytes, table: Table) -> bytes | None:
+        found = self._tables[index].data.get(key)
+        return None if found is None else self._tables[table].data.get(found)
+
     async def write(self, fn: Callable[[_MemoryTxn], T]) -> T:
         await trio.lowlevel.checkpoint()
         undo: list[tuple[Table, bytes, bytes | None]] = []
