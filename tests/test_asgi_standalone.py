@@ -1,0 +1,77 @@
+"""``hypercorn triogate.asgi:app`` on its own: the ASGI lifespan opens the
+gateway from TRIOGATE_CONFIG, and requests go through the same pipeline."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.helpers_process import clean_env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not come up")
+
+
+def test_hypercorn_serves_the_pipeline(tmp_path: Path) -> None:
+    echo_port, port = _free_port(), _free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"""
+[server]
+data_dir = "{tmp_path / "data"}"
+[log]
+access_log = ""
+[upstreams.echo]
+targets = ["http://127.0.0.1:{echo_port}"]
+[[routes]]
+name = "echo"
+path = "/e/{{rest:path}}"
+upstream = "echo"
+upstream_path = "/{{rest}}"
+"""
+    )
+    echo = subprocess.Popen([sys.executable, "-m", "triogate.echo", str(echo_port)])
+    hyper = subprocess.Popen(
+        [
+            sys.executable, "-m", "hypercorn", "--worker-class", "trio",
+            "-b", f"127.0.0.1:{port}", "triogate.asgi:app",
+        ],  # fmt: skip
+        env=clean_env({"TRIOGATE_CONFIG": str(config)}),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait(f"http://127.0.0.1:{port}/nowhere")
+        r = httpx.get(f"http://127.0.0.1:{port}/e/hello?x=1", timeout=5)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["path"], body["query"]) == ("/hello", "x=1")
+        assert body["headers"]["x-forwarded-for"] == "127.0.0.1"
+        r = httpx.get(f"http://127.0.0.1:{port}/nowhere", timeout=5)
+        assert r.status_code == 404
+        assert r.json()["code"] == "ROUTE_NOT_FOUND"
+    finally:
+        hyper.terminate()
+        echo.terminate()
+        hyper.wait(10)
+        echo.wait(10)
+    assert hyper.stderr is not None
+    assert b"Traceback" not in hyper.stderr.read()
