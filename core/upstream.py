@@ -101,6 +101,12 @@ class _ResponseParser:
     )
 
     def __init__(self, skip_body: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.reset(skip_body)
+
+    def reset(self, skip_body: bool) -> None:
+        """Ready for the next response on the same keep-alive connection
+        (llhttp itself is ready once the previous message completed)."""
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
         self.complete = False
@@ -109,7 +115,6 @@ class _ResponseParser:
         self.head_bytes = 0
         self.skip_body = skip_body
         self.keep_alive = False
-        self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
@@ -135,7 +140,7 @@ class _ResponseParser:
 
 
 class UpstreamConnection:
-    __slots__ = ("idle_since", "pool", "requests", "returned", "sock")
+    __slots__ = ("idle_since", "parsed", "pool", "requests", "returned", "sock")
 
     def __init__(self, sock: socket.socket, pool: TargetPool) -> None:
         self.sock = sock
@@ -143,6 +148,7 @@ class UpstreamConnection:
         self.requests = 0
         self.idle_since = 0.0
         self.returned = True  # no exchange under way
+        self.parsed: _ResponseParser | None = None
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection to {self.pool.authority} after {self.requests} requests>"
@@ -187,7 +193,14 @@ class UpstreamConnection:
                 raise _StaleConnection() from exc
             raise BadGateway(f"upstream connection failed while sending: {exc}") from exc
 
-        parsed = _ResponseParser(skip_body=method == "HEAD")
+        skip_body = method == "HEAD"
+        parsed = self.parsed
+        if parsed is None or parsed.skip_body:
+            # A fresh parser the first time, and after a response to HEAD:
+            # llhttp was told nothing of that one's missing body.
+            parsed = self.parsed = _ResponseParser(skip_body)
+        else:
+            parsed.reset(skip_body)
         received_any = False
         try:
             while not parsed.headers_done:
