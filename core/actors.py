@@ -327,6 +327,16 @@ class KeyActor:
         self.dirty = False
         return delta
 
+    def restore_delta(self, delta: tuple[int, list[int], int, float | None]) -> None:
+        """A flush of ``delta`` failed: take the counters back, to be
+        written with the next flush."""
+        requests, by_class, taken, _ = delta
+        self.requests += requests
+        self.flushed_requests -= requests
+        self.by_class = [a + b for a, b in zip(self.by_class, by_class, strict=True)]
+        self.taken += taken
+        self._touch()
+
     def limiter_state(self) -> dict[str, float]:
         if self.registry.workers > 1:
             return {}  # each worker counts its own share: nothing to share
@@ -459,18 +469,31 @@ class ActorRegistry:
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
-                await self.flush(list(self._dirty.values()))
+                try:
+                    await self.flush(list(self._dirty.values()))
+                except Exception:
+                    log.exception("the final flush failed")
 
     async def _flusher(self) -> None:
+        failures = 0
         while True:
-            await trio.sleep(self.flush_interval)
+            # After a failed flush (disk full, say), back off: the counts
+            # are kept and retried, and the gateway goes on serving.
+            await trio.sleep(self.flush_interval * min(2**failures, 60))
             if self._dirty:
-                await self.flush(list(self._dirty.values()))
+                try:
+                    await self.flush(list(self._dirty.values()))
+                    failures = 0
+                except Exception:
+                    failures += 1
 
     async def _sweeper(self) -> None:
         while True:
             await trio.sleep(min(self.idle_timeout, max(self.flush_interval, 1.0)))
-            await self.evict_idle()
+            try:
+                await self.evict_idle()
+            except Exception:
+                log.exception("evicting idle actors failed; will try again")
 
     async def evict_idle(self) -> int:
         cutoff = self.clock() - self.idle_timeout
@@ -575,8 +598,11 @@ class ActorRegistry:
             return
         async with self._flush_lock:
             batch = []
+            deltas = []
             for actor in actors:
-                requests, by_class, taken, last_used = actor.take_delta()
+                delta = actor.take_delta()
+                deltas.append(delta)
+                requests, by_class, taken, last_used = delta
                 batch.append(
                     (
                         actor.key.encode(),
@@ -645,7 +671,9 @@ class ActorRegistry:
             try:
                 balances = await self.store.write(write)
             except Exception:
-                log.exception("flushing %d actors failed; their counts are lost", len(batch))
+                log.exception("flushing %d actors failed; keeping their counts", len(batch))
+                for actor, delta in zip(actors, deltas, strict=True):
+                    actor.restore_delta(delta)
                 raise
             for actor in actors:
                 stored = balances.get(actor.key.encode())

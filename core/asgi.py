@@ -26,7 +26,7 @@ from typing import Any
 from triogate.config import load_config
 from triogate.errors import GatewayError, PayloadTooLarge
 from triogate.gateway import Gateway, open_gateway
-from triogate.http import Body, Headers, Request, Response, check_target
+from triogate.http import Body, ClientDisconnected, Headers, Request, Response, check_target
 from triogate.pipeline import Pipeline, new_request_id, problem_response
 
 __all__ = ["GatewayASGI", "app"]
@@ -103,7 +103,10 @@ class GatewayASGI:
         except GatewayError as exc:
             await self._send(send, problem_response(exc, new_request_id()), method)
             return
-        ctx, response = await pipeline.handle(request)
+        try:
+            ctx, response = await pipeline.handle(request)
+        except ClientDisconnected:
+            return  # nobody left to answer
         try:
             await self._send(send, response, method)
         finally:
@@ -112,8 +115,9 @@ class GatewayASGI:
     @staticmethod
     def _request(scope: Scope, receive: Receive, max_body: int) -> Request:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("ascii", "strict")
-        query: bytes = scope.get("query_string", b"")
-        path, _ = check_target(raw_path)
+        query_bytes: bytes = scope.get("query_string", b"")
+        # The same checks and normalisation as the native listener.
+        path, query = check_target(raw_path + (b"?" + query_bytes if query_bytes else b""))
         headers = Headers([(bytes(k).lower(), bytes(v)) for k, v in scope["headers"]])
         length: int | None = None
         raw_length = headers.get_raw(b"content-length")
@@ -127,7 +131,7 @@ class GatewayASGI:
         return Request(
             method=scope["method"],
             path=path,
-            query=query.decode("ascii", "replace"),
+            query=query,
             headers=headers,
             body=Body(_body(receive, max_body), length),
             client_ip=client[0],
@@ -154,12 +158,16 @@ class GatewayASGI:
             headers.append((b"content-length", b"%d" % len(content or b"")))
         elif body.length is not None:
             headers.append((b"content-length", b"%d" % body.length))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        if body is not None:
-            async for chunk in body:
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": content or b"", "more_body": False})
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            if body is not None:
+                async for chunk in body:
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": content or b"", "more_body": False})
+        finally:
+            if body is not None:
+                await body.aclose()  # give the upstream connection back either way
 
 
 async def _body(receive: Receive, max_body: int) -> AsyncIterator[bytes]:
@@ -167,7 +175,7 @@ async def _body(receive: Receive, max_body: int) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise GatewayError("the client went away mid-body")
+            raise ClientDisconnected()
         chunk: bytes = message.get("body", b"")
         seen += len(chunk)
         if seen > max_body:

@@ -144,6 +144,13 @@ class Breaker:
         """The outcome of a request that ``allow`` let through."""
         self._fire(Event.FAILURE if failed else Event.SUCCESS, now)
 
+    def abandon(self) -> None:
+        """A request ``allow`` let through ended with no verdict on the
+        target (the client went away, its body was refused): give back its
+        probe slot, count nothing."""
+        if self.state is State.HALF_OPEN and self.probes > 0:
+            self.probes -= 1
+
     def _fire(self, event: Event, now: float) -> None:
         handler = _TRANSITIONS.get((self.state, event))
         if handler is not None:

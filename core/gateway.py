@@ -79,6 +79,14 @@ class Gateway:
             self.observers.append(self.access_log.observe)
         self.configs = ConfigManager(self)
 
+    def refresh_secrets(self) -> None:
+        """Re-read the server secrets (a reload does this): an HMAC version
+        added by another process (``triogate secrets rotate-hmac``) becomes
+        known here, so keys created under it validate."""
+        fresh = load_secrets(self.config.data_dir)
+        self.secrets.hmac = fresh.hmac
+        self.secrets.sealer = fresh.sealer
+
     def current_pipeline(self) -> Pipeline:
         assert self.pipeline is not None, "the data plane is not built"
         return self.pipeline

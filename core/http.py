@@ -10,6 +10,7 @@ re-encoding every header of every request would be pure overhead. The
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Final
 
@@ -47,21 +48,37 @@ class ClientDisconnected(Exception):
     nobody is left to answer, so every layer lets it through quietly."""
 
 
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normalize_escape(match: re.Match[bytes]) -> bytes:
+    byte = int(match.group(1), 16)
+    if byte in _UNRESERVED:
+        return bytes([byte])  # %61 is 'a' for every upstream: route it as 'a'
+    if byte in (0x2F, 0x5C, 0x00):  # '/', '\', NUL: ambiguous or dangerous
+        raise BadRequest("encoded '/', '\\' or NUL in the path is not allowed")
+    return b"%" + match.group(1).upper()
+
+
 def check_target(url: bytes) -> tuple[str, str]:
-    """Split an origin-form request target into (path, query), refusing what
-    no upstream should ever see: absolute-form and authority-form targets,
-    ``.``/``..`` segments (also percent-encoded), backslashes, NUL, non-ASCII.
-    Both front doors call this before routing."""
+    """Split an origin-form request target into (path, query) and normalise
+    the path the way an upstream will read it, so that what is routed (and
+    authorised) is what is forwarded: percent-encoded unreserved characters
+    are decoded (RFC 3986 §6.2.2.2) and other escapes upper-cased. Refused:
+    absolute- and authority-form targets, ``.``/``..`` segments (also
+    encoded, also with ``;params``), encoded ``/``, backslashes, NUL,
+    non-ASCII. Both front doors call this before routing."""
     if not url.startswith(b"/"):
         raise BadRequest("only origin-form request targets (/path?query) are accepted")
     path, _, query = url.partition(b"?")
-    # Decoded the way an upstream might decode it: %2e is '.', %2f is '/'.
-    lowered = path.lower().replace(b"%2e", b".").replace(b"%2f", b"/")
-    for segment in lowered.split(b"/"):
-        if segment in (b"..", b"."):
-            raise BadRequest("'.' and '..' path segments are not allowed")
-    if b"\\" in path or b"%00" in lowered or b"%5c" in lowered:
+    if b"%" in path:
+        path = _ESCAPE.sub(_normalize_escape, path)
+    if b"\\" in path or b"\x00" in path:
         raise BadRequest("invalid characters in the path")
+    for segment in path.split(b"/"):
+        if segment.split(b";", 1)[0] in (b"..", b"."):
+            raise BadRequest("'.' and '..' path segments are not allowed")
     try:
         return path.decode("ascii"), query.decode("ascii")
     except UnicodeDecodeError:

@@ -261,10 +261,13 @@ class KeyService:
             return None, False
         raw, digest, version = found
         record = codec.key.decode(raw)
-        # The index is only a hint: the record's own digest decides.
-        if not hmac.compare_digest(record.digest, digest):
+        # The record's own digest decides, under the version it was made
+        # with. An index entry under another version is one a re-index left
+        # behind on purpose, for processes that do not know the newer
+        # secret yet: HMAC's preimage resistance makes that hit as good.
+        if version == record.digest_version and not hmac.compare_digest(record.digest, digest):
             return None, False
-        return record, version != keyring.current
+        return record, version != keyring.current and record.digest_version != keyring.current
 
     def validate_nowait(
         self, plaintext: str, required_scopes: Sequence[str] = ()
@@ -303,7 +306,8 @@ class KeyService:
             record = self._load(txn, key_id)
             if record.digest_version == keyring.current:
                 return
-            txn.delete(Table.KEY_DIGESTS, record.digest)
+            # The old entry stays: processes started before the rotation
+            # still look the key up under the old secret.
             txn.put(Table.KEY_DIGESTS, new_digest, key_id.encode())
             updated = msgspec.structs.replace(
                 record, digest=new_digest, digest_version=keyring.current

@@ -60,6 +60,24 @@ log = logging.getLogger("triogate.listener")
 READ_SIZE: Final = 65536
 DRAIN_LIMIT: Final = 65536  # unread request body we still drain to keep a connection
 
+# accept() errors that concern one connection, not the listener (as trio
+# treats them), and those that mean "out of resources, try again soon".
+_ACCEPT_TRANSIENT: Final = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    }
+)
+_ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 _REASONS: Final = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _STATUS_LINES: Final = {
     code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()
@@ -314,6 +332,11 @@ class _Connection:
             raise
 
     def _request(self, pending: _Pending) -> Request:
+        if pending.error is not None:
+            # The body already broke a limit while the head was parsed (a
+            # chunked body over the cap in the same packet): refuse, never
+            # forward what is left of it.
+            raise pending.error
         path, query = check_target(pending.url)
         headers = Headers(pending.headers)
         hosts = [v for k, v in pending.headers if k == b"host"]
@@ -453,27 +476,38 @@ class _Connection:
         head.append(b"\r\n")
         if content:
             head.append(content)
-        await self._send_all(b"".join(head))
-        if body is not None:
-            try:
-                sent = 0
-                async for chunk in body:
-                    if not chunk:
-                        continue
-                    sent += len(chunk)
-                    if chunked:
-                        await self._send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                    else:
-                        await self._send_all(chunk)
+        if body is None:
+            await self._send_all(b"".join(head))
+            return keep_alive
+        try:
+            await self._send_all(b"".join(head))
+            return await self._send_body(body, chunked, keep_alive)
+        finally:
+            # Finished or not (the client went away, the body broke), the
+            # upstream answer is closed now, not when the collector finds it;
+            # closing a finished one does nothing.
+            await body.aclose()
+
+    async def _send_body(self, body: Body, chunked: bool, keep_alive: bool) -> bool:
+        try:
+            sent = 0
+            async for chunk in body:
+                if not chunk:
+                    continue
+                sent += len(chunk)
                 if chunked:
-                    await self._send_all(b"0\r\n\r\n")
-                elif body.length is not None and sent != body.length:
-                    return False
-            except GatewayError as exc:
-                # The head is out: the only honest signal left is to cut the
-                # connection, so the client sees a truncated response.
-                log.warning("response body failed mid-stream: %s", exc.detail)
+                    await self._send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    await self._send_all(chunk)
+            if chunked:
+                await self._send_all(b"0\r\n\r\n")
+            elif body.length is not None and sent != body.length:
                 return False
+        except GatewayError as exc:
+            # The head is out: the only honest signal left is to cut the
+            # connection, so the client sees a truncated response.
+            log.warning("response body failed mid-stream: %s", exc.detail)
+            return False
         return keep_alive
 
 
@@ -551,13 +585,19 @@ class ProxyListener:
                 await trio.lowlevel.wait_readable(sock)
                 continue
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in _ACCEPT_EXHAUSTED:
                     log.error("accept failed: %s; pausing", exc)
                     await trio.sleep(0.1)
                     continue
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue  # that one connection failed: the next may not
                 raise
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                conn.close()  # reset before we got to it
+                continue
             return conn, str(addr[0])
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:

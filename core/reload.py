@@ -110,13 +110,16 @@ class ConfigManager:
             await trio.lowlevel.checkpoint()
             config = load_config(Path(source))
             errors = _needs_restart(gw.config, config)
+            if errors:
+                # Refused before anything is built: building binds plugins
+                # to the live upstreams (breakers), which must stay as they are.
+                raise ConfigError(errors, source)
             old = gw.current_pipeline()
             try:
                 new = gw.build_pipeline(config, previous=old)
             except ConfigError as exc:
-                errors.extend(exc.errors)  # every problem at once, with the file's name
-            if errors:
-                raise ConfigError(errors, source)
+                raise ConfigError(exc.errors, source) from None
+            gw.refresh_secrets()  # pick up `triogate secrets rotate-hmac`
             previous = gw.active
             gw.active = ActiveConfig(config, config_version(config), time.time(), source)
             gw.pipeline = new  # the swap: the next request uses the new config

@@ -172,6 +172,7 @@ class UpstreamConnection:
     ) -> Response:
         """Send one request and return the response (body still streaming)."""
         self.requests += 1
+        generation = self.requests
         self.returned = False
         reused = self.requests > 1
         try:
@@ -193,6 +194,8 @@ class UpstreamConnection:
                 raise _StaleConnection() from exc
             raise BadGateway(f"upstream connection failed while sending: {exc}") from exc
 
+        # A body already streamed cannot be sent again on a new connection.
+        replayable = body is None or not body.consumed
         skip_body = method == "HEAD"
         parsed = self.parsed
         if parsed is None or parsed.skip_body:
@@ -210,7 +213,7 @@ class UpstreamConnection:
                     raise UpstreamTimeout(f"upstream sent no response within {read_timeout:g} s")
                 if not data:
                     self.close()
-                    if not received_any and reused:
+                    if not received_any and reused and replayable:
                         raise _StaleConnection()
                     raise BadGateway("upstream closed the connection before responding")
                 received_any = True
@@ -220,7 +223,7 @@ class UpstreamConnection:
             raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
         except OSError as exc:
             self.close()
-            if not received_any and reused:
+            if not received_any and reused and replayable:
                 raise _StaleConnection() from exc
             raise BadGateway(f"upstream connection failed: {exc}") from exc
 
@@ -241,14 +244,14 @@ class UpstreamConnection:
             status,
             headers,
             body=Body(
-                self._stream(parsed, read_timeout, keep_alive),
+                self._stream(parsed, read_timeout, keep_alive, generation),
                 length,
-                on_close=lambda: self._give_back(False),
+                on_close=lambda: self._give_back(False, generation),
             ),
         )
 
     async def _stream(
-        self, parsed: _ResponseParser, read_timeout: float, keep_alive: bool
+        self, parsed: _ResponseParser, read_timeout: float, keep_alive: bool, generation: int
     ) -> AsyncIterator[bytes]:
         done = False
         try:
@@ -258,7 +261,10 @@ class UpstreamConnection:
                 if parsed.complete:
                     done = True
                     return
-                data = await self._recv(read_timeout)
+                try:
+                    data = await self._recv(read_timeout)
+                except OSError as exc:
+                    raise BadGateway(f"upstream connection failed mid-body: {exc}") from exc
                 if data is None:
                     raise UpstreamTimeout("upstream stalled while sending the body")
                 if not data:
@@ -273,10 +279,14 @@ class UpstreamConnection:
                 except httptools.HttpParserError as exc:
                     raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
         finally:
-            self._give_back(done and keep_alive)
+            self._give_back(done and keep_alive, generation)
 
-    def _give_back(self, reusable: bool) -> None:
-        """Return the connection after a streamed answer, once only."""
+    def _give_back(self, reusable: bool, generation: int | None = None) -> None:
+        """Return the connection after an answer, once only, and only for
+        the exchange that took it (``generation``): a late close of an old
+        answer's body must not hand back a connection now serving another."""
+        if generation is not None and generation != self.requests:
+            return
         if not self.returned:
             self.returned = True
             self.pool.release(self, reusable=reusable)
@@ -512,10 +522,16 @@ class Upstream:
         except BadGateway:
             pool.record(trio.current_time(), error="transport")
             raise
-        except BaseException:
-            # Cancelled from outside (a retry's per-try timeout, shutdown):
-            # as far as the breaker can tell, the target was too slow.
+        except trio.Cancelled:
+            # Cancelled from outside while the target had the request (a
+            # retry's per-try timeout): as far as anyone can tell, too slow.
             pool.record(trio.current_time(), error="timeout")
+            raise
+        except BaseException:
+            # Everything else is the client's doing (it went away, its body
+            # was refused or malformed): no verdict on the target.
+            if pool.breaker is not None:
+                pool.breaker.abandon()
             raise
         finally:
             self.in_flight -= 1
