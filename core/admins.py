@@ -201,7 +201,11 @@ class AdminService:
             raise NotFound(f"no admin {admin_id}")
         return codec.admin.decode(raw)
 
-    async def revoke(self, admin_id: str, actor: Actor) -> AdminView:
+    async def revoke(
+        self, admin_id: str, actor: Actor, *, revoker: Sequence[str] = ("*",)
+    ) -> AdminView:
+        """Revoke an admin. The revoker must hold every permission the target
+        holds (``admin:users:revoke`` alone cannot remove a super_admin)."""
         now = self._clock()
         if admin_id == actor.id:
             raise Conflict("an admin cannot revoke their own key")
@@ -210,6 +214,14 @@ class AdminService:
             record = self._load(txn, admin_id)
             if record.status == "revoked":
                 raise Conflict(f"admin {admin_id} is already revoked")
+            held = _expand(effective_permissions(record.role, record.permissions))
+            beyond = [p for p in held if not grants(revoker, p)]
+            if beyond:
+                raise Forbidden(
+                    f"only an admin holding all of the target's permissions may revoke it "
+                    f"(missing {', '.join(beyond)})",
+                    required_permission=beyond[0],
+                )
             updated = msgspec.structs.replace(record, status="revoked", revoked_at=now)
             txn.put(Table.ADMINS, admin_id.encode(), codec.encode(updated))
             append_audit(txn, actor=actor, action="admin.revoke", target_id=admin_id, now=now)

@@ -26,7 +26,15 @@ from typing import Any
 from triogate.config import load_config
 from triogate.errors import GatewayError, PayloadTooLarge
 from triogate.gateway import Gateway, open_gateway
-from triogate.http import Body, ClientDisconnected, Headers, Request, Response, check_target
+from triogate.http import (
+    Body,
+    ClientDisconnected,
+    Headers,
+    Request,
+    Response,
+    check_target,
+    strip_connection_headers,
+)
 from triogate.pipeline import Pipeline, new_request_id, problem_response
 
 __all__ = ["GatewayASGI", "app"]
@@ -119,6 +127,7 @@ class GatewayASGI:
         # The same checks and normalisation as the native listener.
         path, query = check_target(raw_path + (b"?" + query_bytes if query_bytes else b""))
         headers = Headers([(bytes(k).lower(), bytes(v)) for k, v in scope["headers"]])
+        strip_connection_headers(headers)
         length: int | None = None
         raw_length = headers.get_raw(b"content-length")
         if raw_length is not None and raw_length.isdigit():

@@ -25,6 +25,7 @@ __all__ = [
     "Response",
     "body_from_bytes",
     "check_target",
+    "strip_connection_headers",
 ]
 
 # RFC 9110 §7.6.1: connection-specific headers a proxy must not forward.
@@ -59,6 +60,18 @@ def _normalize_escape(match: re.Match[bytes]) -> bytes:
     if byte in (0x2F, 0x5C, 0x00):  # '/', '\', NUL: ambiguous or dangerous
         raise BadRequest("encoded '/', '\\' or NUL in the path is not allowed")
     return b"%" + match.group(1).upper()
+
+
+def strip_connection_headers(headers: Headers) -> None:
+    """Remove ``Connection`` and every header it names, as a proxy must
+    (RFC 9110 §7.6.1). Done by the front doors *before* any plugin runs, so
+    a client cannot name (and so remove) a header a plugin adds upstream."""
+    value = headers.get_raw(b"connection")
+    if value is None:
+        return
+    named = {t.strip().lower() for t in value.split(b",") if t.strip()}
+    named.add(b"connection")
+    headers.raw = [(k, v) for k, v in headers.raw if k not in named]
 
 
 def check_target(url: bytes) -> tuple[str, str]:

@@ -31,6 +31,7 @@ import msgspec
 from msgspec import UNSET
 
 from triogate.storage import (
+    Credits,
     KeyRecord,
     ReadTxn,
     Store,
@@ -81,6 +82,19 @@ def find_by_digest(
         if raw is not None:
             return raw, digest, version
     return None
+
+
+def _live_credits(record: KeyRecord, usage: UsageRecord) -> Credits | None:
+    """The key's credits with the balance as last flushed (the record keeps
+    what was set; the actors keep the balance in the usage record)."""
+    credits = record.credits
+    if (
+        credits is not None
+        and usage.credits_remaining is not None
+        and usage.credits_version == record.credits_version
+    ):
+        return msgspec.structs.replace(credits, remaining=usage.credits_remaining)
+    return credits
 
 
 def effective_status(record: KeyRecord, now: float) -> str:
@@ -150,6 +164,7 @@ class KeyService:
 
     def _view(self, record: KeyRecord, txn: ReadTxn, now: float) -> KeyView:
         owner, metadata = self._unseal(record)
+        usage = self._usage(txn, record.id)
         return KeyView(
             id=record.id,
             name=record.name,
@@ -164,10 +179,10 @@ class KeyService:
             rotated_to=record.rotated_to,
             rotated_from=record.rotated_from,
             grace_ends_at=utc(record.grace_ends_at),
-            last_used_at=utc(self._usage(txn, record.id).last_used_at),
+            last_used_at=utc(usage.last_used_at),
             metadata=metadata,
             rate_limits=list(record.rate_limits),
-            credits=record.credits,
+            credits=_live_credits(record, usage),
         )
 
     def get(self, key_id: str) -> KeyView:

@@ -50,7 +50,15 @@ import trio
 from triogate import sockio
 from triogate.config import ServerConfig
 from triogate.errors import BadRequest, GatewayError, HeadersTooLarge, PayloadTooLarge
-from triogate.http import Body, ClientDisconnected, Headers, Request, Response, check_target
+from triogate.http import (
+    Body,
+    ClientDisconnected,
+    Headers,
+    Request,
+    Response,
+    check_target,
+    strip_connection_headers,
+)
 from triogate.pipeline import Pipeline, new_request_id, problem_response
 
 __all__ = ["ProxyListener", "parse_listen"]
@@ -339,6 +347,7 @@ class _Connection:
             raise pending.error
         path, query = check_target(pending.url)
         headers = Headers(pending.headers)
+        strip_connection_headers(headers)  # keep-alive was read from llhttp already
         hosts = [v for k, v in pending.headers if k == b"host"]
         if len(hosts) > 1 or (not hosts and pending.version == "1.1"):
             raise BadRequest("exactly one Host header is required")

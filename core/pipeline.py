@@ -56,6 +56,7 @@ _REPLACED = frozenset(
         b"x-forwarded-host",
         b"x-request-id",
         b"x-key-id",  # only the gateway says which key was used
+        b"forwarded",  # the gateway speaks X-Forwarded-*; a client's own is not passed on
         b"content-length",
         b"expect",
     }
@@ -208,8 +209,13 @@ class Pipeline:
         try:
             return await self._handle(request)
         except BaseException:
-            self.in_flight -= 1
+            self._done()
             raise
+
+    def _done(self) -> None:
+        self.in_flight -= 1
+        if self._idle is not None and self.in_flight == 0:
+            self._idle.set()
 
     async def _handle(self, request: Request) -> tuple[Context, Response]:
         sent_id = request.headers.get_raw(b"x-request-id")
@@ -235,7 +241,10 @@ class Pipeline:
             ctx.upstream_path = self.router.rewrite(match)
             response = await self._run(ctx, chain)
         except ClientDisconnected:
-            raise  # nobody to answer; the front door closes quietly
+            # Nobody to answer; the front door closes quietly. What was
+            # taken for the request (credits, limiter capacity) goes back.
+            self._undo(ctx)
+            raise
         except GatewayError as exc:
             response = problem_response(exc, request_id)
         except Exception:
@@ -250,14 +259,19 @@ class Pipeline:
             log.exception("internal error in a response phase, request %s", request_id)
             response = problem_response(InternalError("an internal error occurred"), request_id)
         if ctx.undo and response.from_gateway and response.status >= 400:
-            # Refused by the gateway after all: give back what was taken.
-            for undo in ctx.undo:
-                try:
-                    undo()
-                except Exception:
-                    log.exception("undo failed for request %s", request_id)
+            self._undo(ctx)  # refused by the gateway after all
         self._finish_headers(ctx, response, match)
         return ctx, response
+
+    @staticmethod
+    def _undo(ctx: Context) -> None:
+        """Give back what was taken for a request that did not go through."""
+        for undo in ctx.undo:
+            try:
+                undo()
+            except Exception:
+                log.exception("undo failed for request %s", ctx.request_id)
+        ctx.undo.clear()
 
     async def _run(self, ctx: Context, chain: Chain) -> Response:
         for access in chain.access:
@@ -293,9 +307,7 @@ class Pipeline:
     async def after(self, ctx: Context, response: Response) -> None:
         """The log phases and the observers, once the response has been
         sent (or its sending failed). Never raises."""
-        self.in_flight -= 1
-        if self._idle is not None and self.in_flight == 0:
-            self._idle.set()
+        self._done()
         chain = self.chains[ctx.route.index] if ctx.route is not None else self.global_chain
         for phase in chain.log:
             try:

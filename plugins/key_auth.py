@@ -10,6 +10,7 @@ client sends, on every route).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import msgspec
@@ -56,6 +57,18 @@ def _extract(raw: list[tuple[bytes, bytes]]) -> bytes | None:
         elif name == _X_API_KEY and value.strip():
             return value.strip()
     return None
+
+
+NO_REFILL_RETRY_AFTER = 3600  # credits that never refill: "not soon"
+
+
+def _next_refill(record: KeyRecord, refilled_at: float | None, now: float) -> int:
+    """Whole seconds until the key's credits are next topped up (at least 1)."""
+    spec = record.credits
+    if spec is None or spec.refill_interval_seconds <= 0 or spec.refill_amount <= 0:
+        return NO_REFILL_RETRY_AFTER
+    since = refilled_at if refilled_at is not None else now
+    return max(1, math.ceil(since + spec.refill_interval_seconds - now))
 
 
 class KeyAuth(Plugin[KeyAuthConfig]):
@@ -110,7 +123,11 @@ class KeyAuth(Plugin[KeyAuthConfig]):
         ctx.rate_limits.extend(admission.decisions)
         if not admission.allowed:
             if admission.code == "QUOTA_EXCEEDED":
-                raise QuotaExceeded("the key has no credits left", credits_remaining=0)
+                error = QuotaExceeded("the key has no credits left", credits_remaining=0)
+                error.headers["Retry-After"] = str(
+                    _next_refill(record, actor.credits_refilled_at, now)
+                )
+                raise error
             raise RateLimited("the key's rate limit is exhausted; see Retry-After")
         ctx.undo.append(lambda: actor.undo_nowait(admission, actors.clock()))
 

@@ -31,3 +31,20 @@ async def test_no_escalation_through_admin_creation(running: Running, root: Admi
     assert r.status_code == 201, r.text
     names = [a["name"] for a in (await c.get("/admins", headers=root.headers)).json()["items"]]
     assert names.count("x") == names.count("y") == names.count("z") == 0
+
+
+async def test_no_revoking_a_stronger_admin(running: Running, root: Admin) -> None:
+    c = running.client
+    r = await c.post(
+        "/admins",
+        json={"name": "rev", "email": "rev@example.com", "permissions": ["admin:users:revoke"]},
+        headers=root.headers,
+    )
+    assert r.status_code == 201, r.text
+    weak = {"Authorization": f"Bearer {r.json()['key']}"}
+    r = await c.delete(f"/admins/{root.id}", headers=weak)
+    assert r.status_code == 403, r.text
+    assert r.json()["code"] == "FORBIDDEN"
+    r = await c.get("/health")
+    admins = (await c.get("/admins", headers=root.headers)).json()["items"]
+    assert {a["name"]: a["status"] for a in admins}["root"] == "active"

@@ -170,9 +170,12 @@ async def test_hmac_rotation_keeps_keys_and_reindexes(clock: FakeClock) -> None:
     record, stale = keys_v2.lookup_nowait(created.key)
     assert record is not None and not stale and record.digest_version == 2
     with store.read() as txn:
-        assert txn.get(Table.KEY_DIGESTS, v1.hmac.digest(created.key)) is None
+        # The old entry stays, for processes that do not know version 2 yet.
+        assert txn.get(Table.KEY_DIGESTS, v1.hmac.digest(created.key)) == created.id.encode()
         raw = txn.get(Table.KEYS, created.id.encode())
         assert raw is not None and codec.key.decode(raw).digest_version == 2
+    # A process that only knows version 1 still validates the key.
+    assert (await keys_v1.validate(created.key)).valid
     # The owner index still finds keys tagged under version 1 and 2 alike.
     newer = await keys_v2.create(req(owner="carol"), ACTOR)
     assert [k.id for k in keys_v2.list(limit=10, owner="carol").items] == [newer.id, created.id]

@@ -222,7 +222,7 @@ async def list_admins(gw: Gateway, call: Call) -> Struct:
 
 
 async def revoke_admin(gw: Gateway, call: Call) -> Struct:
-    return await gw.admins.revoke(call.params["id"], call.actor)
+    return await gw.admins.revoke(call.params["id"], call.actor, revoker=call.permissions)
 
 
 async def list_audit(gw: Gateway, call: Call) -> Struct:
