@@ -37,7 +37,7 @@ from triogate.plugins.contract import Context, Plugin, PluginEnv
 from triogate.ratelimit import headers_for
 from triogate.router import Match, Router
 from triogate.telemetry import Observer, RequestRecord
-from triogate.upstream import BadGateway, TargetPool, Upstream
+from triogate.upstream import BadGateway, TargetPool, Upstream, UpstreamError
 
 __all__ = ["Pipeline", "problem_response"]
 
@@ -245,6 +245,11 @@ class Pipeline:
             # taken for the request (credits, limiter capacity) goes back.
             self._undo(ctx)
             raise
+        except UpstreamError as exc:
+            # Hosts and ports stay in the log; the client gets the gist.
+            log.warning("request %s: %s: %s", request_id, exc.code, exc.detail)
+            exc.detail = exc.public_detail
+            response = problem_response(exc, request_id)
         except GatewayError as exc:
             response = problem_response(exc, request_id)
         except Exception:

@@ -141,12 +141,18 @@ def interrupt(sock: socket.socket) -> None:
 async def connect(host: str, port: int, seconds: float) -> socket.socket:
     """A connected non-blocking TCP socket with TCP_NODELAY, within
     ``seconds``. Raises OSError (refused, unreachable) or trio.TooSlowError."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with trio.fail_after(seconds):
+        # A name is resolved off the event loop (trio runs getaddrinfo in a
+        # thread; an IP literal is answered at once without one).
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(errno.EHOSTUNREACH, f"no address for {host}")
+    family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code = sock.connect_ex((host, port))
+        code = sock.connect_ex(address)
         if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
             raise OSError(code, errno.errorcode.get(code, "connect failed"))
         if code != 0:

@@ -52,6 +52,7 @@ __all__ = [
     "TargetPool",
     "Upstream",
     "UpstreamConnection",
+    "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
 ]
@@ -63,22 +64,32 @@ MAX_IDLE_PER_TARGET = 256
 MAX_RESPONSE_HEAD_BYTES = 65536
 
 
-class BadGateway(GatewayError):
+class UpstreamError(GatewayError):
+    """An upstream failed. Its ``detail`` names hosts and ports: it goes to
+    the log (with the request id), and clients get ``public_detail``."""
+
+    public_detail = "the upstream failed"
+
+
+class BadGateway(UpstreamError):
     status = 502
     code = "BAD_GATEWAY"
     title = "Bad Gateway"
+    public_detail = "the upstream could not be reached or broke the protocol"
 
 
-class UpstreamUnavailable(GatewayError):
+class UpstreamUnavailable(UpstreamError):
     status = 503
     code = "UPSTREAM_UNAVAILABLE"
     title = "Service Unavailable"
+    public_detail = "no healthy upstream target right now; see Retry-After"
 
 
-class UpstreamTimeout(GatewayError):
+class UpstreamTimeout(UpstreamError):
     status = 504
     code = "UPSTREAM_TIMEOUT"
     title = "Gateway Timeout"
+    public_detail = "the upstream did not answer in time"
 
 
 class _StaleConnection(Exception):
@@ -94,6 +105,7 @@ class _ResponseParser:
         "head_bytes",
         "headers",
         "headers_done",
+        "interim",
         "keep_alive",
         "parser",
         "skip_body",
@@ -115,6 +127,15 @@ class _ResponseParser:
         self.head_bytes = 0
         self.skip_body = skip_body
         self.keep_alive = False
+        self.interim = False
+
+    def on_message_begin(self) -> None:
+        if self.interim:
+            # The final response after a 1xx interim one (100 Continue,
+            # 103 Early Hints): forget the interim one's headers.
+            self.interim = False
+            self.headers = []
+            self.head_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
@@ -124,6 +145,9 @@ class _ResponseParser:
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:
+            self.interim = True  # not the answer: keep reading for the final one
+            return
         # Read it now: llhttp resets the flag once the message is complete.
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
@@ -136,7 +160,8 @@ class _ResponseParser:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        if not self.interim:
+            self.complete = True
 
 
 class UpstreamConnection:
@@ -228,10 +253,10 @@ class UpstreamConnection:
             raise BadGateway(f"upstream connection failed: {exc}") from exc
 
         status = parsed.status
-        if 100 <= status < 200:
-            # 1xx interim responses are not forwarded in this version.
+        if status == 101:
+            # A protocol switch the gateway did not ask for.
             self.close()
-            raise BadGateway(f"upstream sent an unsupported interim response {status}")
+            raise BadGateway("upstream switched protocols unasked")
         headers = Headers(parsed.headers)
         keep_alive = parsed.keep_alive
         if parsed.complete:

@@ -69,6 +69,7 @@ rest is validated against the plugin's ``Config``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -99,6 +100,8 @@ __all__ = [
 ]
 
 PHASES = ("access", "upstream", "response", "log")
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -184,7 +187,13 @@ class Context:
         return f"<Context {self.request_id} {self.request!r} route={route}>"
 
     def add_response_header(self, name: str, value: str) -> None:
-        self.response_headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        """Add a header to whatever response goes back. CR, LF and NUL are
+        refused (ValueError): a plugin must not be able to split a response."""
+        if not _TOKEN.match(name):
+            raise ValueError(f"not a header name: {name!r}")
+        headers = Headers()
+        headers.add(name, value)  # checks the value
+        self.response_headers.extend(headers.raw)
 
 
 class Plugin(Generic[C]):
