@@ -484,6 +484,10 @@ class KeyService:
             if status != "active":
                 raise Conflict(f"key {key_id} is {status}; only an active key can be rotated")
             owner, metadata = self._unseal(old)
+            # The credits move with the key: the new one gets the balance as
+            # last flushed, the old one keeps none (it still authenticates
+            # during its grace, but cannot spend the same credits twice).
+            balance = _live_credits(old, self._usage(txn, key_id))
             new = self._new_record(
                 plaintext=plaintext,
                 key_id=new_key_id,
@@ -494,16 +498,24 @@ class KeyService:
                 now=now,
                 expires_at=old.expires_at,
                 rate_limits=old.rate_limits,
-                credits=old.credits,
+                credits=balance,
                 rotated_from=key_id,
             )
             self._put_new(txn, new)
+            moved: dict[str, Any] = {}
+            if old.credits is not None:
+                moved = {
+                    "credits": Credits(0),
+                    "credits_version": old.credits_version + 1,
+                    "credits_set_at": now,
+                }
             rotated = msgspec.structs.replace(
                 old,
                 status="rotated",
                 rotated_to=new_key_id,
                 grace_ends_at=grace_ends_at,
                 updated_at=now,
+                **moved,
             )
             txn.put(Table.KEYS, key_id.encode(), codec.encode(rotated))
             append_audit(
