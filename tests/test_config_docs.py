@@ -39,6 +39,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from tests.doc_tables import REQUIRED, documented_default, real_default, same_default
 from triogate.config import Config, ConfigError, parse_config
 from triogate.pipeline import Pipeline
 from triogate.plugin_loader import discover
@@ -59,7 +60,6 @@ _TOML_BLOCK_RE = re.compile(r"^```toml\n(.*?)^```", re.DOTALL | re.MULTILINE)
 _CODE_BLOCK_RE = re.compile(r"^```[a-z]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 _CODE_SPAN_RE = re.compile(r"`([^`\n]+)`")
 _ENV_RE = re.compile(r"^(TRIOGATE_[A-Za-z0-9_]+__[A-Za-z0-9_]+)=(.*)$")
-REQUIRED = object()
 
 # ---- the config types ------------------------------------------------------------
 
@@ -171,47 +171,6 @@ def _rows(section: Section) -> dict[str, list[str]]:
 # ---- defaults ----------------------------------------------------------------------
 
 
-def _real_default(field: msgspec.structs.FieldInfo) -> Any:
-    if field.default is not msgspec.NODEFAULT:
-        return field.default
-    if field.default_factory is not msgspec.NODEFAULT:
-        return field.default_factory()
-    return REQUIRED
-
-
-def _documented_default(cell: str) -> Any:
-    if cell == "none":
-        return None
-    if cell == "required":
-        return REQUIRED
-    m = re.fullmatch(r"`([^`]+)`", cell)
-    assert m is not None, f"a default is a TOML value in backticks, none or required: {cell!r}"
-    try:
-        return tomllib.loads(f"v = {m.group(1)}")["v"]
-    except tomllib.TOMLDecodeError as exc:
-        raise AssertionError(f"the default {cell} is not a TOML value: {exc}") from None
-
-
-def _same(documented: Any, real: Any) -> bool:
-    if documented is REQUIRED or real is REQUIRED or documented is None or real is None:
-        return documented is real
-    if isinstance(real, msgspec.Struct):  # a table: `{}` when all of it is default
-        return documented == {} and real == type(real)()
-    if isinstance(documented, bool) or isinstance(real, bool):
-        return type(documented) is type(real) and documented == real
-    if isinstance(real, list | tuple):
-        return (
-            isinstance(documented, list)
-            and len(documented) == len(real)
-            and all(_same(d, r) for d, r in zip(documented, real, strict=True))
-        )
-    if isinstance(real, dict):
-        return isinstance(documented, dict) and documented == real
-    if isinstance(real, float):  # `10` for a float field is the same value
-        return isinstance(documented, int | float) and float(documented) == real
-    return type(documented) is type(real) and documented == real
-
-
 # ---- the settings tables ---------------------------------------------------------------
 
 
@@ -259,8 +218,8 @@ def test_documented_defaults_are_the_real_ones(section: Section) -> None:
         _, type_cell, cell, description = rows[field.name]
         assert type_cell, f"{section.heading} {field.name}: the type cell is empty"
         assert description, f"{section.heading} {field.name}: the description cell is empty"
-        real = _real_default(field)
-        if not _same(_documented_default(cell), real):
+        real = real_default(field)
+        if not same_default(documented_default(cell), real):
             shown = "required" if real is REQUIRED else repr(real)
             wrong.append(f"{field.name}: documented {cell}, real {shown}")
     assert not wrong, f"docs/configuration.md, section {section.heading}: " + "; ".join(wrong)
@@ -268,15 +227,15 @@ def test_documented_defaults_are_the_real_ones(section: Section) -> None:
 
 def test_the_default_parser_catches_a_wrong_default() -> None:
     """The checks above are only as good as the parsing: doctored cells fail."""
-    assert _same(_documented_default("`10`"), 10.0)
-    assert not _same(_documented_default("`10`"), 10.5)
-    assert not _same(_documented_default("`1`"), True)
-    assert not _same(_documented_default('`"tg"`'), "tg_")
-    assert _same(_documented_default("none"), None)
-    assert not _same(_documented_default("`0`"), None)
-    assert not _same(_documented_default("required"), 1)
-    assert _same(_documented_default("`{}`"), Config().server)
-    assert not _same(_documented_default("`[]`"), [200])
+    assert same_default(documented_default("`10`"), 10.0)
+    assert not same_default(documented_default("`10`"), 10.5)
+    assert not same_default(documented_default("`1`"), True)
+    assert not same_default(documented_default('`"tg"`'), "tg_")
+    assert same_default(documented_default("none"), None)
+    assert not same_default(documented_default("`0`"), None)
+    assert not same_default(documented_default("required"), 1)
+    assert same_default(documented_default("`{}`"), Config().server)
+    assert not same_default(documented_default("`[]`"), [200])
 
 
 # ---- the examples ------------------------------------------------------------------------

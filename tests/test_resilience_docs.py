@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 import triogate.plugins.contract
+from tests.doc_tables import REQUIRED, documented_default, real_default, same_default
 from triogate.config import ConfigError, HealthCheckConfig, parse_config
 from triogate.pipeline import Pipeline
 from triogate.plugin_loader import discover
@@ -41,7 +42,6 @@ SECTIONS: dict[type[msgspec.Struct], str] = {
 
 _ROW_RE = re.compile(r"^\|\s*`([A-Za-z_][A-Za-z0-9_]*)`\s*\|")
 _TOML_BLOCK_RE = re.compile(r"^```toml\n(.*?)^```", re.DOTALL | re.MULTILINE)
-REQUIRED = object()
 
 
 def _docs() -> str:
@@ -75,43 +75,6 @@ def _rows(text: str, heading: str) -> dict[str, list[str]]:
     return rows
 
 
-def _real_default(field: msgspec.structs.FieldInfo) -> Any:
-    if field.default is not msgspec.NODEFAULT:
-        return field.default
-    if field.default_factory is not msgspec.NODEFAULT:
-        return field.default_factory()
-    return REQUIRED
-
-
-def _documented_default(cell: str) -> Any:
-    if cell == "none":
-        return None
-    if cell == "required":
-        return REQUIRED
-    m = re.fullmatch(r"`([^`]+)`", cell)
-    assert m is not None, f"a default is a TOML value in backticks, `none` or `required`: {cell!r}"
-    try:
-        return tomllib.loads(f"v = {m.group(1)}")["v"]
-    except tomllib.TOMLDecodeError as exc:
-        raise AssertionError(f"the default {cell} is not a TOML value: {exc}") from None
-
-
-def _same(documented: Any, real: Any) -> bool:
-    if documented is REQUIRED or real is REQUIRED or documented is None or real is None:
-        return documented is real
-    if isinstance(documented, bool) or isinstance(real, bool):
-        return type(documented) is type(real) and documented == real
-    if isinstance(real, list | tuple | set | frozenset):
-        return (
-            isinstance(documented, list)
-            and len(documented) == len(real)
-            and all(_same(d, r) for d, r in zip(documented, real, strict=True))
-        )
-    if isinstance(real, float):  # `10` for a float field is the same value
-        return isinstance(documented, int | float) and float(documented) == real
-    return type(documented) is type(real) and documented == real
-
-
 STRUCTS = list(SECTIONS)
 
 
@@ -137,9 +100,9 @@ def test_documented_defaults_are_the_real_ones(struct: type[msgspec.Struct]) -> 
             continue  # test_every_field_has_a_row reports it
         _, _, cell, description = rows[field.name]
         assert description, f"{struct.__name__}.{field.name}: the description cell is empty"
-        documented = _documented_default(cell)
-        real = _real_default(field)
-        if not _same(documented, real):
+        documented = documented_default(cell)
+        real = real_default(field)
+        if not same_default(documented, real):
             shown = "required" if real is REQUIRED else repr(real)
             wrong.append(f"{field.name}: documented {cell}, real {shown}")
     assert not wrong, f"docs/resilience.md, {SECTIONS[struct]}: " + "; ".join(wrong)
@@ -147,14 +110,14 @@ def test_documented_defaults_are_the_real_ones(struct: type[msgspec.Struct]) -> 
 
 def test_the_row_parser_catches_a_wrong_default() -> None:
     """The checks above are only as good as the parsing: a doctored row fails."""
-    assert _same(_documented_default("`[502, 503, 504]`"), [502, 503, 504])
-    assert not _same(_documented_default("`[502, 503]`"), [502, 503, 504])
-    assert not _same(_documented_default("`1`"), True)
-    assert _same(_documented_default("`10`"), 10.0)
-    assert not _same(_documented_default("`0.5`"), 0.2)
-    assert _same(_documented_default("none"), None)
-    assert not _same(_documented_default("`0`"), None)
-    assert _same(_documented_default('`"/health"`'), "/health")
+    assert same_default(documented_default("`[502, 503, 504]`"), [502, 503, 504])
+    assert not same_default(documented_default("`[502, 503]`"), [502, 503, 504])
+    assert not same_default(documented_default("`1`"), True)
+    assert same_default(documented_default("`10`"), 10.0)
+    assert not same_default(documented_default("`0.5`"), 0.2)
+    assert same_default(documented_default("none"), None)
+    assert not same_default(documented_default("`0`"), None)
+    assert same_default(documented_default('`"/health"`'), "/health")
 
 
 # ---- the example ---------------------------------------------------------------
