@@ -121,10 +121,6 @@ class Admission(msgspec.Struct, gc=False):
     credits_taken: int
     credits_left: int | None
 
-    @property
-    def report(self) -> Decision | None:
-        return self.decisions[0] if self.decisions else None
-
 
 class KeyActor:
     """The mutable state of one key (or, unpersisted, of one ip/route subject)."""
@@ -147,7 +143,6 @@ class KeyActor:
         "registry",
         "requests",
         "running",
-        "stored_by_class",
         "taken",
     )
 
@@ -159,7 +154,6 @@ class KeyActor:
         # Usage not yet flushed (deltas): flushed as additions to the store.
         self.requests = 0
         self.by_class = [0, 0, 0, 0, 0]
-        self.stored_by_class = (0, 0, 0, 0, 0)
         self.flushed_requests = 0
         self.last_used_at: float | None = None
         # Credits: the balance as this actor knows it, for credits_version.
@@ -186,7 +180,6 @@ class KeyActor:
         if usage is None:
             return
         self.last_used_at = usage.last_used_at
-        self.stored_by_class = usage.by_class
         self.flushed_requests = usage.requests
         self.credits_version = usage.credits_version if usage.credits_remaining is not None else -1
         self.credits = usage.credits_remaining

@@ -545,7 +545,6 @@ class ProxyListener:
         self.in_flight = 0
         self.connections: set[_Connection] = set()
         self.accepted = 0
-        self._sock: socket.socket | None = None
         self._address = ""
         self._accept_scope: trio.CancelScope | None = None
 
@@ -610,7 +609,7 @@ class ProxyListener:
             return conn, str(addr[0])
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        self._sock = listen = self._bind()
+        listen = self._bind()
         host, port = listen.getsockname()[:2]
         self._address = f"{host}:{port}"
         try:

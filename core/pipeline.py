@@ -396,7 +396,8 @@ class Pipeline:
         path = pool.base_path + ctx.upstream_path
         target = f"{path}?{request.query}" if request.query else path
         headers = request.headers
-        drop = _drop_set(headers, _NOT_FORWARDED)
+        # The front doors already removed Connection and what it names.
+        drop = _NOT_FORWARDED
         lines = [
             f"{request.method} {target} HTTP/1.1\r\nhost: {pool.authority}\r\n".encode("latin-1")
         ]

@@ -122,12 +122,17 @@ class FakeUpstream:
         handler: Handler = echo,
         *,
         record_bodies: bool = True,
+        single_write: bool = False,
     ) -> None:
         self.script: collections.deque[FakeResponse] = collections.deque(script)
         self.handler = handler
         self.requests: list[RecordedRequest] = []
+        self.body_sizes: list[int] = []  # every request's, recorded or not
         self.connections = 0
         self.record_bodies = record_bodies
+        # Write a whole (unchunked) answer in one send, as most servers do
+        # with small ones: the gateway then reads it in the same read as its head.
+        self.single_write = single_write
         self.port = 0
 
     def __repr__(self) -> str:
@@ -174,6 +179,7 @@ class FakeUpstream:
     ) -> RecordedRequest | None:
         head: h11.Request | None = None
         body = bytearray()
+        size = 0
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -183,10 +189,14 @@ class FakeUpstream:
             if isinstance(event, h11.Request):
                 head = event
             elif isinstance(event, h11.Data):
+                size += len(event.data)
+                self.body_chunk(event.data)
                 if self.record_bodies:
                     body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
+                self.body_sizes.append(size)
+                self.body_done()
                 return RecordedRequest(
                     method=head.method.decode(),
                     target=head.target.decode(),
@@ -198,6 +208,12 @@ class FakeUpstream:
             else:  # pragma: no cover - h11 has no other events for a server
                 return None
 
+    def body_chunk(self, data: bytes) -> None:
+        """Called with every piece of a request body (subclasses may hash it)."""
+
+    def body_done(self) -> None:
+        """Called when a request body is complete."""
+
     async def _respond(
         self,
         conn: h11.Connection,
@@ -205,6 +221,14 @@ class FakeUpstream:
         request: RecordedRequest,
         answer: FakeResponse,
     ) -> None:
+        if self.single_write and answer.chunks is None:
+            headers = [*answer.headers, ("content-length", str(len(answer.body)))]
+            out = conn.send(h11.Response(status_code=answer.status, headers=headers)) or b""
+            if answer.body and request.method != "HEAD":
+                out += conn.send(h11.Data(data=answer.body)) or b""
+            out += conn.send(h11.EndOfMessage()) or b""
+            await stream.send_all(out)
+            return
         headers = list(answer.headers)
         names = {k.lower() for k, _ in headers}
         if answer.chunks is None and "content-length" not in names:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-import h11
 import httpx
 import pytest
 import trio
@@ -100,25 +99,6 @@ async def chunks(pieces: Sequence[bytes], pause: float = 0.0) -> AsyncIterator[b
         if pause:
             await trio.sleep(pause)
         yield piece
-
-
-class OneWriteUpstream(FakeUpstream):
-    """Writes each response (head and body) in a single send, as most servers
-    do with small responses: the gateway then reads it whole with its head."""
-
-    async def _respond(
-        self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        request: RecordedRequest,
-        answer: FakeResponse,
-    ) -> None:
-        headers = [*answer.headers, ("content-length", str(len(answer.body)))]
-        out = conn.send(h11.Response(status_code=answer.status, headers=headers)) or b""
-        if answer.body:
-            out += conn.send(h11.Data(data=answer.body)) or b""
-        out += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(out)
 
 
 # ---- key-auth -----------------------------------------------------------------------
@@ -895,7 +875,9 @@ async def test_response_transformer_too_large_json_in_one_read(tmp_path: Path) -
     """The cap holds also when the whole (small) response arrives in the same
     read as its head."""
     raw = json.dumps({"pad": "x" * 200, "old": 1}).encode()
-    upstream = OneWriteUpstream([FakeResponse(200, [("content-type", "application/json")], raw)])
+    upstream = FakeUpstream(
+        [FakeResponse(200, [("content-type", "application/json")], raw)], single_write=True
+    )
     plugins = {"response-transformer": {**JSON_OPS, "max_body_bytes": 64}}
     async with open_harness(tmp_path, plugins=plugins, upstream=upstream) as h:
         r = await h.client.get("/whole")

@@ -312,36 +312,15 @@ class StreamingUpstream(FakeUpstream):
 
     def __init__(self) -> None:
         super().__init__(record_bodies=False)
-        self.body_sizes: list[int] = []
         self.body_digests: list[str] = []
+        self._digest = hashlib.sha256()
 
-    async def _read_request(
-        self, conn: h11.Connection, stream: trio.SocketStream
-    ) -> RecordedRequest | None:
-        head: h11.Request | None = None
-        size = 0
-        digest = hashlib.sha256()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                digest.update(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                self.body_sizes.append(size)
-                self.body_digests.append(digest.hexdigest())
-                return RecordedRequest(
-                    method=head.method.decode(),
-                    target=head.target.decode(),
-                    headers=[(k.decode(), v.decode("latin-1")) for k, v in head.headers],
-                    body=b"",
-                )
-            else:
-                return None
+    def body_chunk(self, data: bytes) -> None:
+        self._digest.update(data)
+
+    def body_done(self) -> None:
+        self.body_digests.append(self._digest.hexdigest())
+        self._digest = hashlib.sha256()
 
     async def _respond(
         self,
@@ -358,23 +337,6 @@ class StreamingUpstream(FakeUpstream):
         for i in range(BIG_CHUNKS):
             await stream.send_all(conn.send(h11.Data(data=pattern(i))))
         await stream.send_all(conn.send(h11.EndOfMessage()))
-
-
-class OneWriteUpstream(FakeUpstream):
-    """Writes each (small) response in a single send, as most servers do."""
-
-    async def _respond(
-        self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        request: RecordedRequest,
-        answer: FakeResponse,
-    ) -> None:
-        headers = [*answer.headers, ("content-length", str(len(answer.body)))]
-        out = conn.send(h11.Response(status_code=answer.status, headers=headers))
-        out += conn.send(h11.Data(data=answer.body)) if answer.body else b""
-        out += conn.send(h11.EndOfMessage())
-        await stream.send_all(out)
 
 
 class SplitUpstream(FakeUpstream):
@@ -1087,7 +1049,7 @@ async def test_post_is_not_retried_when_a_pooled_upstream_connection_drops(
 async def test_upstream_connection_is_reused_for_small_responses(tmp_path: Path) -> None:
     """A response that arrives whole in one read must still leave its
     keep-alive connection in the pool."""
-    upstream = OneWriteUpstream()
+    upstream = FakeUpstream(single_write=True)
     async with gateway(tmp_path, upstream) as h:
         for i in range(5):
             r = await h.client.get(f"/reuse/{i}")
