@@ -23,6 +23,7 @@ import trio
 from triogate.actors import ActorRegistry, Admit
 from triogate.ratelimit import Limit
 from triogate.storage import Credits, KeyRecord, MemoryStore, open_lmdb_store
+from triogate.testing import key_record
 
 from .machine import describe, pin
 
@@ -38,22 +39,7 @@ def _rss_mb(kind: str = "VmRSS") -> float:
 
 
 def _record(i: int) -> KeyRecord:
-    return KeyRecord(
-        id=f"key_{i:026d}",
-        digest=b"",
-        digest_version=1,
-        start="tg_x",
-        name="bench",
-        sealed=b"",
-        owner_tag=b"",
-        owner_tag_version=1,
-        scopes=(),
-        status="active",
-        created_at=0.0,
-        updated_at=0.0,
-        credits=Credits(10**12),
-        credits_set_at=0.0,
-    )
+    return key_record(f"key_{i:026d}", name="bench", credits=Credits(10**12), credits_set_at=0.0)
 
 
 LIMITS = (Limit("burst", 1_000_000_000, 1.0),)

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h11
+import msgspec
 import trio
 
 from triogate.config import Config, parse_config
 from triogate.plugins.contract import Plugin
+from triogate.storage import KeyRecord
 
 if TYPE_CHECKING:
     import httpx
@@ -46,10 +48,32 @@ __all__ = [
     "FakeResponse",
     "FakeUpstream",
     "Harness",
+    "LoopbackServer",
     "RecordedRequest",
     "harness_config",
+    "key_record",
     "open_harness",
 ]
+
+
+def key_record(key_id: str = "key_x", **fields: Any) -> KeyRecord:
+    """A stored key record with placeholder crypto fields, for tests (and
+    benchmarks) of what only reads records: actors, decisions, stores."""
+    record = KeyRecord(
+        id=key_id,
+        digest=b"d",
+        digest_version=1,
+        start="tg_abcd",
+        name="n",
+        sealed=b"",
+        owner_tag=b"",
+        owner_tag_version=1,
+        scopes=(),
+        status="active",
+        created_at=0.0,
+        updated_at=0.0,
+    )
+    return msgspec.structs.replace(record, **fields) if fields else record
 
 
 @dataclass
@@ -110,7 +134,27 @@ async def echo(request: RecordedRequest) -> FakeResponse:
     )
 
 
-class FakeUpstream:
+class LoopbackServer:
+    """A test server on a free port of 127.0.0.1: ``await nursery.start(s.run)``
+    hands back the port; each connection goes to ``_connection``."""
+
+    port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+
+class FakeUpstream(LoopbackServer):
     """A scripted HTTP/1.1 upstream on 127.0.0.1, recording every request.
 
     ``script`` answers are used first, one per request, in order; after that
@@ -133,23 +177,12 @@ class FakeUpstream:
         # Write a whole (unchunked) answer in one send, as most servers do
         # with small ones: the gateway then reads it in the same read as its head.
         self.single_write = single_write
-        self.port = 0
 
     def __repr__(self) -> str:
         return (
             f"<FakeUpstream :{self.port} {len(self.requests)} requests, "
             f"{len(self.script)} scripted left>"
         )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self.port)
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1

@@ -41,24 +41,12 @@ from triogate.storage import (
     codec,
     open_lmdb_store,
 )
+from triogate.testing import key_record
 
-BASE = KeyRecord(
-    id="key_a",
-    digest=b"d",
-    digest_version=1,
-    start="tg_abcd",
-    name="n",
-    sealed=b"",
-    owner_tag=b"",
-    owner_tag_version=1,
-    scopes=(),
-    status="active",
-    created_at=0.0,
-    updated_at=0.0,
-)
+BASE = key_record("key_a")
 
 
-def key_record(
+def metered_record(
     key: str = "key_a",
     *,
     remaining: int = 10,
@@ -160,7 +148,7 @@ async def test_actor_is_spawned_on_first_use_and_loaded_from_stored_usage(
     }
     # The stored GCRA state: a "restart" does not hand out a fresh burst.
     burst = Limit("burst", 3, 10.0)
-    record = key_record(remaining=100, version=2)
+    record = metered_record(remaining=100, version=2)
     denied = actor.admit_nowait([burst], 0.0, record=record, use_credits=True)
     assert (denied.allowed, denied.code) == (False, "RATE_LIMITED")
     assert denied.decisions[0].retry_after == pytest.approx(10 / 3)
@@ -340,7 +328,7 @@ async def test_credits_are_decremented_by_cost_and_run_out(
 ) -> None:
     registry = make_registry()
     actor = registry.actor("key_a")
-    record = key_record(remaining=5)
+    record = metered_record(remaining=5)
     a = actor.admit_nowait([], 0.0, cost=3, record=record, use_credits=True)
     assert (a.allowed, a.credits_taken, a.credits_left) == (True, 3, 2)
     b = actor.admit_nowait([], 0.0, cost=3, record=record, use_credits=True)
@@ -359,7 +347,7 @@ async def test_quota_denial_consumes_no_rate_limit(autojump_clock: trio.testing.
     registry = make_registry()
     actor = registry.actor("key_a")
     limit = Limit("l", 2, 10.0)
-    record = key_record(remaining=1)
+    record = metered_record(remaining=1)
     assert actor.admit_nowait([limit], 0.0, record=record, use_credits=True).allowed
     refused = actor.admit_nowait([limit], 0.0, record=record, use_credits=True)
     assert (refused.allowed, refused.code) == (False, "QUOTA_EXCEEDED")
@@ -370,7 +358,7 @@ async def test_quota_denial_consumes_no_rate_limit(autojump_clock: trio.testing.
 
 async def test_credits_refill_at_the_right_instant(autojump_clock: trio.testing.MockClock) -> None:
     registry = make_registry()
-    record = key_record(remaining=0, refill_amount=5, refill_interval=10.0)
+    record = metered_record(remaining=0, refill_amount=5, refill_interval=10.0)
     async with running(registry):
         actor = registry.actor("key_a")
 
@@ -412,7 +400,7 @@ async def test_refills_count_from_when_the_credits_were_set(
     first_refill: float,
 ) -> None:
     registry = make_registry()
-    record = key_record(
+    record = metered_record(
         remaining=0, refill_amount=5, refill_interval=10.0, set_at=set_at, updated_at=updated_at
     )
     await trio.sleep_until(first_refill - 1.5)  # first used after the credits were set
@@ -435,7 +423,7 @@ async def test_a_balance_above_the_refill_amount_is_kept(
 ) -> None:
     registry = make_registry()
     actor = registry.actor("key_a")
-    record = key_record(remaining=8, refill_amount=5, refill_interval=10.0)
+    record = metered_record(remaining=8, refill_amount=5, refill_interval=10.0)
     assert actor.admit_nowait([], 0.0, record=record, use_credits=True).credits_left == 7
     assert actor.admit_nowait([], 10.0, record=record, use_credits=True).credits_left == 6
 
@@ -447,7 +435,7 @@ async def test_credits_refill_schedule_survives_eviction(
     evicted: a key used only when empty still gets its refill at t=10."""
     store = MemoryStore()
     registry = make_registry(store, flush_interval=1.0, idle_timeout=5.0)
-    record = key_record(remaining=0, refill_amount=5, refill_interval=10.0)
+    record = metered_record(remaining=0, refill_amount=5, refill_interval=10.0)
     async with running(registry):
         first = registry.actor("key_a").admit_nowait([], 0.0, record=record, use_credits=True)
         assert first.code == "QUOTA_EXCEEDED"
@@ -466,21 +454,21 @@ async def test_patch_with_a_new_credits_version_takes_effect_at_once(
     store = MemoryStore()
     registry = make_registry(store)
     actor = registry.actor("key_a")
-    v0 = key_record(remaining=10)
+    v0 = metered_record(remaining=10)
     for _ in range(3):
         assert actor.admit_nowait([], 0.0, record=v0, use_credits=True).allowed
     assert actor.credits == 7
     # The same version again does not reset anything.
     assert actor.admit_nowait([], 0.0, record=v0, use_credits=True).credits_left == 6
     # A PATCH (credits_version bumped): the new balance, from the next request on.
-    v1 = key_record(remaining=100, version=1)
+    v1 = metered_record(remaining=100, version=1)
     assert actor.admit_nowait([], 0.5, record=v1, use_credits=True).credits_left == 99
     await registry.flush([actor])
     usage = stored(store, "key_a")
     assert usage is not None
     assert (usage.credits_remaining, usage.credits_version) == (99, 1)
     # A PATCH down to zero denies at once.
-    v2 = key_record(remaining=0, version=2)
+    v2 = metered_record(remaining=0, version=2)
     assert actor.admit_nowait([], 1.0, record=v2, use_credits=True).code == "QUOTA_EXCEEDED"
     # And one written by another process reaches an actor loaded from storage.
     other = make_registry(store).actor("key_a")
@@ -492,7 +480,7 @@ async def test_two_actors_are_independent(autojump_clock: trio.testing.MockClock
     registry = make_registry()
     a, b = registry.actor("key_a"), registry.actor("key_b")
     limit = Limit("l", 2, 10.0)
-    rec_a, rec_b = key_record("key_a", remaining=1), key_record("key_b", remaining=5)
+    rec_a, rec_b = metered_record("key_a", remaining=1), metered_record("key_b", remaining=5)
     assert a.admit_nowait([limit], 0.0, record=rec_a, use_credits=True).allowed
     assert a.admit_nowait([limit], 0.0, record=rec_a, use_credits=True).code == "QUOTA_EXCEEDED"
     assert a.admit_nowait([limit], 0.0).allowed
@@ -511,7 +499,7 @@ async def test_undo_gives_back_credits_and_capacity(
     registry = make_registry(store)
     actor = registry.actor("key_a")
     limits = [Limit("burst", 2, 10.0), Limit("window", 3, 60.0, "sliding_window")]
-    record = key_record(remaining=10)
+    record = metered_record(remaining=10)
     fresh = actor.admit_nowait(limits, 0.0, cost=2, record=record, use_credits=True)
     assert (fresh.allowed, fresh.credits_left) == (True, 8)
     assert not actor.admit_nowait(limits, 0.0, record=record, use_credits=True).allowed
@@ -530,7 +518,7 @@ async def test_undo_after_a_flush_is_persisted(autojump_clock: trio.testing.Mock
     that must still give the credit back in storage, not only in memory."""
     store = MemoryStore()
     registry = make_registry(store, flush_interval=1.0)
-    record = key_record(remaining=10)
+    record = metered_record(remaining=10)
     async with running(registry):
         actor = registry.actor("key_a")
         admission = actor.admit_nowait([], 0.5, record=record, use_credits=True)
@@ -575,7 +563,7 @@ async def test_ask_admit_with_credits_spends_the_known_balance(
     registry = make_registry()
     async with running(registry):
         actor = registry.actor("key_a")
-        record = key_record(remaining=2)
+        record = metered_record(remaining=2)
         assert actor.admit_nowait([], 0.0, record=record, use_credits=True).credits_left == 1
         asked = await registry.ask("key_a", Admit((), cost=1))
         assert (asked.allowed, asked.credits_left) == (True, 0)
@@ -732,7 +720,7 @@ async def test_two_registries_spend_one_balance(autojump_clock: trio.testing.Moc
     different instants; what both spent must come off the stored balance."""
     store = MemoryStore()
     one, two = make_registry(store), make_registry(store)
-    record = key_record(remaining=10)
+    record = metered_record(remaining=10)
     async with running(one), running(two):
         await trio.sleep_until(0.25)
         for _ in range(3):
@@ -767,7 +755,7 @@ async def test_a_stale_credits_version_never_overwrites_a_newer_balance(
     stale balance must not replace the new one."""
     store = MemoryStore()
     one, two = make_registry(store), make_registry(store)
-    v0, v1 = key_record(remaining=10), key_record(remaining=100, version=1)
+    v0, v1 = metered_record(remaining=10), metered_record(remaining=100, version=1)
     a, b = one.actor("key_a"), two.actor("key_a")
     assert a.admit_nowait([], 0.25, record=v0, use_credits=True).allowed
     assert b.admit_nowait([], 0.25, record=v0, use_credits=True).allowed

@@ -5,22 +5,10 @@ import pytest
 
 from triogate.keys import effective_status, key_decision
 from triogate.storage import KeyRecord
+from triogate.testing import key_record
 
 NOW = 1_800_000_000.0
-BASE = KeyRecord(
-    id="key_x",
-    digest=b"d",
-    digest_version=1,
-    start="tg_abcd",
-    name="n",
-    sealed=b"",
-    owner_tag=b"",
-    owner_tag_version=1,
-    scopes=("users:*", "orders:read"),
-    status="active",
-    created_at=NOW - 100,
-    updated_at=NOW - 100,
-)
+BASE = key_record(scopes=("users:*", "orders:read"), created_at=NOW - 100, updated_at=NOW - 100)
 
 
 def rec(**changes: object) -> KeyRecord:

@@ -38,7 +38,14 @@ from triogate.breaker import Breaker
 from triogate.config import ConfigError
 from triogate.retry import backoff
 from triogate.sockio import TICK
-from triogate.testing import FakeResponse, FakeUpstream, Harness, RecordedRequest, open_harness
+from triogate.testing import (
+    FakeResponse,
+    FakeUpstream,
+    Harness,
+    LoopbackServer,
+    RecordedRequest,
+    open_harness,
+)
 from triogate.upstream import TargetPool, Upstream
 
 PROBLEM_CT = "application/problem+json"
@@ -144,7 +151,7 @@ def pin_jitter(h: Harness, draw: float) -> FixedRandom:
     return fixed
 
 
-class RawUpstream:
+class RawUpstream(LoopbackServer):
     """A byte-level upstream (for what h11 would refuse to send): the n-th
     request on any connection is answered with ``answers[n]``, sent piece by
     piece (a float is a pause in seconds). Request bodies are not expected."""
@@ -152,17 +159,6 @@ class RawUpstream:
     def __init__(self, *answers: Sequence[bytes | float]) -> None:
         self.answers = list(answers)
         self.arrivals: list[float] = []
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self.port)
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         data = b""
@@ -187,7 +183,7 @@ class RawUpstream:
 
 
 @asynccontextmanager
-async def serving(*upstreams: FakeUpstream | RawUpstream) -> AsyncIterator[None]:
+async def serving(*upstreams: LoopbackServer) -> AsyncIterator[None]:
     """Run fake upstreams (so their URLs are known before the harness starts)."""
     async with trio.open_nursery() as nursery:
         for up in upstreams:
