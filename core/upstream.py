@@ -243,6 +243,10 @@ class UpstreamConnection:
                     raise BadGateway("upstream closed the connection before responding")
                 received_any = True
                 parsed.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at a complete 101 head with bytes after it (the
+            # new protocol's); its head is in, and is refused just below.
+            pass
         except httptools.HttpParserError as exc:
             self.close()
             raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc

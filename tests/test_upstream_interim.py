@@ -1,26 +1,34 @@
 """1xx interim responses from an upstream (100 Continue, 103 Early Hints) are
-skipped; the client gets the final answer."""
+skipped and the client gets the final answer; an unasked-for protocol switch
+(101) is the upstream breaking the exchange: 502."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
-from triogate.testing import FakeUpstream, open_harness
+from triogate.testing import FakeUpstream, Harness, open_harness
 
 
-async def test_interim_responses_are_skipped(tmp_path: Path) -> None:
+@asynccontextmanager
+async def raw_gateway(tmp_path: Path, *answer: bytes | float) -> AsyncIterator[Harness]:
+    """A gateway whose upstream answers any request with ``answer``, written
+    piece by piece (a float is a pause in seconds), then closes."""
+
     async def raw_upstream(stream: trio.SocketStream) -> None:
         data = b""
         while b"\r\n\r\n" not in data:
             data += await stream.receive_some(65536)
-        # Two interim answers, then the final one; in separate writes.
-        await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-        await stream.send_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
-        await trio.sleep(0.05)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal")
+        for piece in answer:
+            if isinstance(piece, float):
+                await trio.sleep(piece)
+            else:
+                await stream.send_all(piece)
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
@@ -33,9 +41,45 @@ async def test_interim_responses_are_skipped(tmp_path: Path) -> None:
         async with open_harness(
             tmp_path, upstream=fake, upstream_settings={"targets": [f"http://127.0.0.1:{port}"]}
         ) as h:
-            r = await h.client.get("/x")
-            assert r.status_code == 200
-            assert r.content == b"final"
-            assert r.headers["x-final"] == "yes"
-            assert "link" not in r.headers  # the interim answer's headers are not the answer's
+            yield h
         nursery.cancel_scope.cancel()
+
+
+async def test_interim_responses_are_skipped(tmp_path: Path) -> None:
+    async with raw_gateway(
+        tmp_path,
+        # Two interim answers, then the final one; in separate writes.
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+        0.05,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal",
+    ) as h:
+        r = await h.client.get("/x")
+        assert r.status_code == 200
+        assert r.content == b"final"
+        assert r.headers["x-final"] == "yes"
+        assert "link" not in r.headers  # the interim answer's headers are not the answer's
+
+
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param((SWITCH,), id="head-alone"),
+        # The new protocol's bytes in the same read as the head: llhttp
+        # stops there with an upgrade signal rather than a parse.
+        pytest.param((SWITCH + b"\x81\x05hello",), id="head-and-frame"),
+        pytest.param((SWITCH, 0.05, b"\x81\x05hello"), id="frame-later"),
+    ],
+)
+async def test_unasked_protocol_switch_is_a_bad_gateway(
+    tmp_path: Path, answer: tuple[bytes | float, ...]
+) -> None:
+    async with raw_gateway(tmp_path, *answer) as h:
+        r = await h.client.get("/x")
+        assert r.status_code == 502, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "BAD_GATEWAY"
+        assert "upgrade" not in r.headers
