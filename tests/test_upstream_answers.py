@@ -1,6 +1,7 @@
-"""1xx interim responses from an upstream (100 Continue, 103 Early Hints) are
-skipped and the client gets the final answer; an unasked-for protocol switch
-(101) is the upstream breaking the exchange: 502."""
+"""What an upstream may answer, byte for byte: 1xx interim responses (100
+Continue, 103 Early Hints) are skipped and the client gets the final answer;
+an unasked-for protocol switch (101) and a broken response head are the
+upstream breaking the exchange: 502 BAD_GATEWAY, never a 500."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -83,3 +85,50 @@ async def test_unasked_protocol_switch_is_a_bad_gateway(
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["code"] == "BAD_GATEWAY"
         assert "upgrade" not in r.headers
+
+
+BROKEN_HEADS = [
+    ("garbage", b"GARBAGE\r\n\r\n"),
+    ("not-http", b"SSH-2.0-OpenSSH_9.6\r\n"),
+    ("bad-status-code", b"HTTP/1.1 abc OK\r\nContent-Length: 0\r\n\r\n"),
+    ("bad-version", b"HTTP/9.9 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    ("header-without-colon", b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n"),
+    ("cr-in-header-value", b"HTTP/1.1 200 OK\r\nX-A: a\rX-Evil: 1\r\n\r\n"),
+    ("nul-in-header-value", b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\n\r\n"),
+    ("bad-content-length", b"HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\n"),
+    ("head-cut-short", b"HTTP/1.1 200 OK\r\nContent-Le"),
+    # A body broken in the same read as its head: the head has not gone out.
+    ("head-with-bad-chunk", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+    ("head-over-64k", b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("answer", [pytest.param(a, id=i) for i, a in BROKEN_HEADS])
+async def test_broken_response_head_is_a_bad_gateway(tmp_path: Path, answer: bytes) -> None:
+    async with raw_gateway(tmp_path, answer) as h:
+        r = await h.client.get("/x")
+        assert r.status_code == 502, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "BAD_GATEWAY"
+        assert "x-evil" not in r.headers
+
+
+OK_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+BROKEN_BODIES = [
+    # Each body comes in a later read than its head, after the head went out.
+    ("bad-chunk-size", (OK_CHUNKED, 0.05, b"3\r\nabc\r\nzz\r\n")),
+    ("short-content-length", (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", 0.05, b"abc")),
+    ("chunked-cut-short", (OK_CHUNKED, 0.05, b"3\r\nabc\r\n")),
+]
+
+
+@pytest.mark.parametrize("answer", [pytest.param(a, id=i) for i, a in BROKEN_BODIES])
+async def test_body_broken_after_the_head_cuts_the_client_off(
+    tmp_path: Path, answer: tuple[bytes | float, ...]
+) -> None:
+    """The head (200) is the client's already: the gateway cannot turn it into
+    a 502, so it ends the client's connection without completing the body,
+    which the client sees as a truncated response rather than a short one."""
+    async with raw_gateway(tmp_path, *answer) as h:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await h.client.get("/x")
