@@ -95,6 +95,22 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     body_timeout_seconds: Annotated[
         PositiveSeconds, Meta(description="longest wait for the next piece of a request body")
     ] = 30.0
+    body_deadline_seconds: Annotated[
+        PositiveSeconds,
+        Meta(description="a whole request body must arrive within this from its first byte (408)"),
+    ] = 120.0
+    max_connections: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=1_000_000,
+            description="open proxy connections at most; newer ones are answered 503 and closed",
+        ),
+    ] = 10_000
+    underscores_in_headers: Annotated[
+        bool,
+        Meta(description="forward request headers whose names contain '_' (dropped by default)"),
+    ] = False
 
 
 class KeysConfig(Struct, frozen=True, forbid_unknown_fields=True):
