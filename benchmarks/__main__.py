@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from . import actors, proxy, validate
+from . import actors, proxy, soak, validate
 
-BENCHMARKS = {"validate": validate.main, "proxy": proxy.main, "actors": actors.main}
+BENCHMARKS = {
+    "validate": validate.main,
+    "proxy": proxy.main,
+    "actors": actors.main,
+    "soak": soak.main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

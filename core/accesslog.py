@@ -1,4 +1,8 @@
-"""The access log: one JSON line per answered request, off the request path.
+"""The access log: one JSON line per request, off the request path.
+
+Every request has its line: answered ones, abandoned ones (the client left
+first: status 499, outcome ``client_closed``) and the ones the listener
+refused by itself before routing (400, 408, 413, 431, with their code).
 
 ``observe`` (a telemetry observer) only puts the ``RequestRecord`` into a
 bounded trio memory channel: no encoding, no I/O, never a wait. When the

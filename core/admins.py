@@ -107,6 +107,15 @@ class AdminService:
         txn.put(Table.ADMINS, record.id.encode(), codec.encode(record))
         txn.put(Table.ADMIN_DIGESTS, record.digest, record.id.encode())
 
+    def refuse_setup_if_done(self) -> None:
+        """409 once setup has been done, before the request body is read: a
+        finished setup is the common case for whoever still calls it, and
+        they need not have a megabyte of JSON validated first. (The write in
+        ``setup`` checks again, atomically.)"""
+        with self._store.read() as txn:
+            if txn.get(Table.META, _SETUP) is not None or next(txn.scan(Table.ADMINS), None):
+                raise Conflict("setup has already been done")
+
     async def setup(self, req: SetupRequest, source_ip: str | None) -> SetupResult:
         """Create the first super_admin. Atomic: the check that no admin exists
         and the insert are one write transaction, so of two concurrent calls

@@ -8,7 +8,10 @@ or ``triogate serve --server hypercorn``, which runs hypercorn on the proxy
 listener inside the gateway process. Either way requests go through the very
 ``Pipeline.handle`` the native listener calls; this module only translates
 ASGI messages to ``Request``/``Response`` and back. Standalone, the app opens
-the gateway (storage, services, pipeline) in the ASGI lifespan.
+the gateway (storage, services, pipeline) in the ASGI lifespan and runs what
+``Server.run`` runs beside its listeners (``run_services``: the key actors and
+their flushes, the access log, health checks); at lifespan shutdown the actors
+flush before storage closes, so credits and usage spent here are kept.
 
 hypercorn parses the HTTP framing, so the native listener's protocol checks
 are hypercorn's here; the target checks (``check_target``) and the body size
@@ -20,12 +23,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from triogate.config import load_config
 from triogate.errors import GatewayError, PayloadTooLarge
 from triogate.gateway import Gateway, open_gateway
+from triogate.health import run_health_checks
 from triogate.http import (
     Body,
     ClientDisconnected,
@@ -35,9 +42,10 @@ from triogate.http import (
     check_target,
     strip_connection_headers,
 )
+from triogate.netaddr import client_ip
 from triogate.pipeline import Pipeline, new_request_id, problem_response
 
-__all__ = ["GatewayASGI", "app"]
+__all__ = ["GatewayASGI", "app", "run_services"]
 
 log = logging.getLogger("triogate.asgi")
 
@@ -47,6 +55,24 @@ _NO_BODY = frozenset({204, 304})
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
+
+
+async def run_services(
+    gw: Gateway, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """What serves next to the listeners, as ``Server.run`` runs it: the key
+    actors (their flusher, and a final flush when cancelled), the access log
+    writer (drained when cancelled) and the upstream health checks of the
+    built pipeline. Runs until cancelled.
+
+    Without them a standalone ASGI gateway spent credits and counted usage
+    in memory only, and lost both on stop."""
+    async with trio.open_nursery() as tasks:
+        await tasks.start(gw.actors.run)
+        if gw.access_log is not None:
+            await tasks.start(gw.access_log.run)
+        await tasks.start(run_health_checks, gw.current_pipeline().upstreams)
+        task_status.started()
 
 
 class GatewayASGI:
@@ -88,28 +114,40 @@ class GatewayASGI:
             await send({"type": "lifespan.shutdown.complete"})
             return
         path = os.environ.get("TRIOGATE_CONFIG")
-        try:
-            config = load_config(Path(path) if path else None)
-            async with open_gateway(config, source=path) as gw:
+        async with AsyncExitStack() as stack:
+            try:
+                config = load_config(Path(path) if path else None)
+                gw = await stack.enter_async_context(open_gateway(config, source=path))
                 gw.pipeline = gw.build_pipeline()
-                self._gateway = gw
-                await send({"type": "lifespan.startup.complete"})
-                await receive()  # lifespan.shutdown
-                gw.pipeline.close()
-                self._gateway = None
-        except Exception as exc:
-            log.exception("triogate failed to start")
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            return
+                stack.callback(gw.current_pipeline().close)
+                # Entered last, so left first: the services stop (the final
+                # flush included) before the pipeline closes and LMDB does.
+                services = await stack.enter_async_context(trio.open_nursery())
+                await services.start(run_services, gw)
+                stack.callback(services.cancel_scope.cancel)
+            except Exception as exc:
+                log.exception("triogate failed to start")
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            self._gateway = gw
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown: hypercorn has stopped serving
+            self._gateway = None
+            log.info("stopping; flushing storage")
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         pipeline = self.pipeline()
         method: str = scope["method"]
         try:
-            request = self._request(scope, receive, pipeline.max_body)
+            request = self._request(
+                scope, receive, pipeline.max_body, pipeline.config.server.underscores_in_headers
+            )
         except GatewayError as exc:
-            await self._send(send, problem_response(exc, new_request_id()), method)
+            refusal = problem_response(exc, new_request_id())
+            client = scope.get("client") or ("0.0.0.0", 0)
+            pipeline.log_refused(method, scope.get("path", "-"), client_ip(client[0]), refusal)
+            await self._send(send, refusal, method)
             return
         try:
             ctx, response = await pipeline.handle(request)
@@ -121,13 +159,15 @@ class GatewayASGI:
             await pipeline.after(ctx, response)
 
     @staticmethod
-    def _request(scope: Scope, receive: Receive, max_body: int) -> Request:
+    def _request(
+        scope: Scope, receive: Receive, max_body: int, underscores: bool = False
+    ) -> Request:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("ascii", "strict")
         query_bytes: bytes = scope.get("query_string", b"")
         # The same checks and normalisation as the native listener.
         path, query = check_target(raw_path + (b"?" + query_bytes if query_bytes else b""))
         headers = Headers([(bytes(k).lower(), bytes(v)) for k, v in scope["headers"]])
-        strip_connection_headers(headers)
+        strip_connection_headers(headers, underscores)
         length: int | None = None
         raw_length = headers.get_raw(b"content-length")
         if raw_length is not None and raw_length.isdigit():
@@ -143,7 +183,7 @@ class GatewayASGI:
             query=query,
             headers=headers,
             body=Body(_body(receive, max_body), length),
-            client_ip=client[0],
+            client_ip=client_ip(client[0]),
             scheme=scope.get("scheme", "http"),
             http_version=scope.get("http_version", "1.1"),
         )

@@ -3,14 +3,18 @@
 ``keys`` and ``admin`` work directly on the data directory: LMDB is
 multi-process safe, so they may run while a server is serving the same data.
 Errors are the gateway's own (``GatewayError``), printed as ``CODE: detail``
-with exit status 1; usage errors exit 2.
+with exit status 1; usage errors exit 2. A data directory that is not what
+it was (``core/datadir.py``) is one sentence on stderr and exit status 1,
+for ``serve`` and every command that opens it; ``doctor`` says more.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
+import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,11 +22,13 @@ from typing import Any, TypeVar
 import msgspec
 import trio
 
+from triogate.storage.base import StoreError
+
 from . import __version__
 from .audit import Actor
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_config
 from .crypto import SecretsError, add_hmac_version
-from .errors import GatewayError, ValidationError
+from .errors import FieldError, GatewayError, ValidationError
 from .gateway import Gateway, open_gateway
 from .models import CreateAdminRequest, CreateKeyRequest, RotateKeyRequest
 from .validation import convert_all
@@ -97,9 +103,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if workers > 1 and args.worker is None:
         from .supervisor import run_supervisor
 
+        # Settled once here: a damaged data directory is one refusal, not N
+        # workers restarted in a loop.
+        _with_gateway(args, _nothing)
         return run_supervisor(args.config, workers, args.server)
     worker = (args.worker, workers) if args.worker is not None else (0, 1)
     return run_server(config, source=args.config, worker=worker)
+
+
+async def _nothing(gw: Gateway) -> None:
+    return None
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main(_config_for(args).data_dir, as_json=args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -118,11 +137,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .plugin_loader import discover
     from .plugins.contract import PluginEnv
 
-    config = load_config(Path(args.file))
+    # Read once: the checksum printed is of exactly the bytes validated.
+    path = Path(args.file)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([FieldError("$", f"cannot read: {exc.strerror}")], args.file) from None
+    try:
+        doc = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([FieldError("$", f"invalid TOML: {exc}")], args.file) from None
+    config = parse_config(doc, source=args.file)
     # Routes compiled and every plugin validated, exactly as serve would;
     # nothing is opened or bound.
     Pipeline(config, discover(), PluginEnv()).close()
-    print(f"{args.file}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
+    # The checksum of the bytes read (a reload reads the file again: compare
+    # with `sha256sum FILE` to know the file is still the one checked).
+    digest = hashlib.sha256(raw).hexdigest()
+    print(
+        f"{args.file}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams)"
+        f" sha256:{digest}"
+    )
     return 0
 
 
@@ -222,6 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_secrets_rotate_hmac(args: argparse.Namespace) -> int:
     config = _config_for(args)
+    _with_gateway(args, _nothing)  # only on a data directory that is what it was
     version = add_hmac_version(config.data_dir)
     print(f"HMAC secret version {version} is now current; existing keys keep working")
     return 0
@@ -272,7 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the bundled config, exit")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("check-config", help="validate a config file, print every error")
+    p = sub.add_parser(
+        "doctor", help="check a data directory offline: files, secrets, every record"
+    )
+    _data_options(p)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "check-config", help="validate a config file, print every error and its sha256"
+    )
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
 
@@ -368,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except GatewayError as exc:
         print(f"{exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    except StoreError as exc:  # the data directory is not what it was
+        print(f"triogate: {exc}", file=sys.stderr)
         return 1
     except SecretsError as exc:
         print(f"secrets: {exc}", file=sys.stderr)

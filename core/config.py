@@ -49,8 +49,11 @@ Listen = Annotated[
         description="host:port to listen on",
     ),
 ]
+# Every number has both bounds: a timeout of 1e-300 s or a body cap of
+# 10^30 bytes is a typo, not a setting, and is refused at load.
 Seconds = Annotated[float, Meta(ge=0, le=86400)]
-PositiveSeconds = Annotated[float, Meta(gt=0, le=86400)]
+PositiveSeconds = Annotated[float, Meta(ge=0.001, le=86400)]
+MAX_BODY_BYTES = 1 << 40  # 1 TiB
 Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 TargetUrl = Annotated[
     str,
@@ -64,8 +67,10 @@ PluginConfigs = dict[str, dict[str, Any]]
 
 
 class DefaultRateLimit(Struct, frozen=True, forbid_unknown_fields=True):
-    limit: Annotated[int, Meta(ge=1, description="requests per period")]
-    period_seconds: Annotated[PositiveSeconds, Meta(description="period length")]
+    limit: Annotated[int, Meta(ge=1, le=1_000_000_000, description="requests per period")]
+    period_seconds: Annotated[
+        float, Meta(ge=0.001, le=31_536_000, description="period length (a millisecond to a year)")
+    ]
 
 
 class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -77,7 +82,9 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_grace_seconds: Annotated[
         Seconds, Meta(description="in-flight requests get this long on SIGTERM")
     ] = 10.0
-    max_request_body_bytes: Annotated[int, Meta(ge=0, description="413 above this")] = 10_485_760
+    max_request_body_bytes: Annotated[
+        int, Meta(ge=0, le=MAX_BODY_BYTES, description="413 above this")
+    ] = 10_485_760
     max_header_bytes: Annotated[int, Meta(ge=1024, le=1_048_576, description="431 above this")] = (
         65_536
     )
@@ -124,7 +131,7 @@ class KeysConfig(Struct, frozen=True, forbid_unknown_fields=True):
 class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
     map_size_mb: Annotated[int, Meta(ge=16, le=1_048_576, description="LMDB map size")] = 4096
     flush_interval_seconds: Annotated[
-        PositiveSeconds, Meta(description="how often actors flush usage")
+        float, Meta(ge=0.01, le=86400, description="how often actors flush usage")
     ] = 1.0
     actor_idle_seconds: Annotated[
         PositiveSeconds, Meta(description="an actor unused this long is flushed and evicted")

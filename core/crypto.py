@@ -6,7 +6,13 @@ Where they come from, in order:
   bytes each; a bare secret is version 1);
 * ``TRIOGATE_ENCRYPTION_KEYS``: comma-separated ``version:base64(32 bytes)``;
 * otherwise ``data_dir/secrets`` (JSON, mode 0600), generated once on first
-  start and read by every later process, the CLI included.
+  start and read by every later process, the CLI included. Only the very
+  first start of a data directory generates it (``core/datadir.py`` decides):
+  a store whose secrets file went missing refuses to start instead.
+
+``ServerSecrets.fingerprints`` identifies the secrets without revealing them
+(an HMAC of a constant under each one): the store keeps them, so a start with
+the wrong secrets is caught before a single key fails to validate.
 
 The highest version is *current*: it digests new keys and seals new records.
 Older versions stay valid for validation and decryption, so adding a version
@@ -28,13 +34,36 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["HmacKeyring", "Sealer", "SecretsError", "ServerSecrets", "load_secrets"]
+__all__ = [
+    "HmacKeyring",
+    "Sealer",
+    "SecretsError",
+    "SecretsMissing",
+    "ServerSecrets",
+    "environment_complete",
+    "fingerprint",
+    "load_secrets",
+    "secrets_file",
+]
 
 _SEAL_MAGIC = 1  # first byte of a sealed blob: format version
+# NUL bytes never occur in a key or an owner tag's input: a fingerprint can
+# never equal a digest the store holds.
+_FINGERPRINT_INPUT = b"\x00triogate secrets fingerprint\x00v1"
 
 
 class SecretsError(Exception):
     pass
+
+
+class SecretsMissing(SecretsError):
+    """No secrets file and no secrets in the environment."""
+
+
+def fingerprint(secret: bytes) -> str:
+    """Names ``secret`` without revealing it: HMAC-SHA256 of a constant under
+    it, 16 bytes in hex. Equal secrets, equal fingerprints."""
+    return hmac.new(secret, _FINGERPRINT_INPUT, hashlib.sha256).hexdigest()[:32]
 
 
 class HmacKeyring:
@@ -45,6 +74,7 @@ class HmacKeyring:
         if not versions:
             raise SecretsError("no HMAC secret")
         self._bases = {v: hmac.new(s, digestmod=hashlib.sha256) for v, s in versions.items()}
+        self.fingerprints = {v: fingerprint(s) for v, s in versions.items()}
         self.current = max(versions)
         # Newest first: validation tries the current version, then older ones.
         self.versions = tuple(sorted(versions, reverse=True))
@@ -76,6 +106,7 @@ class Sealer:
                 raise SecretsError(f"encryption key version {v} must be 32 bytes, got {len(k)}")
         # One AESGCM object per key, reused: a new object per call doubles the cost.
         self._aead = {v: AESGCM(k) for v, k in keys.items()}
+        self.fingerprints = {v: fingerprint(k) for v, k in keys.items()}
         self.current = max(keys)
 
     def __repr__(self) -> str:
@@ -107,6 +138,10 @@ class ServerSecrets:
 
     def __repr__(self) -> str:
         return f"<ServerSecrets from {self.source} {self.hmac!r} {self.sealer!r}>"
+
+    def fingerprints(self) -> dict[str, dict[int, str]]:
+        """Per kind (``hmac``, ``encryption``), version -> fingerprint."""
+        return {"hmac": dict(self.hmac.fingerprints), "encryption": dict(self.sealer.fingerprints)}
 
 
 def _parse_versioned(raw: str, *, what: str, decode: bool) -> dict[int, bytes]:
@@ -173,7 +208,21 @@ def _read_file(path: Path) -> tuple[dict[int, bytes], dict[int, bytes]]:
     return hmac_keys, enc_keys
 
 
-def load_secrets(data_dir: Path, environ: Mapping[str, str] | None = None) -> ServerSecrets:
+def secrets_file(data_dir: Path) -> Path:
+    return data_dir / "secrets"
+
+
+def environment_complete(environ: Mapping[str, str] | None = None) -> bool:
+    """Both secrets come from the environment: no file is read or needed."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("TRIOGATE_HMAC_SECRET") and env.get("TRIOGATE_ENCRYPTION_KEYS"))
+
+
+def load_secrets(
+    data_dir: Path, environ: Mapping[str, str] | None = None, *, create: bool = True
+) -> ServerSecrets:
+    """The secrets, from the environment or ``data_dir/secrets``. Without a
+    file, ``create`` generates one; otherwise ``SecretsMissing`` is raised."""
     env = os.environ if environ is None else environ
     hmac_raw = env.get("TRIOGATE_HMAC_SECRET")
     enc_raw = env.get("TRIOGATE_ENCRYPTION_KEYS")
@@ -183,9 +232,11 @@ def load_secrets(data_dir: Path, environ: Mapping[str, str] | None = None) -> Se
             Sealer(_parse_versioned(enc_raw, what="TRIOGATE_ENCRYPTION_KEYS", decode=True)),
             "environment",
         )
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "secrets"
+    path = secrets_file(data_dir)
     if not path.exists():
+        if not create:
+            raise SecretsMissing(f"the secrets file {path} is missing")
+        data_dir.mkdir(parents=True, exist_ok=True)
         _generate_file(path)
     file_hmac, file_enc = _read_file(path)
     hmac_keys = (
@@ -204,8 +255,16 @@ def load_secrets(data_dir: Path, environ: Mapping[str, str] | None = None) -> Se
 def add_hmac_version(data_dir: Path) -> int:
     """Rotate the file-based HMAC secret: add a new current version, keep the
     old ones (existing keys are re-indexed under the new one as they are used)."""
-    path = data_dir / "secrets"
-    doc = json.loads(path.read_text())
+    path = secrets_file(data_dir)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SecretsMissing(
+            f"the secrets file {path} is missing: nothing to rotate "
+            "(with secrets from the environment, rotate them there)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise SecretsError(f"cannot read secrets file {path}: {exc}") from exc
     version = max(int(v) for v in doc["hmac"]) + 1
     doc["hmac"][str(version)] = base64.b64encode(secrets.token_bytes(32)).decode()
     os.replace(_write_private(path, doc), path)

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from triogate.storage.base import StoreFull
+
 __all__ = [
     "BadRequest",
     "Conflict",
@@ -30,6 +32,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RouteNotFound",
+    "Unauthorized",
     "ValidationError",
 ]
 
@@ -73,7 +76,14 @@ class ValidationError(GatewayError):
     code = "VALIDATION_ERROR"
     title = "Bad Request"
 
+    #: An error list is capped: a caller must not be able to make the server
+    #: build (and send) one entry per field of a megabyte of JSON.
+    MAX_ERRORS: ClassVar[int] = 100
+
     def __init__(self, errors: list[FieldError], detail: str | None = None) -> None:
+        if len(errors) > self.MAX_ERRORS:
+            cut = FieldError("$", f"more errors were cut: the first {self.MAX_ERRORS} are listed")
+            errors = [*errors[: self.MAX_ERRORS], cut]
         self.errors = errors
         if detail is None:
             detail = "; ".join(f"{e.path}: {e.message}" for e in errors[:5])
@@ -98,34 +108,45 @@ class InvalidPathParameter(GatewayError):
     title = "Bad Request"
 
 
-class MissingKey(GatewayError):
+class Unauthorized(GatewayError):
+    """A 401. RFC 9110 (11.6.1) requires a challenge with every 401; RFC 6750
+    (3.1) adds ``error="invalid_token"`` when a key was sent and refused. The
+    admin API answers for its own realm (``challenge("triogate-admin")``)."""
+
     status = 401
+    title = "Unauthorized"
+    key_given: ClassVar[bool] = True
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.challenge("triogate")
+
+    def challenge(self, realm: str) -> None:
+        value = f'Bearer realm="{realm}"'
+        self.headers["WWW-Authenticate"] = (
+            f'{value}, error="invalid_token"' if self.key_given else value
+        )
+
+
+class MissingKey(Unauthorized):
     code = "MISSING_KEY"
-    title = "Unauthorized"
+    key_given = False
 
 
-class InvalidKey(GatewayError):
-    status = 401
+class InvalidKey(Unauthorized):
     code = "INVALID_KEY"
-    title = "Unauthorized"
 
 
-class KeyRevoked(GatewayError):
-    status = 401
+class KeyRevoked(Unauthorized):
     code = "KEY_REVOKED"
-    title = "Unauthorized"
 
 
-class KeyExpired(GatewayError):
-    status = 401
+class KeyExpired(Unauthorized):
     code = "KEY_EXPIRED"
-    title = "Unauthorized"
 
 
-class KeyRotated(GatewayError):
-    status = 401
+class KeyRotated(Unauthorized):
     code = "KEY_ROTATED"
-    title = "Unauthorized"
 
 
 class InsufficientScope(GatewayError):
@@ -178,6 +199,16 @@ class HeadersTooLarge(GatewayError):
     status = 431
     code = "HEADERS_TOO_LARGE"
     title = "Request Header Fields Too Large"
+
+
+class StorageFull(GatewayError, StoreFull):
+    """A write did not fit in ``storage.map_size_mb``. Raised by the store
+    itself (the gateway opens it with this class), so every boundary
+    translates it like any other refusal."""
+
+    status = 507
+    code = "STORAGE_FULL"
+    title = "Insufficient Storage"
 
 
 # Key-validation outcome codes -> the error that refuses the request.

@@ -4,22 +4,24 @@ it from the ``Gateway`` it was given."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from triogate.storage import RateLimit, Store, open_lmdb_store
+from triogate.storage import RateLimit, Store
 
 from .accesslog import AccessLog
 from .actors import ActorRegistry
 from .admins import AdminService
 from .audit import AuditLog
 from .config import Config, config_version
-from .crypto import ServerSecrets, load_secrets
+from .crypto import SecretsError, ServerSecrets, load_secrets
+from .datadir import compare_fingerprints, lmdb_path, open_data_dir
+from .errors import StorageFull
 from .keys import KeyService
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -29,7 +31,9 @@ from .reload import ConfigManager
 from .telemetry import Observer
 from .timeutil import Clock, system_clock
 
-__all__ = ["ActiveConfig", "Gateway", "open_gateway"]
+__all__ = ["ActiveConfig", "Gateway", "lmdb_path", "open_gateway"]
+
+log = logging.getLogger("triogate.gateway")
 
 
 class ActiveConfig(msgspec.Struct, frozen=True):
@@ -62,6 +66,7 @@ class Gateway:
             idle_timeout=config.storage.actor_idle_seconds,
             clock=clock,
         )
+        self.keys.live_balance = self.actors.live_balance  # views show live credits
         # The data plane, once built (``serve``); the CLI never builds one.
         self.pipeline: Pipeline | None = None
         # Plugin classes not installed as entry points (tests, triogate.testing).
@@ -82,8 +87,20 @@ class Gateway:
     def refresh_secrets(self) -> None:
         """Re-read the server secrets (a reload does this): an HMAC version
         added by another process (``triogate secrets rotate-hmac``) becomes
-        known here, so keys created under it validate."""
-        fresh = load_secrets(self.config.data_dir)
+        known here, so keys created under it validate. Secrets that went
+        missing or changed under the running gateway are not taken: the ones
+        in use stay, and the next start refuses (``core/datadir.py``)."""
+        try:
+            fresh = load_secrets(self.config.data_dir, create=False)
+        except SecretsError as exc:
+            log.error("keeping the secrets in use: %s", exc)
+            return
+        why = compare_fingerprints(self.secrets.fingerprints(), fresh.fingerprints())
+        if why is not None:
+            log.error(
+                "keeping the secrets in use: %s are not the same secrets (%s)", fresh.source, why
+            )
+            return
         self.secrets.hmac = fresh.hmac
         self.secrets.sealer = fresh.sealer
 
@@ -122,17 +139,13 @@ class Gateway:
         return f"<Gateway config={self.active.version} store={self.store!r}>"
 
 
-def lmdb_path(data_dir: Path) -> Path:
-    return data_dir / "lmdb"
-
-
 @asynccontextmanager
 async def open_gateway(
     config: Config, *, source: str | None = None, clock: Clock = system_clock
 ) -> AsyncIterator[Gateway]:
-    data_dir = config.data_dir
-    secrets = load_secrets(data_dir)
-    async with open_lmdb_store(
-        lmdb_path(data_dir), map_size=config.storage.map_size_mb << 20
-    ) as store:
+    """The gateway on ``config.data_dir``, once the data directory proves to
+    be what it was (``core/datadir.py``: else ``DataDirError``, one sentence)."""
+    async with open_data_dir(
+        config.data_dir, map_size=config.storage.map_size_mb << 20, full_error=StorageFull
+    ) as (store, secrets):
         yield Gateway(config, store, secrets, source=source, clock=clock)

@@ -17,10 +17,14 @@ rotation) the async ``validate`` also re-indexes it under the current one.
 Every mutation is one storage write function that re-reads the record inside
 the transaction, decides, writes the record, its indexes and the audit entry
 together: a check-then-act race between two admins cannot happen.
+
+A rotation moves nothing: the new key shares the old one's credit balance and
+limiter state through a state key (``keychain``), during the grace and after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import hmac
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,22 +34,17 @@ from typing import Any
 import msgspec
 from msgspec import UNSET
 
-from triogate.storage import (
-    Credits,
-    KeyRecord,
-    ReadTxn,
-    Store,
-    Table,
-    UsageRecord,
-    WriteTxn,
-    codec,
-)
+from triogate.storage import KeyRecord, ReadTxn, Store, Table, WriteTxn, codec
+from triogate.storage.base import StoreFull
 
+from . import keychain
 from .audit import Actor, append_audit
-from .crypto import HmacKeyring, ServerSecrets
+from .crypto import ServerSecrets
 from .errors import Conflict, NotFound, ValidationError
 from .ids import is_valid_id, new_id
+from .keychain import LiveBalance, live_credits, usage_and_state
 from .keyformat import KeyFormat
+from .keyrules import effective_status, find_by_digest, key_decision
 from .models import (
     CreatedKey,
     CreateKeyRequest,
@@ -70,54 +69,6 @@ _sealed_decoder = msgspec.msgpack.Decoder(tuple[str, dict[str, Any] | None])
 _OWNER_TAG = "owner"
 
 
-def find_by_digest(
-    store: Store, keyring: HmacKeyring, plaintext: str, index: Table, table: Table
-) -> tuple[bytes, bytes, int] | None:
-    """The stored record whose digest of ``plaintext`` is in ``index``, trying
-    the current HMAC version first, then older ones: (record bytes, digest,
-    version), or None. Shared by API keys and admin keys."""
-    for version in keyring.versions:
-        digest = keyring.digest(plaintext, version)
-        raw = store.get_through(index, digest, table)
-        if raw is not None:
-            return raw, digest, version
-    return None
-
-
-def _live_credits(record: KeyRecord, usage: UsageRecord) -> Credits | None:
-    """The key's credits with the balance as last flushed (the record keeps
-    what was set; the actors keep the balance in the usage record)."""
-    credits = record.credits
-    if (
-        credits is not None
-        and usage.credits_remaining is not None
-        and usage.credits_version == record.credits_version
-    ):
-        return msgspec.structs.replace(credits, remaining=usage.credits_remaining)
-    return credits
-
-
-def effective_status(record: KeyRecord, now: float) -> str:
-    if record.status == "active" and record.expires_at is not None and now >= record.expires_at:
-        return "expired"
-    return record.status
-
-
-def key_decision(record: KeyRecord, now: float, required_scopes: Sequence[str] = ()) -> str | None:
-    """None if the key may be used now for ``required_scopes``, else the error
-    code. Precedence: revoked, rotated past grace, expired, scopes."""
-    status = record.status
-    if status == "revoked":
-        return "KEY_REVOKED"
-    if status == "rotated" and (record.grace_ends_at is None or now >= record.grace_ends_at):
-        return "KEY_ROTATED"
-    if status == "expired" or (record.expires_at is not None and now >= record.expires_at):
-        return "KEY_EXPIRED"
-    if required_scopes and scopes_missing(record.scopes, required_scopes):
-        return "INSUFFICIENT_SCOPE"
-    return None
-
-
 class KeyService:
     def __init__(
         self,
@@ -131,6 +82,9 @@ class KeyService:
         self._secrets = secrets
         self._clock = clock
         self.format = KeyFormat(prefix)
+        # The actors' in-memory balances (set by the gateway that runs
+        # them): views show the balance being spent, not the last flush.
+        self.live_balance: LiveBalance | None = None
 
     def __repr__(self) -> str:
         return f"<KeyService {self.format!r} store={self._store!r}>"
@@ -157,14 +111,9 @@ class KeyService:
             raise NotFound(f"no key {key_id}")
         return codec.key.decode(raw)
 
-    @staticmethod
-    def _usage(txn: ReadTxn, key_id: str) -> UsageRecord:
-        raw = txn.get(Table.USAGE, key_id.encode())
-        return UsageRecord() if raw is None else codec.usage.decode(raw)
-
     def _view(self, record: KeyRecord, txn: ReadTxn, now: float) -> KeyView:
         owner, metadata = self._unseal(record)
-        usage = self._usage(txn, record.id)
+        usage, state = usage_and_state(txn, record)
         return KeyView(
             id=record.id,
             name=record.name,
@@ -182,7 +131,7 @@ class KeyService:
             last_used_at=utc(usage.last_used_at),
             metadata=metadata,
             rate_limits=list(record.rate_limits),
-            credits=_live_credits(record, usage),
+            credits=live_credits(record, state, self.live_balance),
         )
 
     def get(self, key_id: str) -> KeyView:
@@ -244,22 +193,15 @@ class KeyService:
     def usage(self, key_id: str) -> UsageView:
         with self._store.read() as txn:
             record = self._load(txn, key_id)
-            usage = self._usage(txn, key_id)
+            usage, state = usage_and_state(txn, record)
         classes = {f"{i + 1}xx": n for i, n in enumerate(usage.by_class)}
-        remaining = None
-        if record.credits is not None:
-            remaining = record.credits.remaining
-            if (
-                usage.credits_remaining is not None
-                and usage.credits_version == record.credits_version
-            ):
-                remaining = usage.credits_remaining
+        credits = live_credits(record, state, self.live_balance)
         return UsageView(
             key_id=key_id,
             requests=usage.requests,
             last_used_at=utc(usage.last_used_at),
             by_status_class=classes,
-            credits_remaining=remaining,
+            credits_remaining=None if credits is None else credits.remaining,
             rate_limits=list(record.rate_limits),
         )
 
@@ -329,7 +271,9 @@ class KeyService:
             )
             txn.put(Table.KEYS, key_id.encode(), codec.encode(updated))
 
-        await self._store.write(fn)
+        # A full store must not refuse a valid key: re-indexed at a later use.
+        with contextlib.suppress(StoreFull):
+            await self._store.write(fn)
 
     # ---- mutations --------------------------------------------------------
 
@@ -423,6 +367,14 @@ class KeyService:
         def fn(txn: WriteTxn) -> KeyRecord:
             record = self._load(txn, key_id)
             changes: dict[str, Any] = {"updated_at": now}
+            shared: dict[str, Any] = {}
+            # Credits and limits govern the state a rotation chain shares:
+            # set on one key of it, they are set on every key of it.
+            members = (
+                keychain.chain(txn, record)
+                if req.credits is not UNSET or req.rate_limits is not UNSET
+                else [record]
+            )
             if req.name is not UNSET:
                 changes["name"] = req.name
             if req.scopes is not UNSET:
@@ -430,25 +382,29 @@ class KeyService:
             if req.expires_at is not UNSET:
                 changes["expires_at"] = epoch(req.expires_at)
             if req.rate_limits is not UNSET:
-                changes["rate_limits"] = tuple(req.rate_limits)
+                shared["rate_limits"] = tuple(req.rate_limits)
             if req.credits is not UNSET:
                 # A new version makes every balance counted so far (by any
                 # actor, in any process) stale: the PATCH takes effect at once.
-                changes["credits"] = req.credits
-                changes["credits_version"] = record.credits_version + 1
-                changes["credits_set_at"] = now
+                shared["credits"] = req.credits
+                shared["credits_version"] = max(m.credits_version for m in members) + 1
+                shared["credits_set_at"] = now
             if req.metadata is not UNSET:
                 owner, _ = self._unseal(record)
                 changes["sealed"] = self._seal(key_id, owner, req.metadata)
-            updated = msgspec.structs.replace(record, **changes)
+            updated = msgspec.structs.replace(record, **changes, **shared)
             txn.put(Table.KEYS, key_id.encode(), codec.encode(updated))
+            others = keychain.share_settings(txn, members, key_id, shared, now)
+            details: dict[str, Any] = {"fields": changed}
+            if others:
+                details["shared_with"] = others
             append_audit(
                 txn,
                 actor=actor,
                 action="key.update",
                 target_id=key_id,
                 now=now,
-                details={"fields": changed},
+                details=details,
             )
             return updated
 
@@ -484,10 +440,6 @@ class KeyService:
             if status != "active":
                 raise Conflict(f"key {key_id} is {status}; only an active key can be rotated")
             owner, metadata = self._unseal(old)
-            # The credits move with the key: the new one gets the balance as
-            # last flushed, the old one keeps none (it still authenticates
-            # during its grace, but cannot spend the same credits twice).
-            balance = _live_credits(old, self._usage(txn, key_id))
             new = self._new_record(
                 plaintext=plaintext,
                 key_id=new_key_id,
@@ -498,24 +450,18 @@ class KeyService:
                 now=now,
                 expires_at=old.expires_at,
                 rate_limits=old.rate_limits,
-                credits=balance,
+                credits=old.credits,
                 rotated_from=key_id,
             )
+            # Nothing moves: the new key joins the old one's state.
+            new = msgspec.structs.replace(new, **keychain.joined_state(old))
             self._put_new(txn, new)
-            moved: dict[str, Any] = {}
-            if old.credits is not None:
-                moved = {
-                    "credits": Credits(0),
-                    "credits_version": old.credits_version + 1,
-                    "credits_set_at": now,
-                }
             rotated = msgspec.structs.replace(
                 old,
                 status="rotated",
                 rotated_to=new_key_id,
                 grace_ends_at=grace_ends_at,
                 updated_at=now,
-                **moved,
             )
             txn.put(Table.KEYS, key_id.encode(), codec.encode(rotated))
             append_audit(
@@ -539,37 +485,14 @@ class KeyService:
         now = self._clock()
 
         def fn(txn: WriteTxn) -> tuple[int, int]:
-            expired: list[KeyRecord] = []
-            purged: list[KeyRecord] = []
-            for _, raw in txn.scan(Table.KEYS):
-                record = codec.key.decode(raw)
-                if record.status == "active" and effective_status(record, now) == "expired":
-                    expired.append(record)
-                elif (
-                    record.status == "rotated"
-                    and record.grace_ends_at is not None
-                    and now >= record.grace_ends_at
-                ):
-                    purged.append(record)
-            for record in expired:
-                updated = msgspec.structs.replace(record, status="expired", updated_at=now)
-                txn.put(Table.KEYS, record.id.encode(), codec.encode(updated))
-            for record in purged:
-                kid = record.id.encode()
-                txn.delete(Table.KEYS, kid)
-                txn.delete(Table.KEY_DIGESTS, record.digest)
-                txn.delete(Table.KEY_OWNERS, record.owner_tag + kid)
-                txn.delete(Table.USAGE, kid)
+            expired, purged = keychain.sweep(txn, now)
             append_audit(
                 txn,
                 actor=actor,
                 action="maintenance.cleanup",
                 target_id=None,
                 now=now,
-                details={
-                    "expired": [r.id for r in expired][:1000],
-                    "purged": [r.id for r in purged][:1000],
-                },
+                details={"expired": expired[:1000], "purged": purged[:1000]},
             )
             return len(expired), len(purged)
 

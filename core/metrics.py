@@ -238,6 +238,16 @@ class _GatewayCollector(Collector):
             "triogate_storage_queued_writes", "Writes waiting for the writer", s.queued_writes
         )
         yield CounterMetricFamily("triogate_storage_commits", "Write transactions", s.commits)
+        yield GaugeMetricFamily(
+            "triogate_storage_map_size_bytes",
+            "The size writes must fit in (storage.map_size_mb)",
+            s.map_size_bytes,
+        )
+        yield CounterMetricFamily(
+            "triogate_storage_full",
+            "Writes refused because storage was full (507 STORAGE_FULL)",
+            s.full_errors,
+        )
 
     def _upstreams(self) -> Iterator[Metric]:
         pipeline = self.metrics.gateway.pipeline

@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 MAX_METADATA_BYTES = 8192
+MIN_PERIOD_SECONDS = 0.001
+MIN_REFILL_SECONDS = 1
 MAX_GRACE_SECONDS = 30 * 86400
 DEFAULT_GRACE_SECONDS = 86400
 
@@ -87,6 +89,21 @@ def _unique_names(limits: list[RateLimit]) -> str | None:
     return f"duplicate names: {', '.join(duplicates)}" if duplicates else None
 
 
+def _period(limit: RateLimit) -> str | None:
+    # Storage accepts any positive period (records written before this bound
+    # must still decode); new ones are held to what a limiter can count.
+    if limit.period_seconds < MIN_PERIOD_SECONDS:
+        return f"must be at least {MIN_PERIOD_SECONDS} (a millisecond)"
+    return None
+
+
+def _refill_interval(credits: Credits) -> str | None:
+    interval = credits.refill_interval_seconds
+    if 0 < interval < MIN_REFILL_SECONDS:
+        return f"must be 0 (never refilled) or at least {MIN_REFILL_SECONDS} second"
+    return None
+
+
 def _in_future(value: datetime) -> str | None:
     # The services check again against their own (injectable) clock; this
     # one lets the error be listed together with every other field's.
@@ -102,8 +119,18 @@ Metadata = Annotated[
     Meta(max_length=64, description=f"free-form JSON object, at most {MAX_METADATA_BYTES} bytes"),
     Rule(_metadata_size),
 ]
+LimitSpec = Annotated[
+    RateLimit,
+    Meta(description="period_seconds: 0.001 to 31536000; limit: 1 to 10^9"),
+    Rule(_period, at="period_seconds"),
+]
+CreditsSpec = Annotated[
+    Credits,
+    Meta(description="refill_interval_seconds: 0 (never) or 1 to 31536000"),
+    Rule(_refill_interval, at="refill_interval_seconds"),
+]
 RateLimits = Annotated[
-    list[RateLimit],
+    list[LimitSpec],
     Meta(max_length=10, description="checked all-or-nothing; names unique"),
     Rule(_unique_names),
 ]
@@ -125,7 +152,7 @@ class CreateKeyRequest(Struct, forbid_unknown_fields=True):
     expires_at: Expiry | None = None
     metadata: Metadata | None = None
     rate_limits: RateLimits = []
-    credits: Credits | None = None
+    credits: CreditsSpec | None = None
 
 
 class UpdateKeyRequest(Struct, forbid_unknown_fields=True):
@@ -136,7 +163,7 @@ class UpdateKeyRequest(Struct, forbid_unknown_fields=True):
     metadata: Metadata | UnsetType | None = UNSET
     expires_at: Expiry | UnsetType | None = UNSET
     rate_limits: RateLimits | UnsetType = UNSET
-    credits: Credits | UnsetType | None = UNSET
+    credits: CreditsSpec | UnsetType | None = UNSET
 
 
 class RotateKeyRequest(Struct, forbid_unknown_fields=True):

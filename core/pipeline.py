@@ -14,6 +14,16 @@ A ``GatewayError`` raised anywhere becomes a problem+json response that
 still goes through the response phases (so CORS and request-id headers are
 on errors too). Anything else is a bug: logged with the request id, answered
 500 ``INTERNAL_ERROR``.
+
+Charging (CONTRACT §5): what the access phase took (rate-limit capacity,
+credits) is given back (``ctx.undo``) only when the gateway refuses the
+request before any byte of it went to the upstream (``ctx.sent_upstream``,
+set by the upstream client). Once sent, a request is charged and counted
+whatever happens after: a 502, a 504, or a client that leaves mid-body. A
+client that leaves still gets its log phases (usage) and its access-log
+line, as status 499 with outcome ``client_closed`` (nginx's convention);
+``handle`` then re-raises ``ClientDisconnected`` so the front door sends
+nothing and hangs up.
 """
 
 from __future__ import annotations
@@ -36,7 +46,13 @@ from triogate.plugin_loader import Chain, PluginLoadError, build_chain
 from triogate.plugins.contract import Context, Plugin, PluginEnv
 from triogate.ratelimit import headers_for
 from triogate.router import Match, Router
-from triogate.telemetry import Observer, RequestRecord
+from triogate.telemetry import (
+    CLIENT_CLOSED,
+    Observer,
+    RequestRecord,
+    outcome_of,
+    refused_record,
+)
 from triogate.upstream import BadGateway, TargetPool, Upstream, UpstreamError
 
 __all__ = ["Pipeline", "problem_response"]
@@ -44,7 +60,6 @@ __all__ = ["Pipeline", "problem_response"]
 log = logging.getLogger("triogate.pipeline")
 
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-_CODE_RE = re.compile(rb'"code":"([A-Z_]+)"')
 _problem_encoder = msgspec.json.Encoder()
 _PROBLEM_CT = (b"content-type", b"application/problem+json")
 # Headers the gateway sets itself on the upstream request.
@@ -203,12 +218,26 @@ class Pipeline:
 
     async def handle(self, request: Request) -> tuple[Context, Response]:
         """Answer one request. Every call that returns must be followed by
-        ``after`` (the front doors do it once the response is sent)."""
+        ``after`` (the front doors do it once the response is sent).
+
+        When the client goes away before it could be answered, the request
+        is logged here (log phases and observers, as 499 ``client_closed``)
+        and ``ClientDisconnected`` is re-raised: the front door then sends
+        nothing and must not call ``after``."""
         self.requests += 1
         self.in_flight += 1
+        ctx = self._context(request)
         try:
-            return await self._handle(request)
+            return await self._handle(ctx)
+        except ClientDisconnected:
+            if not ctx.sent_upstream:
+                self._undo(ctx)  # nothing reached the upstream: it costs nothing
+            await self.after(ctx, Response(CLIENT_CLOSED, from_gateway=True))
+            raise
         except BaseException:
+            # Cancelled (the shutdown grace period ended): the same rule.
+            if not ctx.sent_upstream:
+                self._undo(ctx)
             self._done()
             raise
 
@@ -217,14 +246,19 @@ class Pipeline:
         if self._idle is not None and self.in_flight == 0:
             self._idle.set()
 
-    async def _handle(self, request: Request) -> tuple[Context, Response]:
+    @staticmethod
+    def _context(request: Request) -> Context:
         sent_id = request.headers.get_raw(b"x-request-id")
         request_id = (
             sent_id.decode("ascii")
             if sent_id is not None and _REQUEST_ID_RE.match(sent_id)
             else new_request_id()
         )
-        ctx = Context(request, request_id=request_id, started_at=time.monotonic())
+        return Context(request, request_id=request_id, started_at=time.monotonic())
+
+    async def _handle(self, ctx: Context) -> tuple[Context, Response]:
+        request = ctx.request
+        request_id = ctx.request_id
         chain = self.global_chain
         match: Match | None = None
         try:
@@ -241,10 +275,7 @@ class Pipeline:
             ctx.upstream_path = self.router.rewrite(match)
             response = await self._run(ctx, chain)
         except ClientDisconnected:
-            # Nobody to answer; the front door closes quietly. What was
-            # taken for the request (credits, limiter capacity) goes back.
-            self._undo(ctx)
-            raise
+            raise  # nobody to answer: handle() logs it (and maybe gives back)
         except UpstreamError as exc:
             # Hosts and ports stay in the log; the client gets the gist.
             log.warning("request %s: %s: %s", request_id, exc.code, exc.detail)
@@ -263,8 +294,11 @@ class Pipeline:
         except Exception:
             log.exception("internal error in a response phase, request %s", request_id)
             response = problem_response(InternalError("an internal error occurred"), request_id)
-        if ctx.undo and response.from_gateway and response.status >= 400:
-            self._undo(ctx)  # refused by the gateway after all
+        if ctx.undo and response.from_gateway and response.status >= 400 and not ctx.sent_upstream:
+            # Refused by the gateway before the upstream had any of it (a
+            # later plugin's refusal, an open breaker, a refused connection).
+            # Once sent, a 502 or 504 is charged like any answer.
+            self._undo(ctx)
         self._finish_headers(ctx, response, match)
         return ctx, response
 
@@ -320,21 +354,41 @@ class Pipeline:
             except Exception:
                 log.exception("log phase failed for request %s", ctx.request_id)
         if self.observers:
-            record = self._record(ctx, response)
-            for observe in self.observers:
-                try:
-                    observe(record)
-                except Exception:
-                    log.exception("an observer failed for request %s", ctx.request_id)
+            self._notify(self._record(ctx, response))
+
+    def log_refused(
+        self,
+        method: str,
+        target: str,
+        client_ip: str,
+        response: Response,
+        *,
+        started_at: float | None = None,
+    ) -> None:
+        """Tell the observers (access log, metrics) about a request the front
+        door refused by itself before routing (400, 408, 413, 431), so that
+        probing is visible. Outcome: the problem's ``code``. ``started_at``
+        (``time.monotonic()``) gives the line a duration. Never raises."""
+        if self.observers:
+            record = refused_record(
+                method,
+                target,
+                client_ip,
+                response,
+                request_id=new_request_id(),
+                started_at=started_at,
+            )
+            self._notify(record)
+
+    def _notify(self, record: RequestRecord) -> None:
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception:
+                log.exception("an observer failed for request %s", record.request_id)
 
     def _record(self, ctx: Context, response: Response) -> RequestRecord:
         route = ctx.route
-        status = response.status
-        if response.from_gateway:
-            code = _CODE_RE.search(response.content or b"")
-            outcome = code.group(1).decode("ascii") if code else "error"
-        else:
-            outcome = "upstream_error" if status >= 500 else "ok"
         return RequestRecord(
             at=time.time(),
             request_id=ctx.request_id,
@@ -342,8 +396,8 @@ class Pipeline:
             path=ctx.request.path,
             route=route.name if route is not None else None,
             upstream=route.config.upstream if route is not None else None,
-            status=status,
-            outcome=outcome,
+            status=response.status,
+            outcome=outcome_of(response),
             key_id=ctx.consumer.id if ctx.consumer is not None else None,
             client_ip=ctx.client_ip,
             duration_seconds=time.monotonic() - ctx.started_at,
@@ -378,12 +432,17 @@ class Pipeline:
         body = request.body
         has_body = body.length is None or body.length > 0
         started = time.monotonic()
+
+        def sent() -> None:
+            ctx.sent_upstream = True  # charged from now on, whatever happens
+
         try:
             return await upstream.send(
                 request.method,
                 lambda pool: self._head(ctx, pool, body if has_body else None),
                 body if has_body else None,
                 tried=ctx.state.get("tried_targets"),
+                on_sent=sent,
             )
         finally:
             # Time to the answer's head, summed over tries (retries).

@@ -51,6 +51,15 @@ Algorithm = Literal["gcra", "sliding_window"]
 # "exactly N left" would come out one tick wrong.
 EPS = 1e-6
 
+#: The bounds the config and the admin API enforce (a millisecond to a
+#: year; one to a billion requests). ``Limit`` clamps its period as well, so
+#: a limit stored before the lower bound existed (storage took any positive
+#: period, 1e-300 included) still yields finite, sane numbers instead of a 500
+#: or a 300-digit header. (Storage always bounded ``limit``.)
+MIN_PERIOD = 0.001
+MAX_PERIOD = 31_536_000.0
+MAX_LIMIT = 1_000_000_000
+
 
 class Limit(msgspec.Struct, frozen=True, gc=False):
     """A policy: at most ``limit`` requests per ``period`` seconds.
@@ -64,6 +73,11 @@ class Limit(msgspec.Struct, frozen=True, gc=False):
     #: Where the state lives in its owner (default: ``name``); lets two
     #: routes report the same policy name yet count separately.
     state_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not MIN_PERIOD <= self.period <= MAX_PERIOD:  # also catches NaN
+            period = self.period if self.period == self.period else MAX_PERIOD
+            msgspec.structs.force_setattr(self, "period", min(MAX_PERIOD, max(MIN_PERIOD, period)))
 
     @property
     def key(self) -> str:
@@ -105,17 +119,28 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
     retry_after: float
 
 
+def _units(span: float, t: float, most: int) -> int:
+    """How many emission intervals ``t`` fit in ``span``, within [0, most].
+
+    The slack absorbs float error in ``span`` (EPS seconds) but never more
+    than half an interval: at 10^8 requests per second an interval is 1e-8 s,
+    and EPS/t would add a hundred phantom requests."""
+    units = math.floor(span / t + min(EPS / t, 0.5))
+    return 0 if units < 0 else most if units > most else units
+
+
 def _gcra(limit: Limit, state: LimitState, now: float, cost: int) -> tuple[Decision, float]:
     t = limit.period / limit.limit
     start = state.tat if state.tat > now else now
     new_tat = start + cost * t
     allow_at = new_tat - limit.period
     if allow_at > now + EPS:
-        remaining = max(0, math.floor((limit.period - (start - now) + EPS) / t))
+        remaining = _units(limit.period - (start - now), t, limit.limit)
         # A cost above the limit never fits, however long one waits.
         wait = math.inf if cost > limit.limit else allow_at - now
         return Decision(limit, False, remaining, start - now, wait), state.tat
-    remaining = max(0, math.floor((limit.period - (new_tat - now) + EPS) / t))
+    # What this request took is not left over, whatever the float rounding.
+    remaining = _units(limit.period - (new_tat - now), t, max(0, limit.limit - cost))
     return Decision(limit, True, remaining, new_tat - now, 0.0), new_tat
 
 
@@ -135,8 +160,9 @@ def _sliding(limit: Limit, state: LimitState, now: float, cost: int) -> Decision
     weight = min(1.0, max(0.0, 1.0 - (now - start) / limit.period))
     used = previous * weight + count
     reset = start + limit.period - now  # when this fixed window ends
+    reset = max(0.0, reset)
     if used + cost <= limit.limit + EPS:
-        remaining = max(0, math.floor(limit.limit - used - cost + EPS))
+        remaining = min(max(0, math.floor(limit.limit - used - cost + EPS)), limit.limit - cost)
         return Decision(limit, True, remaining, reset, 0.0)
     # When will previous*w(t) + count + cost fit? Within this window if the
     # previous window's share can decay enough; else in the next one.
@@ -152,7 +178,7 @@ def _sliding(limit: Limit, state: LimitState, now: float, cost: int) -> Decision
             wait = nxt + limit.period * max(0.0, 1.0 - room_next / count) - now
         else:
             wait = nxt - now
-    remaining = max(0, math.floor(limit.limit - used + EPS))
+    remaining = min(max(0, math.floor(limit.limit - used + EPS)), limit.limit)
     return Decision(limit, False, remaining, reset, max(wait, 1e-3))
 
 

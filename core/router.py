@@ -77,6 +77,7 @@ import msgspec
 
 from .config import ApiVersionConfig, ConfigError, RouteConfig
 from .errors import FieldError, InvalidPathParameter, MethodNotAllowed, RouteNotFound
+from .userregex import Pattern, RegexError, compile_linear
 
 __all__ = ["Match", "Route", "Router", "RouterStatistics"]
 
@@ -122,7 +123,8 @@ _NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _regex_type(source: str) -> _ParamType:
-    compiled = re.compile(source)  # re.error is reported by the caller
+    # RE2, not re: linear time whatever the pattern (see userregex.py).
+    compiled = compile_linear(source)  # RegexError is reported by the caller
     return _ParamType(
         "re:" + source,
         f"(?:{source})",
@@ -150,7 +152,7 @@ class _Segment:
     text: str
     params: tuple[_Param, ...] = ()
     key: Hashable = None  # equal keys <=> same shape at this level
-    pattern: re.Pattern[str] | None = None  # mixed: params typed
+    pattern: Pattern | None = None  # mixed: params typed
     shape: re.Pattern[str] | None = None  # mixed: every param is "any text"
     groups: tuple[int, ...] | None = None  # mixed: param group numbers, if not 1..n
     literal_len: int = 0
@@ -219,8 +221,8 @@ def _parse_param(spec: str, errors: list[str]) -> _Param | None:
             return None
         try:
             return _Param(name, _regex_type(source))
-        except re.error as exc:
-            errors.append(f"invalid regex {source!r}: {exc}")
+        except RegexError as exc:
+            errors.append(f"invalid regex {source!r}: {exc} (RE2 syntax)")
             return None
     ptype = _TYPES.get(type_spec)
     if ptype is None:
@@ -243,9 +245,12 @@ def _mixed_segment(text: str, parts: list[str | _Param], errors: list[str]) -> _
             key.append(("{}", part.type.key))
             groups.append(group)
             group += 1 + part.type.inner_groups
+    # A user regex inside makes the whole segment RE2's (linear time).
+    user = any(isinstance(p, _Param) and p.type.key.startswith("re:") for p in parts)
+    pattern: Pattern
     try:
-        pattern = re.compile("".join(typed))
-    except re.error as exc:  # e.g. a user regex with global flags, fine alone
+        pattern = compile_linear("".join(typed)) if user else re.compile("".join(typed))
+    except (re.error, RegexError) as exc:
         errors.append(f"invalid regex in segment {text!r}: {exc}")
         return None
     params = tuple(p for p in parts if isinstance(p, _Param))
@@ -466,9 +471,7 @@ class _Node:
     def __init__(self) -> None:
         self.static: dict[str, _Node] = {}
         # (typed regex, param group numbers or None, child, shape regex)
-        self.mixed: tuple[
-            tuple[re.Pattern[str], tuple[int, ...] | None, _Node, re.Pattern[str]], ...
-        ] = ()
+        self.mixed: tuple[tuple[Pattern, tuple[int, ...] | None, _Node, re.Pattern[str]], ...] = ()
         self.params: tuple[tuple[Callable[[str], object] | None, _Node], ...] = ()
         self.catchall: _Node | None = None
         self.leaf: _Leaf | None = None

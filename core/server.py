@@ -18,6 +18,7 @@ drains its queue and LMDB closes. Exit status 0.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -150,7 +151,7 @@ class Server:
             self.config, server=config.server, storage=config.storage, log=config.log
         )
         if self.proxy is not None:
-            self.proxy.config = config.server
+            self.proxy.reconfigure(config.server)
         self.gateway.actors.flush_interval = config.storage.flush_interval_seconds
         self.gateway.actors.idle_timeout = config.storage.actor_idle_seconds
         logging.getLogger().setLevel(config.log.level)
@@ -248,9 +249,36 @@ class Server:
             outer.cancel_scope.cancel()
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the default soft
+    limit, often 1,024, is far below what a proxy holding thousands of
+    connections needs), say so in one log line, and return the soft limit
+    now in force (the proxy listener sizes its connection cap from it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        # Linux refuses an infinite RLIMIT_NOFILE; nr_open is the real ceiling.
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            return soft
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        log.info("file-descriptor limit: %d", soft)
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("file-descriptor limit stays at %d: raising it failed: %s", soft, exc)
+        return soft
+    log.info("file-descriptor limit raised from %d to %d (the hard limit)", soft, target)
+    return target
+
+
 def run_server(
     config: Config, *, source: str | None = None, worker: tuple[int, int] = (0, 1)
 ) -> int:
+    raise_fd_limit()
     server = Server(config, source=source, handle_signals=True, worker=worker)
     try:
         trio.run(server.run)

@@ -26,6 +26,14 @@ pooled connection is checked before reuse (an idle one that has become
 readable was closed by the upstream); a request that still meets a *stale*
 connection (nothing of the response arrived) is retried once on a fresh one
 when its method is idempotent and its body has not been streamed.
+
+``Upstream.send`` calls its ``on_sent`` callback as soon as any byte of the
+request head has been written to an upstream socket (a connection that was
+refused, or a breaker that refused the target, never calls it). From then on
+the upstream may act on the request, so the gateway charges it whatever
+happens next (CONTRACT §5). Bytes written to a keep-alive connection that
+turns out to be stale count as sent: the gateway cannot know that the
+upstream did not read them.
 """
 
 from __future__ import annotations
@@ -192,8 +200,28 @@ class UpstreamConnection:
             pass
         return await sockio.recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
 
+    async def _send_head(self, head: bytes, on_sent: Callable[[], None] | None) -> None:
+        """Write the head, telling ``on_sent`` once any byte of it is in the
+        kernel's hands (one direct ``send`` first: only it can tell a
+        partial write from none when the connection then fails)."""
+        try:
+            sent = self.sock.send(head)
+        except BlockingIOError:
+            sent = 0
+        if sent and on_sent is not None:
+            on_sent()
+        if sent < len(head):
+            await self._send_all(memoryview(head)[sent:])
+            if on_sent is not None:
+                on_sent()
+
     async def exchange(
-        self, method: str, head: bytes, body: Body | None, read_timeout: float
+        self,
+        method: str,
+        head: bytes,
+        body: Body | None,
+        read_timeout: float,
+        on_sent: Callable[[], None] | None = None,
     ) -> Response:
         """Send one request and return the response (body still streaming)."""
         self.requests += 1
@@ -201,18 +229,16 @@ class UpstreamConnection:
         self.returned = False
         reused = self.requests > 1
         try:
-            if body is None or body.length == 0:
-                await self._send_all(head)
-            elif body.length is not None:
-                await self._send_all(head)
-                async for chunk in body:
-                    await self._send_all(chunk)
-            else:
-                await self._send_all(head)
-                async for chunk in body:
-                    if chunk:
-                        await self._send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                await self._send_all(b"0\r\n\r\n")
+            await self._send_head(head, on_sent)
+            if body is not None and body.length != 0:
+                if body.length is not None:
+                    async for chunk in body:
+                        await self._send_all(chunk)
+                else:
+                    async for chunk in body:
+                        if chunk:
+                            await self._send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    await self._send_all(b"0\r\n\r\n")
         except OSError as exc:
             self.close()
             if reused and (body is None or not body.consumed):
@@ -537,14 +563,17 @@ class Upstream:
         body: Body | None,
         *,
         tried: set[str] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> Response:
+        """One try at one target. ``on_sent`` is called (maybe more than
+        once) when bytes of the request have been written to it."""
         now = trio.current_time()
         pool = self.pick(now, tried or frozenset())
         if tried is not None:
             tried.add(pool.url)
         self.in_flight += 1
         try:
-            response = await self._exchange(pool, method, head_for(pool), body, now)
+            response = await self._exchange(pool, method, head_for(pool), body, now, on_sent)
         except UpstreamTimeout:
             pool.record(trio.current_time(), error="timeout")
             raise
@@ -569,11 +598,18 @@ class Upstream:
         return response
 
     async def _exchange(
-        self, pool: TargetPool, method: str, head: bytes, body: Body | None, now: float
+        self,
+        pool: TargetPool,
+        method: str,
+        head: bytes,
+        body: Body | None,
+        now: float,
+        on_sent: Callable[[], None] | None,
     ) -> Response:
+        timeout = self.config.read_timeout_seconds
         conn = await pool.acquire(now=now)
         try:
-            return await conn.exchange(method, head, body, self.config.read_timeout_seconds)
+            return await conn.exchange(method, head, body, timeout, on_sent)
         except _StaleConnection:
             pool.discard(conn)
             if method not in IDEMPOTENT_METHODS:
@@ -588,7 +624,7 @@ class Upstream:
             raise
         conn = await pool.acquire(fresh=True)
         try:
-            return await conn.exchange(method, head, body, self.config.read_timeout_seconds)
+            return await conn.exchange(method, head, body, timeout, on_sent)
         except _StaleConnection:
             pool.discard(conn)
             raise BadGateway(f"upstream {pool.authority} closed the connection twice") from None

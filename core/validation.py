@@ -12,6 +12,7 @@ that ``/openapi.json`` publishes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 import typing
@@ -34,13 +35,30 @@ class Rule:
     """A check msgspec's ``Meta`` cannot express, attached to a type with
     ``Annotated[T, Meta(...), Rule(check)]``: ``check(value)`` returns an error
     message or None. msgspec ignores it; ``convert_all`` runs it on the
-    converted value and reports it at the field's own path, together with
-    every other error."""
+    converted value and reports it at the field's own path (or at the member
+    ``at`` below it, for a rule on a Struct about one of its fields), together
+    with every other error."""
 
-    __slots__ = ("check",)
+    __slots__ = ("at", "check")
 
-    def __init__(self, check: Callable[[Any], str | None]) -> None:
+    def __init__(self, check: Callable[[Any], str | None], *, at: str = "") -> None:
         self.check = check
+        self.at = at
+
+
+class _Full(Exception):
+    """Enough errors collected: the rest of the input is not looked at."""
+
+
+class _Errors(list[FieldError]):
+    """An error list that stops the walk once it is longer than
+    ``ValidationError`` would report (a megabyte of unknown fields costs one
+    hundred checks, not a hundred thousand)."""
+
+    def append(self, error: FieldError) -> None:
+        super().append(error)
+        if len(self) > ValidationError.MAX_ERRORS:
+            raise _Full
 
 
 def _rules(tp: Any) -> list[Rule]:
@@ -107,7 +125,10 @@ def _struct_in(tp: Any) -> type[msgspec.Struct] | None:
 def _check(tp: Any, raw: Any, path: str, errors: list[FieldError], strict: bool) -> None:
     struct = _struct_in(tp)
     if struct is not None and isinstance(raw, dict):
+        before = len(errors)
         _check_struct(struct, raw, path, errors, strict)
+        if len(errors) == before and _rules(tp):
+            _convert_into(tp, raw, path, errors, strict)  # rules on the Struct itself
         return
     bare = _unwrap(tp)
     origin = typing.get_origin(bare)
@@ -137,7 +158,8 @@ def _convert_into(tp: Any, raw: Any, path: str, errors: list[FieldError], strict
     for rule in _rules(tp):
         message = rule.check(value)
         if message is not None:
-            errors.append(FieldError(path or "$", message))
+            where = _join(path, f".{rule.at}") if rule.at else path
+            errors.append(FieldError(where or "$", message))
 
 
 def _check_struct(
@@ -164,13 +186,14 @@ def convert_all(raw: Any, tp: type[T], *, path: str = "", strict: bool = True) -
     """Convert ``raw`` (decoded JSON/TOML) to ``tp`` or raise ``ValidationError``
     listing every failing field. ``strict=False`` lets strings stand for
     numbers and booleans, as in query strings."""
-    errors: list[FieldError] = []
+    errors = _Errors()
     struct = _struct_in(tp)
     if struct is not None and not isinstance(raw, dict):
         raise ValidationError(
             [FieldError(path or "$", f"expected an object, got {type(raw).__name__}")]
         )
-    _check(tp, raw, path, errors, strict)
+    with contextlib.suppress(_Full):  # enough said
+        _check(tp, raw, path, errors, strict)
     if errors:
         raise ValidationError(errors)
     try:

@@ -139,7 +139,10 @@ class Context:
     gateway reports the most restrictive in the ``RateLimit`` headers);
     ``undo`` holds callbacks that give back what was taken (rate-limit
     tokens, credits) if the gateway ends up refusing the request, so a
-    refused request consumes nothing.
+    refused request consumes nothing. ``sent_upstream`` turns true once any
+    byte of the request was written to an upstream socket: from then on the
+    request is charged, whatever happens after (a 502, a 504, the client
+    leaving), and ``undo`` is no longer run.
     """
 
     __slots__ = (
@@ -151,6 +154,7 @@ class Context:
         "request_id",
         "response_headers",
         "route",
+        "sent_upstream",
         "started_at",
         "state",
         "undo",
@@ -181,6 +185,7 @@ class Context:
         self.upstream_path: str = request.path
         self.rate_limits: list[Decision] = []
         self.undo: list[Callable[[], None]] = []
+        self.sent_upstream = False  # set by the upstream client (CONTRACT §5)
 
     def __repr__(self) -> str:
         route = getattr(self.route, "name", None)

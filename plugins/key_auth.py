@@ -6,6 +6,11 @@ admin API or the CLI, from any process, is refused on the very next request.
 The key never reaches the upstream; the upstream gets ``X-Key-ID`` instead
 (the gateway sets it from ``ctx.consumer``, and drops any ``X-Key-ID`` a
 client sends, on every route).
+
+A key's credits and limits are decided in the actor of its *state key* (the
+first key of its rotation chain): a rotated key in its grace and its
+successor spend one balance and one limiter state. Usage is counted in the
+key's own actor, so each key reports its own requests.
 """
 
 from __future__ import annotations
@@ -108,11 +113,12 @@ class KeyAuth(Plugin[KeyAuthConfig]):
         return None
 
     def _admit(self, ctx: Context, record: KeyRecord) -> None:
-        """The key's own limits and credits, all-or-nothing, in its actor."""
+        """The key's own limits and credits, all-or-nothing, in the actor of
+        its state key (shared with the rest of its rotation chain)."""
         actors = self.env.actors
         if actors is None:
             return
-        actor = actors.actor(record.id)
+        actor = actors.actor(record.state_key)
         limits = actor.key_limits(record, self.env.default_key_limit)
         if not limits and record.credits is None:
             return

@@ -4,10 +4,10 @@ the whole route.
 The key's own limits and credits are enforced by key-auth (they belong to
 the key); this plugin adds the route's policy on top. ``by = "key"`` falls
 back to the client address on requests without a key (as Kong does). The
-state lives in the actors: a key's in its (persisted) actor, an address's or
-a route's in an unpersisted subject actor. A request this plugin refuses gets
-back whatever key-auth took for it (the pipeline's undo), so it consumes
-nothing.
+state lives in the actors: a key's in its (persisted) actor, one for a
+rotated key and its successor; an address's or a route's in an unpersisted
+subject actor. A request this plugin refuses gets back whatever key-auth
+took for it (the pipeline's undo), so it consumes nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["RateLimit"]
 
 class RateLimitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limit: Annotated[int, Meta(ge=1, le=1_000_000_000, description="requests per period")]
-    period_seconds: Annotated[float, Meta(gt=0, le=31_536_000, description="period length")]
+    period_seconds: Annotated[float, Meta(ge=0.001, le=31_536_000, description="period length")]
     by: Annotated[
         Literal["key", "ip", "route"],
         Meta(description="whose requests are counted together: per key, per address, or all"),
@@ -75,7 +75,8 @@ class RateLimit(Plugin[RateLimitConfig]):
         if self.config.by == "route":
             return f"route:{route}"
         if self.config.by == "key" and ctx.consumer is not None:
-            return ctx.consumer.id
+            # A rotated key and its successor count as one key.
+            return ctx.consumer.state_key
         return f"ip:{route}:{ctx.client_ip}"
 
     async def access(self, ctx: Context) -> Response | None:

@@ -25,7 +25,9 @@ class LengthRequired(PayloadTooLarge):
 
 
 class RequestSizeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    allowed_payload_bytes: Annotated[int, Meta(ge=0, description="largest body accepted")]
+    allowed_payload_bytes: Annotated[
+        int, Meta(ge=0, le=1 << 40, description="largest body accepted")
+    ]
     require_content_length: Annotated[
         bool, Meta(description="refuse chunked bodies (411) instead of counting them")
     ] = False

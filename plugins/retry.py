@@ -15,6 +15,10 @@ own timeout and all of them an overall deadline. A retry budget per upstream
 always ``budget_min_retries``) keeps retries from multiplying the load on an
 upstream that is already failing. A retry goes to another target when the
 upstream has one that was not tried yet.
+
+However many tries it takes, a request is charged once: its credits and
+limits were taken in the access phase, before the first try, and once any
+try has sent a byte (``ctx.sent_upstream``) nothing is given back.
 """
 
 from __future__ import annotations

@@ -32,7 +32,11 @@ import msgspec
 __all__ = [
     "ReadTxn",
     "Store",
+    "StoreDamaged",
+    "StoreError",
+    "StoreFull",
     "StoreStatistics",
+    "StoreUnavailable",
     "Table",
     "WriteTxn",
     "prefix_successor",
@@ -52,6 +56,26 @@ class Table(enum.Enum):
     ADMIN_DIGESTS = b"admin_digests"  # HMAC digest -> admin id
     AUDIT = b"audit"  # audit id (time-ordered) -> AuditRecord
     META = b"meta"  # small singletons, e.g. b"setup" -> first admin id
+
+
+class StoreError(Exception):
+    """The store cannot be used as it is. The message is one sentence an
+    operator can act on (the CLI prints it as it is, never a traceback)."""
+
+
+class StoreDamaged(StoreError):
+    """The files are not what the store wrote: truncated, overwritten, or
+    not an LMDB environment at all."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be opened for writing (permissions, a read-only
+    file system, a missing directory)."""
+
+
+class StoreFull(StoreError):
+    """A write did not fit in the store's map size. Nothing of it was
+    written; reads and other stores' writes go on."""
 
 
 class ReadTxn(Protocol):
@@ -84,6 +108,10 @@ class StoreStatistics(msgspec.Struct, frozen=True):
     commits: int
     queued_writes: int
     size_bytes: int
+    # The map size writes must fit in (0: unbounded, the memory store).
+    map_size_bytes: int = 0
+    # Writes refused because the store was full (``StoreFull``).
+    full_errors: int = 0
 
 
 class Store(Protocol):

@@ -19,11 +19,22 @@ that queued up meanwhile instead of paying it per write.
 
 The writer task lives in a nursery owned by ``open_lmdb_store``; leaving the
 context drains queued writes, then closes the environment.
+
+Opening refuses, with one sentence (``StoreDamaged`` / ``StoreUnavailable``),
+a directory it cannot write and a ``data.mdb`` whose header LMDB would trip
+on (``lmdb_file.inspect_data_file`` reads it first: a truncated file would
+otherwise be a SIGBUS). A write that does not fit in the map size raises the
+store's ``full_error`` (a ``StoreFull``; the gateway passes its 507
+``StorageFull``), counted in ``statistics().full_errors`` and logged once an
+hour at most, with what to do.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,14 +44,25 @@ import lmdb
 import outcome
 import trio
 
-from .base import StoreStatistics, Table, prefix_successor
+from .base import (
+    StoreDamaged,
+    StoreFull,
+    StoreStatistics,
+    StoreUnavailable,
+    Table,
+    prefix_successor,
+)
+from .lmdb_file import LmdbHeader, inspect_data_file
 
 __all__ = ["LmdbStore", "open_lmdb_store"]
+
+log = logging.getLogger("triogate.storage")
 
 T = TypeVar("T")
 
 DEFAULT_MAP_SIZE = 4 << 30  # virtual reservation; LMDB only uses what it writes
 MAX_BATCH = 256  # writes per group commit; bounds the time one commit holds the lock
+FULL_LOG_INTERVAL = 3600.0  # a full store is logged once, then at most once an hour
 
 
 class _LmdbTxn:
@@ -118,26 +140,30 @@ class _Job:
 
 
 class LmdbStore:
-    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
+    def __init__(
+        self,
+        path: Path,
+        *,
+        map_size: int = DEFAULT_MAP_SIZE,
+        full_error: type[StoreFull] = StoreFull,
+    ) -> None:
         self.path = path
-        self._env = lmdb.open(
-            str(path),
-            map_size=map_size,
-            max_dbs=len(Table) + 4,
-            subdir=True,
-            sync=True,
-            metasync=True,
-            readahead=False,
-            max_readers=512,
-        )
-        with self._env.begin(write=True) as txn:
-            self._dbs = {t: self._env.open_db(t.value, txn=txn) for t in Table}
+        self.map_size = map_size
+        self.full_error = full_error
+        self.header = _prepare(path)
+        self._env = _open_env(path, map_size)
+        try:
+            with self._env.begin(write=True) as txn:
+                self._dbs = {t: self._env.open_db(t.value, txn=txn) for t in Table}
+        except lmdb.Error as exc:
+            self._env.close()
+            raise _open_error(path, exc) from exc
         self._send, self._receive = trio.open_memory_channel[_Job](1024)
         self._limiter = trio.CapacityLimiter(1)
         self._writes = 0
         self._commits = 0
+        self._full_errors = 0
+        self._full_logged_at: float | None = None
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -180,6 +206,8 @@ class LmdbStore:
             commits=self._commits,
             queued_writes=self._send.statistics().current_buffer_used,
             size_bytes=(info["last_pgno"] + 1) * stat["psize"],
+            map_size_bytes=info["map_size"],
+            full_errors=self._full_errors,
         )
 
     async def run_writer(
@@ -208,6 +236,14 @@ class LmdbStore:
                     child = self._env.begin(write=True, parent=parent)
                     try:
                         value = job.fn(_LmdbTxn(child, self._dbs))
+                    except lmdb.MapFullError:
+                        # Only this job is rolled back: the parent goes on
+                        # (a smaller write of the batch may still fit).
+                        child.abort()
+                        job.result = outcome.Error(self._full())
+                    except _DAMAGE as exc:
+                        child.abort()
+                        job.result = outcome.Error(_open_error(self.path, exc))
                     except BaseException as exc:
                         child.abort()
                         job.result = outcome.Error(exc)
@@ -219,8 +255,30 @@ class LmdbStore:
         except lmdb.Error as exc:
             # The commit itself failed (disk full, map full): nothing of the
             # batch is durable, so every job must hear about it.
+            error: BaseException = self._full() if isinstance(exc, lmdb.MapFullError) else exc
             for job in batch:
-                job.result = outcome.Error(exc)
+                job.result = outcome.Error(error)
+
+    def _full(self) -> StoreFull:
+        """Count a write refused for want of room, log it (once an hour at
+        most: a full store fails every write), and make the error."""
+        self._full_errors += 1
+        mib = self.map_size >> 20
+        now = time.monotonic()
+        if self._full_logged_at is None or now - self._full_logged_at >= FULL_LOG_INTERVAL:
+            self._full_logged_at = now
+            log.error(
+                "storage is full: %s has used its whole map (storage.map_size_mb = %d). "
+                "Writes are refused (the admin API answers 507 STORAGE_FULL); proxying goes "
+                "on and usage is kept in memory and retried. Raise storage.map_size_mb and "
+                "restart (a store this full cannot even delete, so purging keys will not "
+                "help). Counted in triogate_storage_full_total; logged again in an hour at most",
+                self.path,
+                mib,
+            )
+        return self.full_error(
+            f"storage is full (storage.map_size_mb = {mib}): the write was not made"
+        )
 
     def close(self) -> None:
         self._env.close()
@@ -228,9 +286,9 @@ class LmdbStore:
 
 @asynccontextmanager
 async def open_lmdb_store(
-    path: Path, *, map_size: int = DEFAULT_MAP_SIZE
+    path: Path, *, map_size: int = DEFAULT_MAP_SIZE, full_error: type[StoreFull] = StoreFull
 ) -> AsyncIterator[LmdbStore]:
-    store = LmdbStore(path, map_size=map_size)
+    store = LmdbStore(path, map_size=map_size, full_error=full_error)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run_writer)
@@ -249,3 +307,72 @@ async def open_lmdb_store(
         raise
     finally:
         store.close()
+
+
+# ---- opening --------------------------------------------------------------
+
+
+def _prepare(path: Path) -> LmdbHeader | None:
+    """Make ``path`` if it is missing (mode 0700), check that this process may
+    write there, and read ``data.mdb``'s header before LMDB maps it."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create the store directory {path}: {exc.strerror}") from exc
+    if not path.is_dir():
+        raise StoreUnavailable(f"the store path {path} is not a directory")
+    # An existing directory keeps its mode: it is the operator's to set.
+    for target in (path, path / "data.mdb", path / "lock.mdb"):
+        if target.exists() and not os.access(target, os.R_OK | os.W_OK):
+            raise StoreUnavailable(
+                f"{target} is not writable by this user (uid {os.geteuid()}): the gateway "
+                "writes its store there; give the directory and its files to the user "
+                "the gateway runs as"
+            )
+    return inspect_data_file(path)
+
+
+def _open_env(path: Path, map_size: int) -> lmdb.Environment:
+    try:
+        return lmdb.open(
+            str(path),
+            map_size=map_size,
+            max_dbs=len(Table) + 4,
+            subdir=True,
+            sync=True,
+            metasync=True,
+            readahead=False,
+            max_readers=512,
+        )
+    except lmdb.Error as exc:
+        raise _open_error(path, exc) from exc
+
+
+# What LMDB says when pages are not what it wrote.
+_DAMAGE = (
+    lmdb.InvalidError,
+    lmdb.VersionMismatchError,
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.BadValsizeError,
+    lmdb.BadDbiError,
+    lmdb.IncompatibleError,
+    lmdb.PanicError,
+)
+
+
+def _open_error(path: Path, exc: lmdb.Error) -> Exception:
+    """One sentence for why LMDB would not open ``path``."""
+    reason = str(exc).split(": ", 1)[-1].rstrip(".")
+    if isinstance(exc, lmdb.ReadonlyError) or getattr(exc, "errno", None) in (
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+    ):
+        return StoreUnavailable(f"cannot open the store {path} for writing: {reason}")
+    if isinstance(exc, _DAMAGE):
+        return StoreDamaged(
+            f"the store {path} is damaged ({reason}): restore it from a backup "
+            "(`triogate doctor` shows what is wrong)"
+        )
+    return StoreUnavailable(f"cannot open the store {path}: {reason}")

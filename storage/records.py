@@ -87,10 +87,23 @@ class KeyRecord(Struct, array_like=True, frozen=True):
     # balance belongs to an older version is stale, whoever wrote it.
     credits_version: int = 0
     credits_set_at: float | None = None
+    # The id of the first key of this key's rotation chain, copied by every
+    # rotation; None for a key never rotated into (its own id). Credits and
+    # limiter state live under that id, so an old key in its grace and its
+    # successors spend one balance and one limiter state.
+    state_id: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        """The id whose actor (and usage record) holds this key's credit
+        balance and rate-limiter state."""
+        return self.state_id or self.id
 
 
 class UsageRecord(Struct, array_like=True, frozen=True):
-    """Per-key usage, written by the key's actor in batches."""
+    """Per-key usage, written by the key's actor in batches. The counters
+    (requests, last use, classes) are the key's own; the credit balance and
+    limiter state are kept under a rotation chain's ``KeyRecord.state_key``."""
 
     requests: int = 0
     last_used_at: float | None = None

@@ -20,12 +20,12 @@ import httpx
 import pytest
 import trio
 import trio.lowlevel
+
+from tests.conftest import Admin, Running
 from triogate.admin.endpoints import ENDPOINTS, Endpoint
 from triogate.ids import new_id
 from triogate.keyformat import KeyFormat
 from triogate.permissions import ROLES, grants
-
-from tests.conftest import Admin, Running
 
 PROBLEM_JSON = "application/problem+json"
 KEY_RECORD_FIELDS = {

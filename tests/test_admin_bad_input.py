@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
+
+from tests.conftest import Admin, Running
 from triogate.admin.app import MAX_ADMIN_BODY_BYTES
 from triogate.ids import new_id
 from triogate.models import MAX_GRACE_SECONDS, MAX_METADATA_BYTES
-
-from tests.conftest import Admin, Running
 
 PROBLEM_JSON = "application/problem+json"
 MAX_NAME = 255

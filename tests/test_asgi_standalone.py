@@ -52,9 +52,15 @@ upstream_path = "/{{rest}}"
     echo = subprocess.Popen([sys.executable, "-m", "triogate.echo", str(echo_port)])
     hyper = subprocess.Popen(
         [
-            sys.executable, "-m", "hypercorn", "--worker-class", "trio",
-            "-b", f"127.0.0.1:{port}", "triogate.asgi:app",
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--worker-class",
+            "trio",
+            "-b",
+            f"127.0.0.1:{port}",
+            "triogate.asgi:app",
+        ],
         env=clean_env({"TRIOGATE_CONFIG": str(config)}),
         stderr=subprocess.PIPE,
     )

@@ -73,8 +73,14 @@ def test_environment_secrets_win_and_write_no_file(tmp_path: Path) -> None:
         {"TRIOGATE_HMAC_SECRET": "short", "TRIOGATE_ENCRYPTION_KEYS": "1:" + "A" * 44},
         {"TRIOGATE_HMAC_SECRET": "s" * 32, "TRIOGATE_ENCRYPTION_KEYS": "nobase64"},
         {"TRIOGATE_HMAC_SECRET": "s" * 32, "TRIOGATE_ENCRYPTION_KEYS": "1:!!!"},
-        {"TRIOGATE_HMAC_SECRET": "s" * 32, "TRIOGATE_ENCRYPTION_KEYS": "1:" + base64.b64encode(b"x" * 16).decode()},
-        {"TRIOGATE_HMAC_SECRET": "0:" + "s" * 32, "TRIOGATE_ENCRYPTION_KEYS": "1:" + base64.b64encode(b"x" * 32).decode()},
+        {
+            "TRIOGATE_HMAC_SECRET": "s" * 32,
+            "TRIOGATE_ENCRYPTION_KEYS": "1:" + base64.b64encode(b"x" * 16).decode(),
+        },
+        {
+            "TRIOGATE_HMAC_SECRET": "0:" + "s" * 32,
+            "TRIOGATE_ENCRYPTION_KEYS": "1:" + base64.b64encode(b"x" * 32).decode(),
+        },
     ],
 )
 def test_bad_environment_secrets_are_refused(tmp_path: Path, env: dict[str, str]) -> None:

@@ -82,7 +82,10 @@ async def test_unknown_and_malformed_ids(memory_gateway: Gateway) -> None:
 async def test_rotate_with_grace(memory_gateway: Gateway, clock: FakeClock) -> None:
     keys = memory_gateway.keys
     old = await keys.create(
-        req(metadata={"m": 1}, credits={"remaining": 7, "refill_amount": 1, "refill_interval_seconds": 60}),
+        req(
+            metadata={"m": 1},
+            credits={"remaining": 7, "refill_amount": 1, "refill_interval_seconds": 60},
+        ),
         ACTOR,
     )
     rotated = await keys.rotate(old.id, RotateKeyRequest(grace_seconds=30), ACTOR)
@@ -106,14 +109,25 @@ async def test_rotate_with_grace(memory_gateway: Gateway, clock: FakeClock) -> N
 
 async def test_update_fields(memory_gateway: Gateway, clock: FakeClock) -> None:
     keys = memory_gateway.keys
-    created = await keys.create(req(metadata={"a": 1}, expires_at=datetime.fromtimestamp(clock.now + 10, UTC)), ACTOR)
+    created = await keys.create(
+        req(metadata={"a": 1}, expires_at=datetime.fromtimestamp(clock.now + 10, UTC)), ACTOR
+    )
     clock.advance(1)
-    patch = msgspec.convert({"name": "renamed", "expires_at": None, "metadata": None}, UpdateKeyRequest)
+    patch = msgspec.convert(
+        {"name": "renamed", "expires_at": None, "metadata": None}, UpdateKeyRequest
+    )
     view = await keys.update(created.id, patch, ACTOR)
-    assert (view.name, view.expires_at, view.metadata, view.owner) == ("renamed", None, None, "alice")
+    assert (view.name, view.expires_at, view.metadata, view.owner) == (
+        "renamed",
+        None,
+        None,
+        "alice",
+    )
     assert view.scopes == ["users:read"]  # untouched
     assert view.updated_at > view.created_at
-    patch = msgspec.convert({"scopes": ["a", "a", "b"], "credits": {"remaining": 3}}, UpdateKeyRequest)
+    patch = msgspec.convert(
+        {"scopes": ["a", "a", "b"], "credits": {"remaining": 3}}, UpdateKeyRequest
+    )
     view = await keys.update(created.id, patch, ACTOR)
     assert view.scopes == ["a", "b"] and view.credits == Credits(3)
     past = msgspec.convert({"expires_at": "2000-01-01T00:00:00Z"}, UpdateKeyRequest)
@@ -190,4 +204,6 @@ async def test_audit_written_with_each_action(memory_gateway: Gateway) -> None:
     assert [e.action for e in page.items] == ["key.rotate", "key.update", "key.create"]
     assert {e.target_id for e in page.items} == {created.id}
     assert all(e.actor_id == "adm_test" and e.source_ip == "127.0.0.1" for e in page.items)
-    assert memory_gateway.audit.list(limit=10, action="key.update").items[0].details == {"fields": ["name"]}
+    assert memory_gateway.audit.list(limit=10, action="key.update").items[0].details == {
+        "fields": ["name"]
+    }

@@ -224,9 +224,7 @@ async def test_round_robin_over_targets(tmp_path: Path, door: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         await nursery.start(b.run)
-        async for h in harness(
-            tmp_path, door, a, upstream_settings={"targets": [a.url, b.url]}
-        ):
+        async for h in harness(tmp_path, door, a, upstream_settings={"targets": [a.url, b.url]}):
             for i in range(10):
                 assert (await h.client.get(f"/echo/{i}")).status_code == 200
         assert len(a.requests) == 5

@@ -1330,7 +1330,7 @@ def config_error(exc: BaseException) -> ConfigError:
         (
             {"upstream_settings": {"health_check": {"interval_seconds": 0}}},
             "upstreams.test.health_check.interval_seconds",
-            "> 0",
+            ">= 0.001",
         ),
     ],
 )

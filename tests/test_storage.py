@@ -46,7 +46,13 @@ async def test_scans(kind: str, tmp_path: Path) -> None:
             assert keys(prefix=b"k") == [b"k%02d" % i for i in range(10)]
             assert keys(prefix=b"k", reverse=True) == [b"k%02d" % i for i in range(9, -1, -1)]
             assert keys(prefix=b"k", after=b"k05") == [b"k06", b"k07", b"k08", b"k09"]
-            assert keys(prefix=b"k", after=b"k05", reverse=True) == [b"k04", b"k03", b"k02", b"k01", b"k00"]
+            assert keys(prefix=b"k", after=b"k05", reverse=True) == [
+                b"k04",
+                b"k03",
+                b"k02",
+                b"k01",
+                b"k00",
+            ]
             assert keys(prefix=b"k", after=b"k00", reverse=True) == []
             assert keys(reverse=True)[:2] == [b"l", b"k09"]
             assert keys(prefix=b"zz") == []
@@ -95,7 +101,9 @@ async def test_lmdb_group_commit_batches_concurrent_writes(tmp_path: Path) -> No
     async with open_lmdb_store(tmp_path) as store:
         async with trio.open_nursery() as nursery:
             for i in range(200):
-                nursery.start_soon(store.write, lambda txn, i=i: txn.put(Table.KEYS, b"%05d" % i, b"v"))
+                nursery.start_soon(
+                    store.write, lambda txn, i=i: txn.put(Table.KEYS, b"%05d" % i, b"v")
+                )
         stats = store.statistics()
         assert stats.writes == 200
         # Writes that queue up while a commit runs share the next commit.

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import msgspec
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -27,6 +28,7 @@ from triogate.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     ValidationError,
 )
 from triogate.gateway import Gateway
@@ -41,6 +43,9 @@ __all__ = ["MAX_ADMIN_BODY_BYTES", "DrainUnreadBody", "create_admin_app"]
 log = logging.getLogger("triogate.admin")
 
 MAX_ADMIN_BODY_BYTES = 1 << 20
+ADMIN_REALM = "triogate-admin"
+# The last piece of an admin answer, then the close or keep-alive bookkeeping.
+FINAL_SEND_SECONDS = 5.0
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _encoder = msgspec.json.Encoder()
 
@@ -55,6 +60,8 @@ def _request_id() -> str:
 
 
 def problem_response(error: GatewayError) -> Response:
+    if isinstance(error, Unauthorized):
+        error.challenge(ADMIN_REALM)
     response = _json(error.problem(_request_id()), error.status, "application/problem+json")
     for name, value in error.headers.items():
         response.headers[name] = value
@@ -81,6 +88,8 @@ def _view(gw: Gateway, ep: Endpoint) -> Any:
                 )
             actor = Actor(principal.id, request.remote_addr)
             permissions = principal.permissions
+        if ep.precheck is not None:
+            ep.precheck(gw)
         query = None
         if ep.query is not None:
             raw_query = {k: request.args.get(k) for k in request.args}
@@ -120,6 +129,21 @@ class DrainUnreadBody:
             return
         finished = False
 
+        async def shielded_send(message: Any) -> None:
+            # hypercorn ends the exchange from inside the app's last send:
+            # it tells the app the stream is over (http.disconnect), then
+            # closes the socket (Connection: close) or marks the connection
+            # idle (keep-alive timeout). quart-trio cancels the app on that
+            # disconnect, which cancelled the close half-way: a client that
+            # asked for Connection: close waited for the idle timeout. So the
+            # last send runs shielded (bounded: it only has a few bytes left).
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.move_on_after(FINAL_SEND_SECONDS) as final:
+                    final.shield = True
+                    await send(message)
+                return
+            await send(message)
+
         async def tracked_receive() -> Any:
             nonlocal finished
             message = await receive()
@@ -127,7 +151,7 @@ class DrainUnreadBody:
                 finished = True
             return message
 
-        await self.app(scope, tracked_receive, send)
+        await self.app(scope, tracked_receive, shielded_send)
         while not finished:
             await tracked_receive()
 

@@ -165,6 +165,9 @@ class Endpoint:
     tags: tuple[str, ...] = field(default=())
     # The success answer's media type; anything but JSON comes back as Raw.
     content_type: str = "application/json"
+    # Runs after authorisation and before the body is read: a refusal that
+    # does not depend on the body costs the caller's body nothing.
+    precheck: Callable[[Gateway], None] | None = None
 
     @property
     def name(self) -> str:
@@ -294,6 +297,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=SetupResult,
         status=201,
         tags=("admins",),
+        precheck=lambda gw: gw.admins.refuse_setup_if_done(),
     ),
     Endpoint(
         "POST",

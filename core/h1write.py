@@ -1,0 +1,94 @@
+"""Writing HTTP/1.1 response heads for the native listener (sans-IO).
+
+``response_head`` turns a ``Response`` into the bytes of its status line and
+header block, decides the framing (Content-Length, chunked, or close-
+delimited for HTTP/1.0) and whether the connection may stay open. The
+listener sends the bytes; nothing here touches a socket.
+
+``Date``: RFC 9110 §6.6.1 wants one on every answer from a server with a
+clock. The gateway adds it to the answers it makes itself and to an
+upstream answer that came without one; an upstream's own Date passes
+through unchanged (it is the origin's word on when the answer was made).
+Formatting a date costs microseconds, so the string is made once per second
+and reused, as nginx and uvicorn do.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final
+
+from triogate.http import Body, Response
+
+__all__ = ["http_date", "response_head"]
+
+_REASONS: Final = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+STATUS_LINES: Final = {
+    code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()
+}
+NO_BODY_STATUSES: Final = frozenset({204, 304})
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+
+
+class _DateCache:
+    __slots__ = ("line", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.line = b""
+
+
+_date = _DateCache()
+
+
+def http_date() -> bytes:
+    """The current ``date: ...\\r\\n`` header line (IMF-fixdate), cached per second."""
+    now = int(time.time())
+    if now != _date.second:
+        _date.second = now
+        _date.line = b"date: %b\r\n" % formatdate(now, usegmt=True).encode("ascii")
+    return _date.line
+
+
+def response_head(
+    response: Response, method: str, version: str, keep_alive: bool
+) -> tuple[list[bytes], Body | None, bool, bool]:
+    """The head of ``response`` as a list of byte strings (the caller joins
+    them, with ``content`` appended when there is any), the body still to
+    stream (None when none is to be sent: the caller closes an unsent
+    ``response.body``), whether that body goes out chunked, and whether the
+    connection may be kept."""
+    status = response.status
+    head = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
+    head_request = method == "HEAD"
+    has_date = False
+    for name, value in response.headers.raw:
+        if name in _FRAMING and not head_request:
+            continue
+        if name == b"date":
+            has_date = True
+        head.append(b"%b: %b\r\n" % (name, value))
+    if not has_date:
+        head.append(http_date())
+    content = response.content
+    body = response.body
+    chunked = False
+    if status in NO_BODY_STATUSES or (100 <= status < 200) or head_request:
+        content, body = None, None
+    elif body is None:
+        head.append(b"content-length: %d\r\n" % len(content or b""))
+    elif body.length is not None:
+        head.append(b"content-length: %d\r\n" % body.length)
+    elif version == "1.1":
+        head.append(b"transfer-encoding: chunked\r\n")
+        chunked = True
+    else:
+        keep_alive = False  # HTTP/1.0: the close ends the body
+    if not keep_alive:
+        head.append(b"connection: close\r\n")
+    head.append(b"\r\n")
+    if content:
+        head.append(content)
+    return head, body, chunked, keep_alive
