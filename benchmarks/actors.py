@@ -20,8 +20,8 @@ from pathlib import Path
 
 import trio
 
-from triogate.actors import ActorRegistry, Admit
-from triogate.ratelimit import Limit
+from triogate.dataplane.actors import ActorRegistry, Admit
+from triogate.policy.ratelimit import Limit
 from triogate.storage import Credits, KeyRecord, MemoryStore, open_lmdb_store
 from triogate.testing import key_record
 

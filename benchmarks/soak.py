@@ -55,7 +55,7 @@ from pathlib import Path
 
 import trio
 
-from triogate.keyformat import KeyFormat
+from triogate.control.keyformat import KeyFormat
 
 from .soak_http import Answer, Connection, SoakUpstream, TransportError, fetch
 from .soak_report import Report, Sample, Window, print_header, print_row, print_summary

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import trio
 
-from triogate.audit import Actor
 from triogate.config import parse_config
-from triogate.gateway import open_gateway
-from triogate.models import CreateKeyRequest
+from triogate.control.audit import Actor
+from triogate.control.models import CreateKeyRequest
+from triogate.runtime.gateway import open_gateway
 
 from .machine import describe, pin
 

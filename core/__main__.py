@@ -1,5 +1,5 @@
 import sys
 
-from triogate.cli import main
+from triogate.runtime.cli import main
 
 sys.exit(main())

@@ -24,8 +24,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from .errors import FieldError, ValidationError
-from .validation import convert_all
+from triogate.errors import FieldError, ValidationError
+from triogate.validation import convert_all
 
 __all__ = [
     "ApiVersionConfig",

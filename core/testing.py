@@ -42,7 +42,7 @@ from triogate.storage import KeyRecord
 if TYPE_CHECKING:
     import httpx
 
-    from triogate.server import Server, ServerInfo
+    from triogate.runtime.server import Server, ServerInfo
 
 __all__ = [
     "FakeResponse",
@@ -333,8 +333,8 @@ class Harness:
 
     async def create_key(self, scopes: Sequence[str] = (), **fields: Any) -> str:
         """A new API key (created directly through the key service)."""
-        from triogate.audit import Actor
-        from triogate.models import CreateKeyRequest
+        from triogate.control.audit import Actor
+        from triogate.control.models import CreateKeyRequest
 
         assert self.server.gateway is not None
         req = CreateKeyRequest(name="test", owner="test", scopes=list(scopes), **fields)
@@ -356,7 +356,7 @@ async def open_harness(
     """Run a fake upstream and a real gateway in front of it."""
     import httpx
 
-    from triogate.server import Server
+    from triogate.runtime.server import Server
 
     upstream = upstream or FakeUpstream()
     async with trio.open_nursery() as nursery:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, Union
 
 import msgspec
 
-from .errors import FieldError, ValidationError
+from triogate.errors import FieldError, ValidationError
 
 __all__ = ["Rule", "convert_all", "decode_json_object"]
 

@@ -1,6 +1,6 @@
 """``circuit-breaker``: stop sending to an upstream target that keeps failing.
 
-The decisions are the pure state machine in ``triogate.breaker``; this plugin
+The decisions are the pure state machine in ``triogate.policy.breaker``; this plugin
 only gives each target of the route's upstream a breaker with these settings
 (the first route to configure a target's breaker sets it). The upstream
 client reports every exchange's outcome to the target's breaker, and its
@@ -16,9 +16,9 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from triogate.breaker import Breaker, BreakerSettings
+from triogate.dataplane.upstream import FailurePolicy, Upstream
 from triogate.plugins.contract import Plugin, PluginEnv
-from triogate.upstream import FailurePolicy, Upstream
+from triogate.policy.breaker import Breaker, BreakerSettings
 
 __all__ = ["CircuitBreaker"]
 

@@ -80,9 +80,9 @@ from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Request, Response
 
 if TYPE_CHECKING:
-    from triogate.actors import ActorRegistry
-    from triogate.keys import KeyService
-    from triogate.ratelimit import Decision
+    from triogate.control.keys import KeyService
+    from triogate.dataplane.actors import ActorRegistry
+    from triogate.policy.ratelimit import Decision
     from triogate.storage import KeyRecord, RateLimit
 
 __all__ = [

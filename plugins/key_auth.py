@@ -21,9 +21,9 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from triogate.actors import QuotaExceeded, RateLimited
+from triogate.control.permissions import scopes_missing
+from triogate.dataplane.actors import QuotaExceeded, RateLimited
 from triogate.errors import KEY_ERRORS, InsufficientScope, MissingKey
-from triogate.permissions import scopes_missing
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
 from triogate.storage import KeyRecord
 

@@ -17,9 +17,9 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from triogate.actors import RateLimited
+from triogate.dataplane.actors import RateLimited
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
-from triogate.ratelimit import Limit
+from triogate.policy.ratelimit import Limit
 
 __all__ = ["RateLimit"]
 

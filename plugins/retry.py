@@ -32,10 +32,10 @@ import msgspec
 import trio
 from msgspec import Meta
 
+from triogate.dataplane.upstream import BadGateway, Upstream, UpstreamTimeout
 from triogate.http import Response, body_from_bytes
 from triogate.plugins.contract import CallNext, Context, Plugin, PluginEnv
-from triogate.retry import IDEMPOTENT, backoff, may_retry, retry_after
-from triogate.upstream import BadGateway, Upstream, UpstreamTimeout
+from triogate.policy.retry_policy import IDEMPOTENT, backoff, may_retry, retry_after
 
 __all__ = ["Retry"]
 

@@ -13,9 +13,9 @@ import pytest
 import trio
 
 from triogate.config import Config, parse_config
-from triogate.crypto import HmacKeyring, Sealer, ServerSecrets
-from triogate.gateway import Gateway
-from triogate.server import Server, ServerInfo
+from triogate.control.crypto import HmacKeyring, Sealer, ServerSecrets
+from triogate.runtime.gateway import Gateway
+from triogate.runtime.server import Server, ServerInfo
 from triogate.storage import MemoryStore
 
 

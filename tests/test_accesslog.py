@@ -14,10 +14,10 @@ import msgspec
 import pytest
 import trio
 
-from triogate.accesslog import AccessLog
 from triogate.config import LogConfig, parse_config
-from triogate.logs import JsonFormatter, configure_logging
-from triogate.telemetry import RequestRecord
+from triogate.telemetry.accesslog import AccessLog
+from triogate.telemetry.logs import JsonFormatter, configure_logging
+from triogate.telemetry.records import RequestRecord
 from triogate.testing import FakeUpstream, harness_config, open_harness
 
 FIELDS = [

@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from triogate.actors import (
+from triogate.dataplane.actors import (
     MAILBOX_SIZE,
     ActorRegistry,
     Admission,
@@ -30,7 +30,7 @@ from triogate.actors import (
     KeyActor,
     Record,
 )
-from triogate.ratelimit import Limit
+from triogate.policy.ratelimit import Limit
 from triogate.storage import (
     Credits,
     KeyRecord,

@@ -23,9 +23,9 @@ import trio.lowlevel
 
 from tests.conftest import Admin, Running
 from triogate.admin.endpoints import ENDPOINTS, Endpoint
-from triogate.ids import new_id
-from triogate.keyformat import KeyFormat
-from triogate.permissions import ROLES, grants
+from triogate.control.ids import new_id
+from triogate.control.keyformat import KeyFormat
+from triogate.control.permissions import ROLES, grants
 
 PROBLEM_JSON = "application/problem+json"
 KEY_RECORD_FIELDS = {

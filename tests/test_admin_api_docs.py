@@ -4,7 +4,7 @@ Fails when an endpoint of ``triogate.admin.endpoints.ENDPOINTS`` (method and
 path, as in ``GET /keys/{id}``) is not mentioned on the page, when the
 "Endpoints at a glance" table lacks it or names another permission than the
 endpoint's, when that table lists an endpoint that does not exist, or when a
-role of ``triogate.permissions.ROLES`` or a permission of ``PERMISSIONS`` has
+role of ``triogate.control.permissions.ROLES`` or a permission of ``PERMISSIONS`` has
 no row (a role's row must list exactly its permissions).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from triogate.admin.endpoints import ENDPOINTS, Endpoint
-from triogate.permissions import PERMISSIONS, ROLES
+from triogate.control.permissions import PERMISSIONS, ROLES
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "admin-api.md"
 GLANCE_HEADING = "## Endpoints at a glance"

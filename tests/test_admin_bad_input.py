@@ -21,8 +21,8 @@ import trio
 
 from tests.conftest import Admin, Running
 from triogate.admin.app import MAX_ADMIN_BODY_BYTES
-from triogate.ids import new_id
-from triogate.models import MAX_GRACE_SECONDS, MAX_METADATA_BYTES
+from triogate.control.ids import new_id
+from triogate.control.models import MAX_GRACE_SECONDS, MAX_METADATA_BYTES
 
 PROBLEM_JSON = "application/problem+json"
 MAX_NAME = 255

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from tests.conftest import Admin, Running, make_config
-from triogate.audit import Actor
+from triogate.control.audit import Actor
 from triogate.errors import FieldError, ValidationError
-from triogate.server import Server
+from triogate.runtime.server import Server
 from triogate.testing import FakeUpstream, Harness, open_harness
 
 ADMIN_CHALLENGE = 'Bearer realm="triogate-admin"'

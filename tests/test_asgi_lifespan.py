@@ -16,7 +16,7 @@ import trio
 from tests.helpers_process import clean_env, run_cli
 from tests.test_asgi_standalone import _free_port, _wait
 from triogate.config import load_config
-from triogate.gateway import open_gateway
+from triogate.runtime.gateway import open_gateway
 
 SPENT = 5
 CREDITS = 10
@@ -63,7 +63,7 @@ key-auth = {{}}
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)
-    echo = subprocess.Popen([sys.executable, "-m", "triogate.echo", str(echo_port)])
+    echo = subprocess.Popen([sys.executable, "-m", "triogate.runtime.echo", str(echo_port)])
     hyper = subprocess.Popen(
         [
             sys.executable,

@@ -49,7 +49,7 @@ upstream = "echo"
 upstream_path = "/{{rest}}"
 """
     )
-    echo = subprocess.Popen([sys.executable, "-m", "triogate.echo", str(echo_port)])
+    echo = subprocess.Popen([sys.executable, "-m", "triogate.runtime.echo", str(echo_port)])
     hyper = subprocess.Popen(
         [
             sys.executable,

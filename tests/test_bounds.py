@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from tests.conftest import Admin, Running
 from triogate.admin.endpoints import ENDPOINTS
 from triogate.config import ConfigError, parse_config
+from triogate.control.models import CreateKeyRequest, UpdateKeyRequest
+from triogate.dataplane.plugin_loader import discover
 from triogate.errors import ValidationError
-from triogate.models import CreateKeyRequest, UpdateKeyRequest
-from triogate.plugin_loader import discover
-from triogate.ratelimit import (
+from triogate.policy.ratelimit import (
     MAX_LIMIT,
     MAX_PERIOD,
     MIN_PERIOD,

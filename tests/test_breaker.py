@@ -1,4 +1,4 @@
-"""The circuit breaker's state machine (``triogate.breaker``), pure: no I/O,
+"""The circuit breaker's state machine (``triogate.policy.breaker``), pure: no I/O,
 no clock. Every scenario is a table of steps ``(now, op, expected)``:
 
 * ``ok`` / ``fail``: ``record(failed, now)``; ``expected`` is the state after;
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triogate.breaker import Breaker, BreakerSettings, BreakerSnapshot, State
+from triogate.policy.breaker import Breaker, BreakerSettings, BreakerSnapshot, State
 
 CLOSED, OPEN, HALF = State.CLOSED, State.OPEN, State.HALF_OPEN
 

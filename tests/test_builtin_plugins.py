@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from triogate.config import ConfigError
-from triogate.keyformat import KeyFormat
+from triogate.control.keyformat import KeyFormat
 from triogate.testing import FakeResponse, FakeUpstream, Harness, RecordedRequest, open_harness
 
 PROBLEM_CT = "application/problem+json"

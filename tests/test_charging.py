@@ -26,11 +26,11 @@ import pytest
 import trio
 
 from triogate.config import LogConfig
+from triogate.dataplane.pipeline import Pipeline, problem_response
+from triogate.dataplane.plugin_loader import discover
 from triogate.errors import BadRequest, HeadersTooLarge
-from triogate.pipeline import Pipeline, problem_response
-from triogate.plugin_loader import discover
 from triogate.plugins.contract import PluginEnv
-from triogate.telemetry import RequestRecord
+from triogate.telemetry.records import RequestRecord
 from triogate.testing import Harness, LoopbackServer, harness_config, open_harness
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"

@@ -41,10 +41,10 @@ import pytest
 
 from tests.doc_tables import REQUIRED, documented_default, real_default, same_default
 from triogate.config import Config, ConfigError, parse_config
-from triogate.pipeline import Pipeline
-from triogate.plugin_loader import discover
+from triogate.dataplane.pipeline import Pipeline
+from triogate.dataplane.plugin_loader import discover
 from triogate.plugins.contract import PluginEnv
-from triogate.reload import _NEEDS_RESTART
+from triogate.runtime.reload import _NEEDS_RESTART
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 ROOT_HEADING = "Top level"
@@ -367,7 +367,7 @@ def test_the_reload_section_lists_exactly_the_restart_only_settings() -> None:
     listed = set(_CODE_SPAN_RE.findall(refused[0].split("**refused**")[0]))
     missing = sorted(_restart_only() - listed)
     assert not missing, (
-        f"{RELOAD_HEADING!r}: restart-only settings (triogate.reload._NEEDS_RESTART) "
+        f"{RELOAD_HEADING!r}: restart-only settings (triogate.runtime.reload._NEEDS_RESTART) "
         f"not in the refused row: {missing}"
     )
     extra = sorted(listed - _restart_only())

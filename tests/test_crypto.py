@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from triogate.crypto import HmacKeyring, Sealer, SecretsError, add_hmac_version, load_secrets
+from triogate.control.crypto import (
+    HmacKeyring,
+    Sealer,
+    SecretsError,
+    add_hmac_version,
+    load_secrets,
+)
 
 
 def test_seal_roundtrip_and_binding_to_record() -> None:

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from tests.helpers_process import ServeProcess, clean_env, run_cli, triogate_command
-from triogate.echo import EchoUpstream
+from triogate.runtime.echo import EchoUpstream
 
 BANNER_END = "Ctrl-C stops the gateway and the echo upstream."
 LOOP_RE = re.compile(r"^for i in \$\(seq 1 (\d+)\); do (curl .+?); done$")

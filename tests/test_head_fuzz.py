@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from triogate.config import LogConfig
-from triogate.server import Server
+from triogate.runtime.server import Server
 from triogate.testing import FakeUpstream, RecordedRequest, harness_config
 
 MAX_HEADER: Final = 4096

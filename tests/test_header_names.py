@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from triogate.dataplane.pipeline import _REPLACED
 from triogate.http import GATEWAY_SET, HOP_BY_HOP, Headers, strip_connection_headers
-from triogate.pipeline import _REPLACED
 from triogate.testing import FakeUpstream, open_harness
 
 SHADOWS: Final = [

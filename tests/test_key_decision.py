@@ -3,7 +3,7 @@
 import msgspec
 import pytest
 
-from triogate.keys import effective_status, key_decision
+from triogate.control.keys import effective_status, key_decision
 from triogate.storage import KeyRecord
 from triogate.testing import key_record
 

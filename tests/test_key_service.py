@@ -6,12 +6,12 @@ import msgspec
 import pytest
 
 from tests.conftest import FakeClock, make_secrets
-from triogate.audit import Actor
-from triogate.crypto import HmacKeyring, ServerSecrets
+from triogate.control.audit import Actor
+from triogate.control.crypto import HmacKeyring, ServerSecrets
+from triogate.control.keys import KeyService
+from triogate.control.models import CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest
 from triogate.errors import Conflict, NotFound, ValidationError
-from triogate.gateway import Gateway
-from triogate.keys import KeyService
-from triogate.models import CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest
+from triogate.runtime.gateway import Gateway
 from triogate.storage import Credits, MemoryStore, RateLimit, Table, codec
 
 ACTOR = Actor("adm_test", "127.0.0.1")

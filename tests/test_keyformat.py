@@ -1,6 +1,6 @@
 import pytest
 
-from triogate.keyformat import BODY_LENGTH, CHECKSUM_LENGTH, KeyFormat
+from triogate.control.keyformat import BODY_LENGTH, CHECKSUM_LENGTH, KeyFormat
 
 FMT = KeyFormat("tg_")
 

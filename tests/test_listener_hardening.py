@@ -34,12 +34,12 @@ import trio
 
 from tests.helpers_process import ServeProcess, clean_env, triogate_command, write_config
 from tests.test_listener import Wire, echoed, gateway, get, nothing_upstream, proxy_port, wire
-from triogate.audit import Actor
 from triogate.config import LogConfig, load_config
-from triogate.h1write import http_date
-from triogate.listener import connection_cap
-from triogate.netaddr import client_ip
-from triogate.server import Server
+from triogate.control.audit import Actor
+from triogate.dataplane.listener import connection_cap
+from triogate.http.h1write import http_date
+from triogate.http.netaddr import client_ip
+from triogate.runtime.server import Server
 from triogate.testing import FakeResponse, FakeUpstream, harness_config, open_harness
 
 PROBLEM_JSON: Final = "application/problem+json"

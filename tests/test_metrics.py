@@ -10,12 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import FakeClock, make_config, make_secrets
-from triogate.accesslog import AccessLog
 from triogate.admin.openapi import build_openapi
-from triogate.gateway import Gateway
-from triogate.metrics import DURATION_BUCKETS, Metrics
+from triogate.runtime.gateway import Gateway
 from triogate.storage import MemoryStore
-from triogate.telemetry import RequestRecord
+from triogate.telemetry.accesslog import AccessLog
+from triogate.telemetry.metrics import DURATION_BUCKETS, Metrics
+from triogate.telemetry.records import RequestRecord
 from triogate.testing import FakeResponse, FakeUpstream, open_harness
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -1,6 +1,12 @@
 import pytest
 
-from triogate.permissions import PERMISSIONS, ROLES, grants, scopes_missing, unknown_permissions
+from triogate.control.permissions import (
+    PERMISSIONS,
+    ROLES,
+    grants,
+    scopes_missing,
+    unknown_permissions,
+)
 
 
 @pytest.mark.parametrize(

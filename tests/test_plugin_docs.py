@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 import triogate.plugins.contract as contract
-from triogate.plugin_loader import ENTRY_POINT_GROUP
+from triogate.dataplane.plugin_loader import ENTRY_POINT_GROUP
 from triogate.plugins.contract import PHASES, Plugin
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"

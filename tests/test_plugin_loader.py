@@ -1,4 +1,4 @@
-"""Unit tests of triogate.plugin_loader: entry-point discovery and the checks
+"""Unit tests of triogate.dataplane.plugin_loader: entry-point discovery and the checks
 on a plugin class, then build_chain (settings, paths in errors, ordering)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-import triogate.plugin_loader as plugin_loader
-from triogate.plugin_loader import (
+import triogate.dataplane.plugin_loader as plugin_loader
+from triogate.dataplane.plugin_loader import (
     ENTRY_POINT_GROUP,
     Chain,
     PluginLoadError,

@@ -35,8 +35,8 @@ import msgspec
 import trio
 
 from tests.helpers_process import ServeProcess, serving
-from triogate.actors import Inspect
 from triogate.config import DefaultRateLimit
+from triogate.dataplane.actors import Inspect
 from triogate.testing import FakeResponse, FakeUpstream, Harness, harness_config, open_harness
 
 PROBLEM_JSON = "application/problem+json"

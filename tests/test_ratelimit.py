@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triogate.ratelimit import (
+from triogate.policy.ratelimit import (
     Decision,
     Limit,
     LimitState,

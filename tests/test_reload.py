@@ -22,11 +22,11 @@ import pytest
 import trio
 
 from tests.helpers_process import ServeProcess, run_cli, serving, start_serve
-from triogate.audit import Actor
 from triogate.config import load_config
-from triogate.gateway import Gateway, open_gateway
-from triogate.models import CreateKeyRequest
-from triogate.server import Server, ServerInfo
+from triogate.control.audit import Actor
+from triogate.control.models import CreateKeyRequest
+from triogate.runtime.gateway import Gateway, open_gateway
+from triogate.runtime.server import Server, ServerInfo
 from triogate.testing import FakeResponse, FakeUpstream, RecordedRequest, open_harness
 
 PROXY_RE = re.compile(r"^triogate: proxy listening on (http://127\.0\.0\.1:\d+)\s*$")

@@ -34,10 +34,11 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from triogate.breaker import Breaker
 from triogate.config import ConfigError
-from triogate.retry import backoff
-from triogate.sockio import TICK
+from triogate.dataplane.sockio import TICK
+from triogate.dataplane.upstream import TargetPool, Upstream
+from triogate.policy.breaker import Breaker
+from triogate.policy.retry_policy import backoff
 from triogate.testing import (
     FakeResponse,
     FakeUpstream,
@@ -46,7 +47,6 @@ from triogate.testing import (
     RecordedRequest,
     open_harness,
 )
-from triogate.upstream import TargetPool, Upstream
 
 PROBLEM_CT = "application/problem+json"
 ALMOST_ONE = 1.0 - 2**-52

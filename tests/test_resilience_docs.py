@@ -26,8 +26,8 @@ import pytest
 import triogate.plugins.contract
 from tests.doc_tables import REQUIRED, documented_default, real_default, same_default
 from triogate.config import ConfigError, HealthCheckConfig, parse_config
-from triogate.pipeline import Pipeline
-from triogate.plugin_loader import discover
+from triogate.dataplane.pipeline import Pipeline
+from triogate.dataplane.plugin_loader import discover
 from triogate.plugins.circuit_breaker import CircuitBreakerConfig
 from triogate.plugins.retry import RetryConfig
 

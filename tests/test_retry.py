@@ -1,4 +1,4 @@
-"""The retry decisions (``triogate.retry``), pure: back-off with full
+"""The retry decisions (``triogate.policy.retry_policy``), pure: back-off with full
 jitter, the upstream's Retry-After within the cap, the idempotency rule."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triogate.retry import IDEMPOTENT, backoff, may_retry, retry_after
+from triogate.policy.retry_policy import IDEMPOTENT, backoff, may_retry, retry_after
 
 # ---- backoff ------------------------------------------------------------------------------
 

@@ -18,14 +18,14 @@ import msgspec
 import pytest
 
 from tests.conftest import FakeClock
-from triogate.audit import Actor
+from triogate.control.audit import Actor
+from triogate.control.keychain import chain
+from triogate.control.models import CreatedKey, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest
 from triogate.errors import GatewayError
-from triogate.gateway import Gateway
 from triogate.http import Body, Headers, Request, Response
-from triogate.keychain import chain
-from triogate.models import CreatedKey, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest
 from triogate.plugins.contract import Context, PluginEnv
 from triogate.plugins.key_auth import KeyAuth
+from triogate.runtime.gateway import Gateway
 from triogate.storage import KeyRecord, Table, WriteTxn, codec
 
 ACTOR = Actor("adm_test", "127.0.0.1")

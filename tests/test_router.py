@@ -14,7 +14,7 @@ import pytest
 
 from triogate.config import ApiVersionConfig, ConfigError, HttpMethod, RouteConfig
 from triogate.errors import InvalidPathParameter, MethodNotAllowed, RouteNotFound
-from triogate.router import Match, Router
+from triogate.policy.router import Match, Router
 
 UUID = "123e4567-e89b-12d3-a456-426614174000"
 

@@ -59,7 +59,7 @@ def test_evil_patterns_load_and_match_in_linear_time() -> None:
     code = f"""
 from triogate.config import RouteConfig
 from triogate.errors import InvalidPathParameter
-from triogate.router import Router
+from triogate.policy.router import Router
 evil = {EVIL!r}
 routes = [RouteConfig(name=f"r{{i}}", path=f"/r{{i}}/{{{{v:re:{{p}}}}}}", upstream="u")
           for i, p in enumerate(evil)]

@@ -23,7 +23,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from triogate.actors import ActorRegistry, Record
+from triogate.dataplane.actors import ActorRegistry, Record
 from triogate.errors import StorageFull
 from triogate.storage import MemoryStore, Table, WriteTxn, codec
 from triogate.storage.base import StoreFull

@@ -3,9 +3,9 @@ from typing import Annotated
 import msgspec
 import pytest
 
+from triogate.control.ids import new_id
+from triogate.control.paging import decode_cursor, encode_cursor, take_page
 from triogate.errors import ValidationError
-from triogate.ids import new_id
-from triogate.paging import decode_cursor, encode_cursor, take_page
 from triogate.storage import Credits, RateLimit
 from triogate.validation import convert_all, decode_json_object
 

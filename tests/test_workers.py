@@ -16,7 +16,7 @@ import trio
 
 from tests.helpers_process import run_cli, serving
 from triogate.config import parse_config
-from triogate.gateway import open_gateway
+from triogate.runtime.gateway import open_gateway
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):

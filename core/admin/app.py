@@ -20,7 +20,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
-from triogate.audit import Actor
+from triogate.admin.endpoints import ENDPOINTS, Call, Endpoint, Raw
+from triogate.admin.openapi import build_openapi
+from triogate.control.audit import Actor
+from triogate.control.permissions import grants
 from triogate.errors import (
     Forbidden,
     GatewayError,
@@ -31,12 +34,8 @@ from triogate.errors import (
     Unauthorized,
     ValidationError,
 )
-from triogate.gateway import Gateway
-from triogate.permissions import grants
+from triogate.runtime.gateway import Gateway
 from triogate.validation import convert_all, decode_json_object
-
-from .endpoints import ENDPOINTS, Call, Endpoint, Raw
-from .openapi import build_openapi
 
 __all__ = ["MAX_ADMIN_BODY_BYTES", "DrainUnreadBody", "create_admin_app"]
 

@@ -17,11 +17,9 @@ import msgspec
 from msgspec import Meta, Struct
 
 from triogate import __version__
-from triogate.audit import Actor
 from triogate.config import ConfigError
-from triogate.errors import ValidationError
-from triogate.gateway import Gateway
-from triogate.models import (
+from triogate.control.audit import Actor
+from triogate.control.models import (
     AdminList,
     AdminView,
     AuditPage,
@@ -43,7 +41,9 @@ from triogate.models import (
     ValidateKeyRequest,
     ValidateResult,
 )
-from triogate.timeutil import utc_required
+from triogate.control.timeutil import utc_required
+from triogate.errors import ValidationError
+from triogate.runtime.gateway import Gateway
 
 __all__ = ["ENDPOINTS", "Call", "Endpoint", "Raw"]
 

@@ -9,9 +9,8 @@ from typing import Any
 import msgspec
 
 from triogate import __version__
-from triogate.models import Problem
-
-from .endpoints import ENDPOINTS, Endpoint
+from triogate.admin.endpoints import ENDPOINTS, Endpoint
+from triogate.control.models import Problem
 
 __all__ = ["build_openapi"]
 

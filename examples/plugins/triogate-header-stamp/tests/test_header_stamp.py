@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from triogate_header_stamp import HeaderStamp
 
-from triogate.plugin_loader import PluginLoadError, build_chain
+from triogate.dataplane.plugin_loader import PluginLoadError, build_chain
 from triogate.plugins import PluginEnv
 from triogate.testing import FakeResponse, FakeUpstream, open_harness
 

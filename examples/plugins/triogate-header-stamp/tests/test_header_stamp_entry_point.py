@@ -12,7 +12,7 @@ from pathlib import Path
 
 from triogate_header_stamp import HeaderStamp
 
-from triogate.plugin_loader import ENTRY_POINT_GROUP, discover
+from triogate.dataplane.plugin_loader import ENTRY_POINT_GROUP, discover
 from triogate.testing import open_harness
 
 

@@ -1,0 +1,496 @@
+"""The request pipeline: one config's whole data plane behind one method.
+
+``Pipeline`` is built once per config (router compiled, plugins validated and
+instantiated, chains ordered, upstream pools made) and then serves requests
+through ``handle(request) -> (ctx, response)``. Both front doors, the native
+httptools listener and the ASGI adapter, call exactly this; neither knows
+anything about routes or plugins. A config reload builds a new Pipeline and
+swaps one reference.
+
+Per request:
+    route match -> access phases -> upstream wrappers around the proxy call
+    -> response phases -> (the front door sends) -> log phases.
+A ``GatewayError`` raised anywhere becomes a problem+json response that
+still goes through the response phases (so CORS and request-id headers are
+on errors too). Anything else is a bug: logged with the request id, answered
+500 ``INTERNAL_ERROR``.
+
+Charging (CONTRACT §5): what the access phase took (rate-limit capacity,
+credits) is given back (``ctx.undo``) only when the gateway refuses the
+request before any byte of it went to the upstream (``ctx.sent_upstream``,
+set by the upstream client). Once sent, a request is charged and counted
+whatever happens after: a 502, a 504, or a client that leaves mid-body. A
+client that leaves still gets its log phases (usage) and its access-log
+line, as status 499 with outcome ``client_closed`` (nginx's convention);
+``handle`` then re-raises ``ClientDisconnected`` so the front door sends
+nothing and hangs up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import msgspec
+import trio
+
+from triogate.config import Config, ConfigError
+from triogate.dataplane.plugin_loader import Chain, PluginLoadError, build_chain
+from triogate.dataplane.upstream import BadGateway, TargetPool, Upstream, UpstreamError
+from triogate.errors import FieldError, GatewayError, InternalError
+from triogate.http import HOP_BY_HOP, Body, ClientDisconnected, Headers, Request, Response
+from triogate.plugins.contract import Context, Plugin, PluginEnv
+from triogate.policy.ratelimit import headers_for
+from triogate.policy.router import Match, Router
+from triogate.telemetry.records import (
+    CLIENT_CLOSED,
+    Observer,
+    RequestRecord,
+    outcome_of,
+    refused_record,
+)
+
+__all__ = ["Pipeline", "problem_response"]
+
+log = logging.getLogger("triogate.dataplane.pipeline")
+
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_problem_encoder = msgspec.json.Encoder()
+_PROBLEM_CT = (b"content-type", b"application/problem+json")
+# Headers the gateway sets itself on the upstream request.
+_REPLACED = frozenset(
+    {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+        b"x-key-id",  # only the gateway says which key was used
+        b"forwarded",  # the gateway speaks X-Forwarded-*; a client's own is not passed on
+        b"content-length",
+        b"expect",
+    }
+)
+
+
+# Request ids: a random per-process prefix and a counter. Unique without a
+# getrandom() system call per request (ids need not be secret, only unique).
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+_NOT_FORWARDED = HOP_BY_HOP | _REPLACED
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+
+
+def problem_response(error: GatewayError, request_id: str) -> Response:
+    headers = Headers([_PROBLEM_CT])
+    for name, value in error.headers.items():
+        headers.raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    return Response(
+        error.status,
+        headers,
+        content=_problem_encoder.encode(error.problem(request_id)),
+        from_gateway=True,
+    )
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    value = headers.get_raw(b"connection")
+    if value is None:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
+    """``base`` plus the headers the message's ``Connection`` names (no new
+    set when there is no Connection header, the common case)."""
+    tokens = _connection_tokens(headers)
+    return base | tokens if tokens else base
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        registry: Mapping[str, type[Plugin[Any]]],
+        env: PluginEnv,
+        *,
+        previous: Pipeline | None = None,
+    ) -> None:
+        self.config = config
+        errors: list[FieldError] = []
+        try:
+            self.router = Router.compile(config.routes, config.api_versions)
+        except ConfigError as exc:
+            errors.extend(exc.errors)  # reported with the plugin errors below
+        # A reload keeps every upstream whose settings did not change: its
+        # pools, breakers, health and retry budget carry over.
+        kept: dict[str, Upstream] = previous.upstreams if previous is not None else {}
+        self.upstreams: dict[str, Upstream] = {
+            name: kept[name] if name in kept and kept[name].config == cfg else Upstream(name, cfg)
+            for name, cfg in config.upstreams.items()
+        }
+        self.chains: dict[int, Chain] = {}
+        for i, route in enumerate(config.routes):
+            try:
+                self.chains[i] = build_chain(
+                    registry, config.plugins, route.plugins, env, route_path=f"routes[{i}]"
+                )
+            except PluginLoadError as exc:
+                errors.extend(exc.errors)
+        try:
+            # Requests that match no route still meet the global plugins'
+            # response phase (request-id, CORS headers on the 404).
+            self.global_chain = build_chain(registry, config.plugins, {}, env, route_path="plugins")
+        except PluginLoadError as exc:
+            errors.extend(e for e in exc.errors if e not in errors)
+            self.global_chain = Chain(())
+        if not errors:
+            for upstream in self.upstreams.values():
+                for pool in upstream.pools:
+                    pool.breaker_bound = False
+            for i, route in enumerate(config.routes):
+                upstream = self.upstreams[route.upstream]
+                for plugin in self.chains[i].plugins:
+                    try:
+                        plugin.bind(route, upstream)
+                    except ValueError as exc:
+                        errors.append(FieldError(f"routes[{i}].plugins.{plugin.name}", str(exc)))
+            for upstream in self.upstreams.values():
+                for pool in upstream.pools:
+                    if not pool.breaker_bound:
+                        pool.breaker = None  # no route configures one any more
+        if errors:
+            raise ConfigError(errors, "config")
+        self.max_body = config.server.max_request_body_bytes
+        self.requests = 0
+        self.in_flight = 0  # handle() .. after(): a retired pipeline waits for 0
+        self._idle: trio.Event | None = None
+        # Told about every request once it is answered (metrics, access log).
+        self.observers: list[Observer] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pipeline {len(self.chains)} routes, {len(self.upstreams)} upstreams, "
+            f"{self.requests} requests>"
+        )
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight on this pipeline."""
+        if self.in_flight:
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def describe_routes(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i, route in enumerate(self.config.routes):
+            methods: list[str] = list(route.methods) or ["*"]
+            out.append(
+                {
+                    "name": route.name,
+                    "methods": methods,
+                    "path": route.path,
+                    "version": route.version,
+                    "upstream": route.upstream,
+                    "upstream_path": route.upstream_path,
+                    "plugins": self.chains[i].describe(),
+                }
+            )
+        return out
+
+    def close(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.close()
+
+    # ---- per request -------------------------------------------------------
+
+    async def handle(self, request: Request) -> tuple[Context, Response]:
+        """Answer one request. Every call that returns must be followed by
+        ``after`` (the front doors do it once the response is sent).
+
+        When the client goes away before it could be answered, the request
+        is logged here (log phases and observers, as 499 ``client_closed``)
+        and ``ClientDisconnected`` is re-raised: the front door then sends
+        nothing and must not call ``after``."""
+        self.requests += 1
+        self.in_flight += 1
+        ctx = self._context(request)
+        try:
+            return await self._handle(ctx)
+        except ClientDisconnected:
+            if not ctx.sent_upstream:
+                self._undo(ctx)  # nothing reached the upstream: it costs nothing
+            await self.after(ctx, Response(CLIENT_CLOSED, from_gateway=True))
+            raise
+        except BaseException:
+            # Cancelled (the shutdown grace period ended): the same rule.
+            if not ctx.sent_upstream:
+                self._undo(ctx)
+            self._done()
+            raise
+
+    def _done(self) -> None:
+        self.in_flight -= 1
+        if self._idle is not None and self.in_flight == 0:
+            self._idle.set()
+
+    @staticmethod
+    def _context(request: Request) -> Context:
+        sent_id = request.headers.get_raw(b"x-request-id")
+        request_id = (
+            sent_id.decode("ascii")
+            if sent_id is not None and _REQUEST_ID_RE.match(sent_id)
+            else new_request_id()
+        )
+        return Context(request, request_id=request_id, started_at=time.monotonic())
+
+    async def _handle(self, ctx: Context) -> tuple[Context, Response]:
+        request = ctx.request
+        request_id = ctx.request_id
+        chain = self.global_chain
+        match: Match | None = None
+        try:
+            accept_version = request.headers.get_raw(b"accept-version")
+            match = self.router.match(
+                request.method,
+                request.path,
+                accept_version.decode("latin-1") if accept_version is not None else None,
+            )
+            chain = self.chains[match.route.index]
+            ctx.route = match.route
+            ctx.params = match.params
+            ctx.version = match.version
+            ctx.upstream_path = self.router.rewrite(match)
+            response = await self._run(ctx, chain)
+        except ClientDisconnected:
+            raise  # nobody to answer: handle() logs it (and maybe gives back)
+        except UpstreamError as exc:
+            # Hosts and ports stay in the log; the client gets the gist.
+            log.warning("request %s: %s: %s", request_id, exc.code, exc.detail)
+            exc.detail = exc.public_detail
+            response = problem_response(exc, request_id)
+        except GatewayError as exc:
+            response = problem_response(exc, request_id)
+        except Exception:
+            log.exception("internal error in request %s", request_id)
+            response = problem_response(InternalError("an internal error occurred"), request_id)
+        try:
+            for phase in chain.response:
+                await phase(ctx, response)
+        except GatewayError as exc:
+            response = problem_response(exc, request_id)
+        except Exception:
+            log.exception("internal error in a response phase, request %s", request_id)
+            response = problem_response(InternalError("an internal error occurred"), request_id)
+        if ctx.undo and response.from_gateway and response.status >= 400 and not ctx.sent_upstream:
+            # Refused by the gateway before the upstream had any of it (a
+            # later plugin's refusal, an open breaker, a refused connection).
+            # Once sent, a 502 or 504 is charged like any answer.
+            self._undo(ctx)
+        self._finish_headers(ctx, response, match)
+        return ctx, response
+
+    @staticmethod
+    def _undo(ctx: Context) -> None:
+        """Give back what was taken for a request that did not go through."""
+        for undo in ctx.undo:
+            try:
+                undo()
+            except Exception:
+                log.exception("undo failed for request %s", ctx.request_id)
+        ctx.undo.clear()
+
+    async def _run(self, ctx: Context, chain: Chain) -> Response:
+        for access in chain.access:
+            early = await access(ctx)
+            if early is not None:
+                return early
+        if chain.upstream:
+            assert ctx.route is not None
+            ctx.state["upstream"] = self.upstreams[ctx.route.config.upstream]
+        call: Callable[[], Awaitable[Response]] = lambda: self._proxy(ctx)  # noqa: E731
+        for wrapper in reversed(chain.upstream):
+            call = _wrap(wrapper, ctx, call)
+        response = await call()
+        if chain.buffering and not response.from_gateway:
+            await self._buffer(ctx, chain, response)
+        return response
+
+    @staticmethod
+    async def _buffer(ctx: Context, chain: Chain, response: Response) -> None:
+        """Buffer the body for the plugins that edit it, within their cap."""
+        wanting = [p for p in chain.buffering if p.wants_body(ctx, response)]
+        if not wanting:
+            return
+        limit = min(p.max_buffer_bytes for p in wanting)
+        try:
+            if response.body is not None:
+                await response.read(limit)
+            elif response.content is not None and len(response.content) > limit:
+                raise ValueError("body too large")
+        except ValueError:
+            raise BadGateway("upstream response too large to transform") from None
+
+    async def after(self, ctx: Context, response: Response) -> None:
+        """The log phases and the observers, once the response has been
+        sent (or its sending failed). Never raises."""
+        self._done()
+        chain = self.chains[ctx.route.index] if ctx.route is not None else self.global_chain
+        for phase in chain.log:
+            try:
+                await phase(ctx, response)
+            except Exception:
+                log.exception("log phase failed for request %s", ctx.request_id)
+        if self.observers:
+            self._notify(self._record(ctx, response))
+
+    def log_refused(
+        self,
+        method: str,
+        target: str,
+        client_ip: str,
+        response: Response,
+        *,
+        started_at: float | None = None,
+    ) -> None:
+        """Tell the observers (access log, metrics) about a request the front
+        door refused by itself before routing (400, 408, 413, 431), so that
+        probing is visible. Outcome: the problem's ``code``. ``started_at``
+        (``time.monotonic()``) gives the line a duration. Never raises."""
+        if self.observers:
+            record = refused_record(
+                method,
+                target,
+                client_ip,
+                response,
+                request_id=new_request_id(),
+                started_at=started_at,
+            )
+            self._notify(record)
+
+    def _notify(self, record: RequestRecord) -> None:
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception:
+                log.exception("an observer failed for request %s", record.request_id)
+
+    def _record(self, ctx: Context, response: Response) -> RequestRecord:
+        route = ctx.route
+        return RequestRecord(
+            at=time.time(),
+            request_id=ctx.request_id,
+            method=ctx.request.method,
+            path=ctx.request.path,
+            route=route.name if route is not None else None,
+            upstream=route.config.upstream if route is not None else None,
+            status=response.status,
+            outcome=outcome_of(response),
+            key_id=ctx.consumer.id if ctx.consumer is not None else None,
+            client_ip=ctx.client_ip,
+            duration_seconds=time.monotonic() - ctx.started_at,
+            upstream_seconds=ctx.state.get("upstream_seconds"),
+            retries=ctx.state.get("retries", 0),
+        )
+
+    def _finish_headers(self, ctx: Context, response: Response, match: Match | None) -> None:
+        headers = response.headers
+        raw = headers.raw
+        if raw:
+            drop = _drop_set(headers, HOP_BY_HOP)
+            if any(k in drop for k, _ in raw):
+                headers.raw = raw = [(k, v) for k, v in raw if k not in drop]
+        if ctx.response_headers:
+            raw.extend(ctx.response_headers)
+        if ctx.rate_limits:
+            raw.extend(headers_for(ctx.rate_limits))
+        if match is not None and match.deprecation_headers:
+            raw.extend(
+                (k.lower().encode("latin-1"), v.encode("latin-1"))
+                for k, v in match.deprecation_headers
+            )
+
+    # ---- the innermost call: the upstream ------------------------------------
+
+    async def _proxy(self, ctx: Context) -> Response:
+        route = ctx.route
+        assert route is not None
+        upstream = self.upstreams[route.config.upstream]
+        request = ctx.request
+        body = request.body
+        has_body = body.length is None or body.length > 0
+        started = time.monotonic()
+
+        def sent() -> None:
+            ctx.sent_upstream = True  # charged from now on, whatever happens
+
+        try:
+            return await upstream.send(
+                request.method,
+                lambda pool: self._head(ctx, pool, body if has_body else None),
+                body if has_body else None,
+                tried=ctx.state.get("tried_targets"),
+                on_sent=sent,
+            )
+        finally:
+            # Time to the answer's head, summed over tries (retries).
+            ctx.state["upstream_seconds"] = (
+                ctx.state.get("upstream_seconds", 0.0) + time.monotonic() - started
+            )
+
+    def _head(self, ctx: Context, pool: TargetPool, body: Body | None) -> bytes:
+        request = ctx.request
+        path = pool.base_path + ctx.upstream_path
+        target = f"{path}?{request.query}" if request.query else path
+        headers = request.headers
+        # The front doors already removed Connection and what it names.
+        drop = _NOT_FORWARDED
+        lines = [
+            f"{request.method} {target} HTTP/1.1\r\nhost: {pool.authority}\r\n".encode("latin-1")
+        ]
+        forwarded_for: list[bytes] = []
+        original_host = None
+        for name, value in headers.raw:
+            if name not in drop:
+                lines.append(b"%b: %b\r\n" % (name, value))
+            elif name == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif name == b"host" and original_host is None:
+                original_host = value
+        forwarded_for.append(request.client_ip.encode("ascii"))
+        lines.append(b"x-forwarded-for: %b\r\n" % b", ".join(forwarded_for))
+        lines.append(b"x-forwarded-proto: %b\r\n" % request.scheme.encode("ascii"))
+        if original_host is not None:
+            lines.append(b"x-forwarded-host: %b\r\n" % original_host)
+        lines.append(b"x-request-id: %b\r\n" % ctx.request_id.encode("ascii"))
+        if ctx.consumer is not None:
+            lines.append(b"x-key-id: %b\r\n" % ctx.consumer.id.encode("ascii"))
+        if body is None:
+            if request.method in ("POST", "PUT", "PATCH"):
+                lines.append(b"content-length: 0\r\n")
+        elif body.length is not None:
+            lines.append(b"content-length: %d\r\n" % body.length)
+        else:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+
+def _wrap(
+    wrapper: Callable[[Context, Callable[[], Awaitable[Response]]], Awaitable[Response]],
+    ctx: Context,
+    inner: Callable[[], Awaitable[Response]],
+) -> Callable[[], Awaitable[Response]]:
+    return lambda: wrapper(ctx, inner)

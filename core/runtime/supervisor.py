@@ -1,0 +1,114 @@
+"""``server.workers = N``: N gateway processes on one LMDB environment.
+
+The supervisor (the process ``triogate serve`` started) runs no gateway of
+its own. It starts N workers (``triogate serve --worker I``), each a whole
+gateway in its own ``trio.run``; they share the proxy port through
+``SO_REUSEPORT`` (the kernel spreads connections across them) and the data
+directory through LMDB (multi-process safe). Worker 0 also serves the admin
+API; the others serve only the proxy.
+
+The supervisor forwards SIGTERM/SIGINT to every worker and waits for them
+(each drains its in-flight requests and flushes its actors), and restarts a
+worker that dies on its own, with a growing back-off so a crash loop does
+not spin.
+
+Limits across workers (see docs/rate-limits.md): each worker enforces its
+*share* of every rate limit (``limit // N``, the remainder spread over the
+first workers, at least 1), so together they never admit more than the limit
+(``N`` per period for a limit below ``N``). Credits are counted per worker
+and reconciled through LMDB at every flush.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+__all__ = ["run_supervisor"]
+
+log = logging.getLogger("triogate.runtime.supervisor")
+
+RESTART_BACKOFF_MAX = 30.0
+
+
+class _Worker:
+    def __init__(self, index: int, argv: Sequence[str]) -> None:
+        self.index = index
+        self.argv = list(argv)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.started_at = 0.0
+
+    def __repr__(self) -> str:
+        pid = self.proc.pid if self.proc else None
+        return f"<worker {self.index} pid={pid} restarts={self.restarts}>"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv)
+        self.started_at = time.monotonic()
+
+
+def run_supervisor(config_path: str | None, workers: int, server: str | None) -> int:
+    base = [sys.executable, "-m", "triogate", "serve"]
+    if config_path:
+        base += ["-c", config_path]
+    if server:
+        base += ["--server", server]
+    pool = [_Worker(i, [*base, "--worker", str(i)]) for i in range(workers)]
+    stopping = False
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        received.append(signum)
+        for w in pool:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signum)
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        # Every worker reloads the file itself (each validates it the same way).
+        for w in pool:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGHUP)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    for w in pool:
+        w.start()
+    print(f"triogate: supervising {workers} workers", flush=True)
+
+    backoff = {w.index: 0.5 for w in pool}
+    while True:
+        alive = False
+        for w in pool:
+            assert w.proc is not None
+            code = w.proc.poll()
+            if code is None:
+                alive = True
+                continue
+            if stopping:
+                continue
+            # Died on its own: bring it back, more slowly each time it
+            # dies young.
+            if time.monotonic() - w.started_at > 60:
+                backoff[w.index] = 0.5
+            log.error(
+                "worker %d exited with %s; restarting in %.1f s", w.index, code, backoff[w.index]
+            )
+            time.sleep(backoff[w.index])
+            backoff[w.index] = min(backoff[w.index] * 2, RESTART_BACKOFF_MAX)
+            w.restarts += 1
+            w.start()
+            alive = True
+        if not alive:
+            break
+        time.sleep(0.1)
+    codes = [w.proc.returncode if w.proc else 0 for w in pool]
+    return 0 if all(c == 0 for c in codes) else 1

@@ -1,0 +1,314 @@
+"""Prometheus metrics for ``GET /metrics`` on the admin listener.
+
+Two kinds, kept apart by when they cost something:
+
+- **Per request** (``observe``, a telemetry observer): counters and
+  histograms updated from each ``RequestRecord``. This is on the request
+  path, so the labelled children are looked up once per label tuple and
+  cached in plain dicts (``.labels()`` costs several microseconds).
+- **At scrape time** (``_GatewayCollector``): gauges read from the services'
+  ``statistics()``: actors, flushes, storage, upstream targets and their
+  breakers, the access log. Nothing is maintained for them between scrapes.
+
+Each ``Metrics`` owns its ``CollectorRegistry`` (never the global one), so
+several gateways in one process (tests) do not collide. With
+``server.workers > 1`` only worker 0 serves the admin API, so ``/metrics``
+shows that worker's requests and the shared storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from triogate import __version__
+from triogate.telemetry.accesslog import AccessLog
+from triogate.telemetry.records import RequestRecord
+
+if TYPE_CHECKING:
+    from triogate.runtime.gateway import Gateway
+
+__all__ = ["BREAKER_STATES", "DURATION_BUCKETS", "OVERHEAD_BUCKETS", "Metrics"]
+
+# Whole requests and upstream waits: from half a millisecond to 10 s.
+DURATION_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# The gateway's own share is usually tens of microseconds: finer at the bottom.
+OVERHEAD_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.5,
+    1.0,
+)
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# Outcomes that are the upstream's failure, as the gateway answered them.
+UPSTREAM_ERRORS = frozenset({"BAD_GATEWAY", "UPSTREAM_TIMEOUT", "UPSTREAM_UNAVAILABLE"})
+NO_ROUTE = "-"
+
+
+class _RequestChildren:
+    """The children one (route, status, outcome) updates, resolved once."""
+
+    __slots__ = ("duration", "overhead", "requests", "retries")
+
+    def __init__(self, metrics: Metrics, route: str, status: int, outcome: str) -> None:
+        self.requests = metrics.requests.labels(route, f"{status // 100}xx", outcome)
+        self.duration = metrics.request_duration.labels(route)
+        self.overhead = metrics.overhead.labels(route)
+        self.retries = metrics.retries.labels(route)
+
+
+class Metrics:
+    """The gateway's metrics. ``observe`` is its telemetry observer;
+    ``render`` answers a scrape."""
+
+    def __init__(self, gateway: Gateway, *, access_log: AccessLog | None = None) -> None:
+        self.gateway = gateway
+        self.access_log = access_log
+        self.started_at = gateway.clock()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "triogate_requests",
+            "Answered requests by route, status class and outcome "
+            "(ok, upstream_error, or the gateway's error code)",
+            ["route", "status_class", "outcome"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "triogate_request_duration_seconds",
+            "Whole requests as the gateway saw them, upstream included",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "triogate_gateway_overhead_seconds",
+            "The gateway's own time per request: duration less upstream time",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "triogate_upstream_duration_seconds",
+            "Waiting for the upstream's answer head, summed over retries",
+            ["upstream"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "triogate_upstream_errors",
+            "Requests answered with an upstream error by the gateway",
+            ["upstream", "code"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "triogate_retries", "Upstream retries (the retry plugin)", ["route"], registry=r
+        )
+        r.register(_GatewayCollector(self))
+        self._children: dict[tuple[str, int, str], _RequestChildren] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+        self._error_children: dict[tuple[str, str], Counter] = {}
+
+    def __repr__(self) -> str:
+        return f"<Metrics {len(self._children)} label sets>"
+
+    def observe(self, record: RequestRecord) -> None:
+        route = record.route or NO_ROUTE
+        outcome = record.outcome
+        key = (route, record.status, outcome)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = _RequestChildren(self, *key)
+        children.requests.inc()
+        duration = record.duration_seconds
+        children.duration.observe(duration)
+        upstream_seconds = record.upstream_seconds
+        if upstream_seconds is None:
+            children.overhead.observe(duration)
+        else:
+            children.overhead.observe(max(0.0, duration - upstream_seconds))
+            upstream = record.upstream or NO_ROUTE
+            histogram = self._upstream_children.get(upstream)
+            if histogram is None:
+                histogram = self._upstream_children[upstream] = self.upstream_duration.labels(
+                    upstream
+                )
+            histogram.observe(upstream_seconds)
+        if record.retries:
+            children.retries.inc(record.retries)
+        if outcome in UPSTREAM_ERRORS:
+            error_key = (record.upstream or NO_ROUTE, outcome)
+            counter = self._error_children.get(error_key)
+            if counter is None:
+                counter = self._error_children[error_key] = self.upstream_errors.labels(*error_key)
+            counter.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition (Prometheus text format) and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _GatewayCollector(Collector):
+    """Gauges read from the gateway's services when scraped."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._info()
+        yield from self._actors()
+        yield from self._storage()
+        yield from self._upstreams()
+        yield from self._access_log()
+
+    def _info(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "triogate_info", "The running version and config version", labels=["version", "config"]
+        )
+        info.add_metric([__version__, self.metrics.gateway.active.version], 1)
+        yield info
+
+    def _actors(self) -> Iterator[Metric]:
+        gw = self.metrics.gateway
+        s = gw.actors.statistics()
+        yield GaugeMetricFamily("triogate_actors_live", "Per-key actors in memory", s.live_actors)
+        yield GaugeMetricFamily(
+            "triogate_actor_queued_messages",
+            "Messages waiting in actor mailboxes",
+            s.queued_messages,
+        )
+        yield GaugeMetricFamily(
+            "triogate_actors_dirty", "Actors with state not yet flushed to storage", s.dirty
+        )
+        yield CounterMetricFamily(
+            "triogate_actor_flushes", "Actor flushes to storage (write transactions)", s.flushes
+        )
+        yield CounterMetricFamily(
+            "triogate_actor_evictions", "Idle actors flushed and evicted", s.evicted
+        )
+        # Flush lag: how long unflushed state may have waited. Nothing dirty,
+        # nothing waits; otherwise the time since the last flush (or since
+        # start, before the first one).
+        last = s.last_flush_at if s.last_flush_at is not None else self.metrics.started_at
+        lag = max(0.0, gw.clock() - last) if s.dirty else 0.0
+        yield GaugeMetricFamily(
+            "triogate_actor_flush_lag_seconds",
+            "Seconds since the last flush while actors have unflushed state (else 0)",
+            lag,
+        )
+
+    def _storage(self) -> Iterator[Metric]:
+        s = self.metrics.gateway.store.statistics()
+        yield GaugeMetricFamily("triogate_storage_size_bytes", "Storage size on disk", s.size_bytes)
+        yield GaugeMetricFamily(
+            "triogate_storage_queued_writes", "Writes waiting for the writer", s.queued_writes
+        )
+        yield CounterMetricFamily("triogate_storage_commits", "Write transactions", s.commits)
+        yield GaugeMetricFamily(
+            "triogate_storage_map_size_bytes",
+            "The size writes must fit in (storage.map_size_mb)",
+            s.map_size_bytes,
+        )
+        yield CounterMetricFamily(
+            "triogate_storage_full",
+            "Writes refused because storage was full (507 STORAGE_FULL)",
+            s.full_errors,
+        )
+
+    def _upstreams(self) -> Iterator[Metric]:
+        pipeline = self.metrics.gateway.pipeline
+        in_flight = GaugeMetricFamily(
+            "triogate_upstream_in_flight", "Requests in flight to an upstream", labels=["upstream"]
+        )
+        healthy = GaugeMetricFamily(
+            "triogate_upstream_target_healthy",
+            "1 when active health checks (if any) pass for the target",
+            labels=["upstream", "target"],
+        )
+        active = GaugeMetricFamily(
+            "triogate_upstream_target_connections",
+            "Connections to the target in use",
+            labels=["upstream", "target"],
+        )
+        breaker = GaugeMetricFamily(
+            "triogate_breaker_state",
+            "Circuit breaker per target: 0 closed, 1 half_open, 2 open",
+            labels=["upstream", "target"],
+        )
+        opened = CounterMetricFamily(
+            "triogate_breaker_opened",
+            "Times the target's breaker opened",
+            labels=["upstream", "target"],
+        )
+        if pipeline is not None:
+            # The active config's pipeline (a retiring one, after a reload,
+            # still finishes its own requests uncounted here).
+            yield GaugeMetricFamily(
+                "triogate_in_flight_requests",
+                "Requests being handled: received and not yet answered",
+                pipeline.in_flight,
+            )
+        for upstream in pipeline.upstreams.values() if pipeline is not None else ():
+            stats = upstream.statistics()
+            name = upstream.name
+            in_flight.add_metric([name], stats["in_flight"])
+            for target in stats["targets"]:
+                labels = [name, target["target"]]
+                healthy.add_metric(labels, 1 if target["healthy"] else 0)
+                active.add_metric(labels, target["active"])
+                snapshot = target["breaker"]
+                if snapshot is not None:
+                    breaker.add_metric(labels, BREAKER_STATES[snapshot["state"]])
+                    opened.add_metric(labels, snapshot["opened"])
+        yield from (in_flight, healthy, active, breaker, opened)
+
+    def _access_log(self) -> Iterator[Metric]:
+        access_log = self.metrics.access_log
+        if access_log is None:
+            return
+        s = access_log.statistics()
+        yield CounterMetricFamily(
+            "triogate_access_log_dropped",
+            "Access log lines dropped (queue full or write failed)",
+            s.dropped,
+        )
+        yield CounterMetricFamily(
+            "triogate_access_log_written", "Access log lines written", s.written
+        )
+        yield GaugeMetricFamily(
+            "triogate_access_log_queued", "Access log lines waiting to be written", s.queued
+        )
