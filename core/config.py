@@ -24,16 +24,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from triogate.errors import FieldError, ValidationError
+from triogate.errors import ConfigError, FieldError, ValidationError
 from triogate.validation import convert_all
 
 __all__ = [
     "ApiVersionConfig",
     "Config",
-    "ConfigError",
     "HealthCheckConfig",
     "KeysConfig",
     "LogConfig",
+    "RateLimitConfig",
     "RouteConfig",
     "ServerConfig",
     "StorageConfig",
@@ -66,11 +66,19 @@ HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 PluginConfigs = dict[str, dict[str, Any]]
 
 
-class DefaultRateLimit(Struct, frozen=True, forbid_unknown_fields=True):
+class RateLimitConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """A rate limit as configured: ``[keys] default_rate_limit``, and the base
+    of the ``rate-limit`` plugin's settings. ``policy.ratelimit.limit_from``
+    turns it into the ``Limit`` decisions take."""
+
     limit: Annotated[int, Meta(ge=1, le=1_000_000_000, description="requests per period")]
     period_seconds: Annotated[
         float, Meta(ge=0.001, le=31_536_000, description="period length (a millisecond to a year)")
     ]
+    algorithm: Annotated[
+        Literal["gcra", "sliding_window"],
+        Meta(description="gcra (exact, smooth) or sliding_window (counts per window)"),
+    ] = "gcra"
 
 
 class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -125,7 +133,7 @@ class KeysConfig(Struct, frozen=True, forbid_unknown_fields=True):
         str,
         Meta(pattern=r"^[a-z][a-z0-9]{0,15}_$", description="API key prefix, e.g. tg_"),
     ] = "tg_"
-    default_rate_limit: DefaultRateLimit | None = None
+    default_rate_limit: RateLimitConfig | None = None
 
 
 class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -236,17 +244,6 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def data_dir(self) -> Path:
         return Path(self.server.data_dir)
-
-
-class ConfigError(Exception):
-    def __init__(self, errors: list[FieldError], source: str) -> None:
-        self.errors = errors
-        self.source = source
-        lines = "".join(f"\n  {e.path}: {e.message}" for e in errors)
-        super().__init__(f"{source}: {len(errors)} error(s){lines}")
-
-    def lines(self) -> list[str]:
-        return [f"{e.path}: {e.message}" for e in self.errors]
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:

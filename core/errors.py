@@ -1,9 +1,59 @@
-"""One error hierarchy for everything the gateway itself refuses.
+"""Every error triogate raises on purpose, in one tree.
 
-Each error carries its machine-readable ``code`` and HTTP ``status`` (CONTRACT
-§4). Code below the boundaries raises these; the boundaries (admin app, proxy
-listener, CLI) translate them once into problem+json, an exit status, or a
-message. Anything else that escapes is a bug and becomes 500 INTERNAL_ERROR.
+Theory of operation
+-------------------
+Code below the boundaries raises these classes and nothing else; each
+boundary translates them once:
+
+* the front doors (the proxy connection loop, the ASGI adapter, the admin
+  app) turn a ``GatewayError`` into an RFC 9457 problem+json answer with the
+  class's ``status`` and ``code``; on the data plane the pipeline does it for
+  both front doors, so that response plugins and the access log see the
+  refusal like any answer;
+* the CLI and the server's start-up turn a ``ConfigError``, ``StoreError`` or
+  ``SecretsError`` into a message and an exit status, a reload into a refusal.
+
+Anything else that escapes is a bug and becomes 500 ``INTERNAL_ERROR``
+(logged with the request id, never a stack trace in the answer).
+
+The tree::
+
+    TriogateError                  something triogate refuses, with a message for a person
+    ├── ConfigError                a config (file, environment, reload) refused, every error
+    │   └── PluginLoadError        a plugin that cannot be loaded or configured
+    ├── StoreError                 the data directory or store cannot be used as it is
+    │   ├── StoreDamaged           not what the store wrote
+    │   ├── StoreUnavailable       cannot be opened (permissions, read-only, missing)
+    │   ├── DataDirError           the data directory is not what it was
+    │   └── StorageFull*           (also a GatewayError: 507)
+    ├── SecretsError               the server secrets cannot be loaded
+    │   └── SecretsMissing
+    └── GatewayError               a request refused: status + code -> problem+json
+        ├── 400 ValidationError (VALIDATION_ERROR, with ``errors``), BadRequest,
+        │       InvalidPathParameter
+        ├── 401 Unauthorized (family: MissingKey, InvalidKey, KeyRevoked, KeyExpired, KeyRotated)
+        ├── 403 InsufficientScope, Forbidden
+        ├── 404 RouteNotFound, NotFound        405 MethodNotAllowed
+        ├── 408 RequestTimeout                 409 Conflict
+        ├── 411 LengthRequired (a PayloadTooLarge)
+        ├── 413 PayloadTooLarge                417 ExpectationFailed
+        ├── 429 RateLimited, QuotaExceeded     431 HeadersTooLarge
+        ├── 500 InternalError                  503 TooManyConnections
+        ├── 502-504 UpstreamError (family: BadGateway, UpstreamUnavailable, UpstreamTimeout)
+        └── 507 StorageFull*
+
+Not errors: ``ClientDisconnected`` is a signal (the client went away; nobody
+is left to answer), so it is not a ``TriogateError`` and no ``except
+TriogateError`` swallows it. Signals internal to one part stay there, never
+reach a client and are documented where they are raised:
+``dataplane.exchange.StaleConnection`` (a pooled connection died before any
+byte of the answer: the pool retries), ``validation._Full`` (stop collecting
+errors), ``policy.userregex.RegexError`` (becomes a ``ConfigError``).
+
+The codes are the public contract, listed with when each is answered in
+docs/errors.md. ``tests/test_errors.py`` checks the tree against it: every
+concrete ``GatewayError`` has its own status, code and title, codes are
+unique, and no other module defines an error class.
 """
 
 from __future__ import annotations
@@ -12,11 +62,15 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from triogate.storage.base import StoreFull
-
 __all__ = [
+    "KEY_ERRORS",
+    "BadGateway",
     "BadRequest",
+    "ClientDisconnected",
+    "ConfigError",
     "Conflict",
+    "DataDirError",
+    "ExpectationFailed",
     "FieldError",
     "Forbidden",
     "GatewayError",
@@ -24,25 +78,116 @@ __all__ = [
     "InsufficientScope",
     "InternalError",
     "InvalidKey",
+    "InvalidPathParameter",
     "KeyExpired",
     "KeyRevoked",
     "KeyRotated",
+    "LengthRequired",
     "MethodNotAllowed",
     "MissingKey",
     "NotFound",
     "PayloadTooLarge",
+    "PluginLoadError",
+    "Problem",
+    "QuotaExceeded",
+    "RateLimited",
+    "RequestTimeout",
     "RouteNotFound",
+    "SecretsError",
+    "SecretsMissing",
+    "StorageFull",
+    "StoreDamaged",
+    "StoreError",
+    "StoreUnavailable",
+    "TooManyConnections",
+    "TriogateError",
     "Unauthorized",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
     "ValidationError",
 ]
 
 
 class FieldError(msgspec.Struct, frozen=True):
+    """One failing field: ``path`` like ``routes[2].upstream``, and why."""
+
     path: str
     message: str
 
 
-class GatewayError(Exception):
+class Problem(msgspec.Struct, frozen=True, gc=False):
+    """What a gateway-made problem+json answer says of itself, carried on the
+    response (``Response.problem``) so the access log and the metrics need
+    not decode the body back."""
+
+    code: str
+    request_id: str
+
+
+class TriogateError(Exception):
+    """The root: something triogate refuses on purpose. ``str(exc)`` is a
+    message a person can act on."""
+
+
+# ---- operator errors: config, storage, secrets -------------------------------
+
+
+class ConfigError(TriogateError):
+    """A config refused, with *every* error found (each with its path)."""
+
+    def __init__(self, errors: list[FieldError], source: str) -> None:
+        self.errors = errors
+        self.source = source
+        lines = "".join(f"\n  {e.path}: {e.message}" for e in errors)
+        super().__init__(f"{source}: {len(errors)} error(s){lines}")
+
+    def lines(self) -> list[str]:
+        return [f"{e.path}: {e.message}" for e in self.errors]
+
+
+class PluginLoadError(ConfigError):
+    """A plugin could not be loaded or configured; ``errors`` have paths."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__(errors, "plugins")
+
+
+class StoreError(TriogateError):
+    """The store cannot be used as it is. The message is one sentence an
+    operator can act on (the CLI prints it as it is, never a traceback)."""
+
+
+class StoreDamaged(StoreError):
+    """The files are not what the store wrote: truncated, overwritten, or
+    not an LMDB environment at all."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be opened for writing (permissions, a read-only
+    file system, a missing directory)."""
+
+
+class DataDirError(StoreError):
+    """The data directory is not what it was; the message says what and what to do."""
+
+
+class SecretsError(TriogateError):
+    """The server secrets cannot be loaded or do not fit the store."""
+
+
+class SecretsMissing(SecretsError):
+    """No secrets file and no secrets in the environment."""
+
+
+# ---- request refusals: problem+json ------------------------------------------
+
+
+class GatewayError(TriogateError):
+    """A request refused. A concrete class sets ``status``, ``code`` and
+    ``title``; ``headers`` go on the answer (``Allow``, ``Retry-After``,
+    ``WWW-Authenticate``) and ``extra`` members into its body."""
+
     status: ClassVar[int] = 500
     code: ClassVar[str] = "INTERNAL_ERROR"
     title: ClassVar[str] = "Internal Server Error"
@@ -68,7 +213,9 @@ class GatewayError(Exception):
 
 
 class InternalError(GatewayError):
-    pass
+    status = 500
+    code = "INTERNAL_ERROR"
+    title = "Internal Server Error"
 
 
 class ValidationError(GatewayError):
@@ -109,9 +256,10 @@ class InvalidPathParameter(GatewayError):
 
 
 class Unauthorized(GatewayError):
-    """A 401. RFC 9110 (11.6.1) requires a challenge with every 401; RFC 6750
-    (3.1) adds ``error="invalid_token"`` when a key was sent and refused. The
-    admin API answers for its own realm (``challenge("triogate-admin")``)."""
+    """The 401 family (never raised itself). RFC 9110 (11.6.1) requires a
+    challenge with every 401; RFC 6750 (3.1) adds ``error="invalid_token"``
+    when a key was sent and refused. The admin API answers for its own realm
+    (``challenge("triogate-admin")``)."""
 
     status = 401
     title = "Unauthorized"
@@ -183,6 +331,14 @@ class MethodNotAllowed(GatewayError):
         self.headers["Allow"] = ", ".join(allowed)
 
 
+class RequestTimeout(GatewayError):
+    """The request's head or body did not arrive in time (slowloris)."""
+
+    status = 408
+    code = "REQUEST_TIMEOUT"
+    title = "Request Timeout"
+
+
 class Conflict(GatewayError):
     status = 409
     code = "CONFLICT"
@@ -195,20 +351,95 @@ class PayloadTooLarge(GatewayError):
     title = "Content Too Large"
 
 
+class LengthRequired(PayloadTooLarge):
+    """A body-size limit that needs the length up front (the
+    request-size-limiting plugin's ``require_content_length``); a
+    ``PayloadTooLarge`` so that whoever refuses over-long bodies refuses
+    this too."""
+
+    status = 411
+    code = "LENGTH_REQUIRED"
+    title = "Length Required"
+
+
+class ExpectationFailed(GatewayError):
+    status = 417
+    code = "EXPECTATION_FAILED"
+    title = "Expectation Failed"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    code = "RATE_LIMITED"
+    title = "Too Many Requests"
+
+
+class QuotaExceeded(GatewayError):
+    status = 429
+    code = "QUOTA_EXCEEDED"
+    title = "Too Many Requests"
+
+
 class HeadersTooLarge(GatewayError):
     status = 431
     code = "HEADERS_TOO_LARGE"
     title = "Request Header Fields Too Large"
 
 
-class StorageFull(GatewayError, StoreFull):
-    """A write did not fit in ``storage.map_size_mb``. Raised by the store
-    itself (the gateway opens it with this class), so every boundary
-    translates it like any other refusal."""
+class TooManyConnections(GatewayError):
+    """The proxy listener is at its connection cap."""
+
+    status = 503
+    code = "TOO_MANY_CONNECTIONS"
+    title = "Service Unavailable"
+
+
+class UpstreamError(GatewayError):
+    """The upstream family (never raised itself). Its ``detail`` names hosts
+    and ports: it goes to the log (with the request id), and clients get
+    ``public_detail``."""
+
+    public_detail: ClassVar[str] = "the upstream failed"
+
+
+class BadGateway(UpstreamError):
+    status = 502
+    code = "BAD_GATEWAY"
+    title = "Bad Gateway"
+    public_detail = "the upstream could not be reached or broke the protocol"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "UPSTREAM_UNAVAILABLE"
+    title = "Service Unavailable"
+    public_detail = "no healthy upstream target right now; see Retry-After"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "UPSTREAM_TIMEOUT"
+    title = "Gateway Timeout"
+    public_detail = "the upstream did not answer in time"
+
+
+class StorageFull(GatewayError, StoreError):
+    """A write did not fit in ``storage.map_size_mb``; nothing of it was
+    written, reads and other writes go on. Raised by the store itself, so
+    every boundary translates it like any other refusal (507 on the admin
+    API, ``STORAGE_FULL: ...`` from the CLI)."""
 
     status = 507
     code = "STORAGE_FULL"
     title = "Insufficient Storage"
+
+
+# ---- signals -------------------------------------------------------------------
+
+
+class ClientDisconnected(Exception):
+    """The client went away (mid-body, mid-response). Not an error of ours:
+    nobody is left to answer, so every layer lets it through quietly."""
 
 
 # Key-validation outcome codes -> the error that refuses the request.

@@ -17,6 +17,13 @@ temp dir) and a scripted fake upstream, in a few lines::
 yet (a plugin under development); an installed plugin is found by name.
 ``httpx`` is needed (``pip install triogate[test]``).
 
+A single phase can also be called directly, without a server, on a
+``Context`` from ``make_context`` (and a ``RouteView`` from ``route_view``)::
+
+    plugin = MyPlugin(MyPlugin.Config(), PluginEnv())
+    ctx = make_context("GET", "/orders", headers=[("x-tenant", "a")])
+    assert await plugin.access(ctx) is None
+
 The fake upstream is written with h11, the strict sans-IO HTTP/1.1 library:
 for a test peer, strictness matters more than speed.
 """
@@ -36,7 +43,8 @@ import msgspec
 import trio
 
 from triogate.config import Config, parse_config
-from triogate.plugins.contract import Plugin
+from triogate.http import Headers, Request, body_from_bytes
+from triogate.plugins.contract import Context, Plugin, RouteView
 from triogate.storage import KeyRecord
 
 if TYPE_CHECKING:
@@ -52,7 +60,9 @@ __all__ = [
     "RecordedRequest",
     "harness_config",
     "key_record",
+    "make_context",
     "open_harness",
+    "route_view",
 ]
 
 
@@ -74,6 +84,59 @@ def key_record(key_id: str = "key_x", **fields: Any) -> KeyRecord:
         updated_at=0.0,
     )
     return msgspec.structs.replace(record, **fields) if fields else record
+
+
+def route_view(
+    name: str = "test",
+    *,
+    path: str = "/{rest:path}",
+    upstream: str = "test",
+    methods: Sequence[str] = (),
+    index: int = 0,
+    upstream_path: str | None = None,
+    version: str | None = None,
+) -> RouteView:
+    """A route as ``ctx.route`` and ``bind`` see it (defaults: the harness's
+    one route)."""
+    return RouteView(
+        name=name,
+        index=index,
+        path=path,
+        upstream=upstream,
+        upstream_path=upstream_path,
+        methods=frozenset(methods) or None,
+        version=version,
+    )
+
+
+def make_context(
+    method: str = "GET",
+    path: str = "/",
+    *,
+    query: str = "",
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    client_ip: str = "127.0.0.1",
+    route: RouteView | None = None,
+    request_id: str = "test-request",
+) -> Context:
+    """One request's ``Context``, as the pipeline makes it after routing
+    (``route`` defaults to ``route_view()``), to call a plugin's phases
+    directly in a unit test."""
+    request = Request(
+        method=method,
+        path=path,
+        query=query,
+        headers=Headers.of(headers),
+        body=body_from_bytes(body),
+        client_ip=client_ip,
+    )
+    return Context(
+        request,
+        request_id=request_id,
+        started_at=0.0,
+        route=route if route is not None else route_view(),
+    )
 
 
 @dataclass

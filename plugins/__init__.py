@@ -2,30 +2,50 @@
 here) and the built-in plugins, which are registered through the
 ``triogate.plugins`` entry-point group like any third-party plugin."""
 
-from .contract import (
+from triogate.plugins.contract import (
     PHASES,
     Body,
+    BreakerSettings,
     CallNext,
+    Consumer,
     Context,
+    Decision,
+    FailurePolicy,
     GatewayError,
     Headers,
+    KeyValidator,
+    Limit,
+    Limiter,
     NoConfig,
     Plugin,
     PluginEnv,
+    RateLimitConfig,
     Request,
     Response,
+    RouteView,
+    UpstreamView,
 )
 
 __all__ = [
     "PHASES",
     "Body",
+    "BreakerSettings",
     "CallNext",
+    "Consumer",
     "Context",
+    "Decision",
+    "FailurePolicy",
     "GatewayError",
     "Headers",
+    "KeyValidator",
+    "Limit",
+    "Limiter",
     "NoConfig",
     "Plugin",
     "PluginEnv",
+    "RateLimitConfig",
     "Request",
     "Response",
+    "RouteView",
+    "UpstreamView",
 ]

@@ -11,14 +11,19 @@ upstream is open the answer is 503 ``UPSTREAM_UNAVAILABLE`` with
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
-from triogate.dataplane.upstream import FailurePolicy, Upstream
-from triogate.plugins.contract import Plugin, PluginEnv
-from triogate.policy.breaker import Breaker, BreakerSettings
+from triogate.plugins.contract import (
+    BreakerSettings,
+    FailurePolicy,
+    Plugin,
+    PluginEnv,
+    RouteView,
+    UpstreamView,
+)
 
 __all__ = ["CircuitBreaker"]
 
@@ -89,15 +94,10 @@ class CircuitBreaker(Plugin[CircuitBreakerConfig]):
             timeouts=config.count_timeouts,
         )
 
-    def bind(self, route: Any, upstream: Upstream) -> None:
-        """Give every target of the route's upstream a breaker. The first
-        route of a config to do so sets its settings; a target that already
-        has a breaker with the same settings (a reload) keeps it, and its
-        state; changed settings give it a new one."""
-        for pool in upstream.pools:
-            if pool.breaker_bound:
-                continue
-            if pool.breaker is None or pool.breaker.settings != self.settings:
-                pool.breaker = Breaker(self.settings)
-            pool.failure_policy = self.policy
-            pool.breaker_bound = True
+    def bind(self, route: RouteView, upstream: UpstreamView) -> None:
+        """Ask for a breaker on every target of the route's upstream. The
+        first route of a config to ask sets its settings. Nothing changes
+        until the whole config is applied; then a target that already has a
+        breaker with the same settings (a reload) keeps it, and its state;
+        changed settings give it a new one."""
+        upstream.use_breaker(self.settings, self.policy)

@@ -40,11 +40,22 @@ Phases, in the order a request meets them:
     raised here are logged and swallowed.
 
 Besides the phases, ``bind(route, upstream)`` is called once per route when
-a config is loaded, with the route's ``RouteConfig`` and its ``Upstream``
-(target pools, balancer, retry budget): the place to check settings that
-depend on the route, or to attach state to the upstream (the circuit
-breaker gives each target its breaker there). A ``ValueError`` raised there
-is a load error naming the plugin and the route.
+a config is loaded, with the route's ``RouteView`` and its ``UpstreamView``:
+the place to check settings that depend on the route, to precompute per
+route, or to ask something of the upstream (the circuit breaker asks for a
+breaker on each target with ``upstream.use_breaker``). A ``ValueError``
+raised there is a load error naming the plugin and the route; nothing of a
+refused config takes effect.
+
+What a plugin gets from the gateway is typed and lives here: ``Context``
+(one request: the route, the key, the upstream call's ``upstream``,
+``tried_targets``, ``retries`` and ``upstream_seconds``), ``RouteView``,
+``Consumer``, ``UpstreamView``, and ``PluginEnv`` with the services as
+Protocols (``KeyValidator``, ``Limiter``). Refusals are the
+``GatewayError`` classes of ``triogate.errors``. Besides this module a
+plugin may use ``triogate.errors``, ``triogate.http`` (the message model)
+and the pure decision modules ``triogate.policy.*``; the built-in plugins
+import nothing else of triogate (a test checks it).
 
 Priorities (higher runs first), in bands as in Kong:
 
@@ -68,40 +79,44 @@ rest is validated against the plugin's ``Config``.
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 import msgspec
 
+from triogate.config import RateLimitConfig
 from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Request, Response
-
-if TYPE_CHECKING:
-    from triogate.control.keys import KeyService
-    from triogate.dataplane.actors import ActorRegistry
-    from triogate.policy.ratelimit import Decision
-    from triogate.storage import KeyRecord, RateLimit
+from triogate.plugins._api_context import Consumer, Context, RouteView, UpstreamView
+from triogate.plugins._api_services import KeyValidator, Limiter, PluginEnv
+from triogate.policy.breaker import BreakerSettings, FailurePolicy
+from triogate.policy.ratelimit import Decision, Limit
 
 __all__ = [
     "PHASES",
     "Body",
+    "BreakerSettings",
     "CallNext",
+    "Consumer",
     "Context",
+    "Decision",
+    "FailurePolicy",
     "GatewayError",
     "Headers",
+    "KeyValidator",
+    "Limit",
+    "Limiter",
     "NoConfig",
     "Plugin",
     "PluginEnv",
+    "RateLimitConfig",
     "Request",
     "Response",
+    "RouteView",
+    "UpstreamView",
 ]
 
 PHASES = ("access", "upstream", "response", "log")
-
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -111,94 +126,6 @@ class NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 C = TypeVar("C", bound=msgspec.Struct)
 
 CallNext = Callable[[], Awaitable[Response]]
-
-
-@dataclass(eq=False)
-class PluginEnv:
-    """What the gateway lends a plugin: its services. Given to ``__init__``."""
-
-    keys: KeyService | None = None
-    actors: ActorRegistry | None = None
-    #: ``[keys] default_rate_limit``: for keys without limits of their own.
-    default_key_limit: RateLimit | None = None
-    clock: Callable[[], float] = field(default=lambda: 0.0)
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("triogate.plugins"))
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-class Context:
-    """One request's journey through the pipeline.
-
-    ``request`` is what will be sent upstream (plugins may change it);
-    ``route`` and ``params`` come from the router; ``consumer`` is the key
-    record once key-auth has run; ``state`` is scratch space shared by the
-    plugins of one request; ``response_headers`` are added to whatever
-    response goes back (also to errors and early answers).
-
-    ``rate_limits`` collects every limit decision made for the request (the
-    gateway reports the most restrictive in the ``RateLimit`` headers);
-    ``undo`` holds callbacks that give back what was taken (rate-limit
-    tokens, credits) if the gateway ends up refusing the request, so a
-    refused request consumes nothing. ``sent_upstream`` turns true once any
-    byte of the request was written to an upstream socket: from then on the
-    request is charged, whatever happens after (a 502, a 504, the client
-    leaving), and ``undo`` is no longer run.
-    """
-
-    __slots__ = (
-        "client_ip",
-        "consumer",
-        "params",
-        "rate_limits",
-        "request",
-        "request_id",
-        "response_headers",
-        "route",
-        "sent_upstream",
-        "started_at",
-        "state",
-        "undo",
-        "upstream_path",
-        "version",
-    )
-
-    def __init__(
-        self,
-        request: Request,
-        *,
-        request_id: str,
-        started_at: float,
-        route: Any = None,
-        params: dict[str, str] | None = None,
-        version: str | None = None,
-    ) -> None:
-        self.request = request
-        self.request_id = request_id
-        self.started_at = started_at
-        self.client_ip = request.client_ip
-        self.route = route
-        self.params = params or {}
-        self.version = version
-        self.consumer: KeyRecord | None = None
-        self.state: dict[str, Any] = {}
-        self.response_headers: list[tuple[bytes, bytes]] = []
-        self.upstream_path: str = request.path
-        self.rate_limits: list[Decision] = []
-        self.undo: list[Callable[[], None]] = []
-        self.sent_upstream = False  # set by the upstream client (CONTRACT §5)
-
-    def __repr__(self) -> str:
-        route = getattr(self.route, "name", None)
-        return f"<Context {self.request_id} {self.request!r} route={route}>"
-
-    def add_response_header(self, name: str, value: str) -> None:
-        """Add a header to whatever response goes back. CR, LF and NUL are
-        refused (ValueError): a plugin must not be able to split a response."""
-        if not _TOKEN.match(name):
-            raise ValueError(f"not a header name: {name!r}")
-        headers = Headers()
-        headers.add(name, value)  # checks the value
-        self.response_headers.extend(headers.raw)
 
 
 class Plugin(Generic[C]):
@@ -237,7 +164,7 @@ class Plugin(Generic[C]):
         so it streams. Gateway-made responses (errors) are never offered."""
         return True
 
-    def bind(self, route: Any, upstream: Any) -> None:
+    def bind(self, route: RouteView, upstream: UpstreamView) -> None:
         """Once per route and config load, before any request (see above)."""
         return None
 

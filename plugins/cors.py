@@ -91,10 +91,10 @@ class Cors(Plugin[CorsConfig]):
         return Response(204, Headers(raw), content=b"")
 
     async def response(self, ctx: Context, response: Response) -> None:
-        if ctx.state.get("cors_preflight"):
-            return
         origin = ctx.request.headers.get_raw(b"origin")
         if origin is None:
+            return  # not a CORS request (checked first: most requests stop here)
+        if ctx.state.get("cors_preflight"):
             return
         allowed = self._allow_origin(origin)
         if allowed is None:

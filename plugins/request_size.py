@@ -11,17 +11,11 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from triogate.errors import PayloadTooLarge
+from triogate.errors import LengthRequired, PayloadTooLarge
 from triogate.http import Body
 from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
 
 __all__ = ["RequestSizeLimiting"]
-
-
-class LengthRequired(PayloadTooLarge):
-    status = 411
-    code = "LENGTH_REQUIRED"
-    title = "Length Required"
 
 
 class RequestSizeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -32,7 +32,7 @@ import msgspec
 import trio
 from msgspec import Meta
 
-from triogate.dataplane.upstream import BadGateway, Upstream, UpstreamTimeout
+from triogate.errors import BadGateway, UpstreamTimeout
 from triogate.http import Response, body_from_bytes
 from triogate.plugins.contract import CallNext, Context, Plugin, PluginEnv
 from triogate.policy.retry_policy import IDEMPOTENT, backoff, may_retry, retry_after
@@ -113,8 +113,9 @@ class Retry(Plugin[RetryConfig]):
             if request.body.length is None or request.body.length > cfg.max_replay_bytes:
                 return await call_next()  # streamed or too long to send twice
             replay = await request.body.read(cfg.max_replay_bytes)
-        upstream = ctx.state.get("upstream")
-        ctx.state.setdefault("tried_targets", set())
+        upstream = ctx.upstream
+        if ctx.tried_targets is None:
+            ctx.tried_targets = set()  # each retry prefers a target not tried yet
         deadline = (
             trio.current_time() + cfg.overall_timeout_seconds
             if cfg.overall_timeout_seconds is not None
@@ -127,7 +128,7 @@ class Retry(Plugin[RetryConfig]):
         while True:
             if response is not None and response.status not in self.statuses:
                 return response
-            if attempt >= cfg.attempts or not isinstance(upstream, Upstream):
+            if attempt >= cfg.attempts or upstream is None:
                 return self._give_up(response, error)
             delay = self._delay(attempt, response)
             if delay is None or trio.current_time() + delay >= deadline:
@@ -140,7 +141,7 @@ class Retry(Plugin[RetryConfig]):
                 await trio.sleep(delay)
                 attempt += 1
                 self.retries += 1
-                ctx.state["retries"] = attempt - 1
+                ctx.retries = attempt - 1
                 if replay is not None:
                     request.body = body_from_bytes(replay)
                 response, error = await self._try(call_next, deadline)

@@ -18,6 +18,10 @@ ids, so newest-first is a reverse scan); values are msgpack records from
 
 A write function must be pure computation over the transaction: no I/O, no
 awaiting, because it runs in a worker thread while trio goes on.
+
+Errors are ``triogate.errors``' store family: ``StoreDamaged`` /
+``StoreUnavailable`` when opening, ``StorageFull`` (a 507 refusal at every
+boundary) when a write does not fit.
 """
 
 from __future__ import annotations
@@ -32,11 +36,7 @@ import msgspec
 __all__ = [
     "ReadTxn",
     "Store",
-    "StoreDamaged",
-    "StoreError",
-    "StoreFull",
     "StoreStatistics",
-    "StoreUnavailable",
     "Table",
     "WriteTxn",
     "prefix_successor",
@@ -56,26 +56,6 @@ class Table(enum.Enum):
     ADMIN_DIGESTS = b"admin_digests"  # HMAC digest -> admin id
     AUDIT = b"audit"  # audit id (time-ordered) -> AuditRecord
     META = b"meta"  # small singletons, e.g. b"setup" -> first admin id
-
-
-class StoreError(Exception):
-    """The store cannot be used as it is. The message is one sentence an
-    operator can act on (the CLI prints it as it is, never a traceback)."""
-
-
-class StoreDamaged(StoreError):
-    """The files are not what the store wrote: truncated, overwritten, or
-    not an LMDB environment at all."""
-
-
-class StoreUnavailable(StoreError):
-    """The store cannot be opened for writing (permissions, a read-only
-    file system, a missing directory)."""
-
-
-class StoreFull(StoreError):
-    """A write did not fit in the store's map size. Nothing of it was
-    written; reads and other stores' writes go on."""
 
 
 class ReadTxn(Protocol):
@@ -110,7 +90,7 @@ class StoreStatistics(msgspec.Struct, frozen=True):
     size_bytes: int
     # The map size writes must fit in (0: unbounded, the memory store).
     map_size_bytes: int = 0
-    # Writes refused because the store was full (``StoreFull``).
+    # Writes refused because the store was full (``triogate.errors.StorageFull``).
     full_errors: int = 0
 
 

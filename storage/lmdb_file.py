@@ -31,7 +31,7 @@ from pathlib import Path
 
 import msgspec
 
-from .base import StoreDamaged, StoreUnavailable
+from triogate.errors import StoreDamaged, StoreUnavailable
 
 __all__ = ["DATA_FILE", "LmdbHeader", "MetaPage", "inspect_data_file"]
 

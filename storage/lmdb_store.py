@@ -23,10 +23,9 @@ context drains queued writes, then closes the environment.
 Opening refuses, with one sentence (``StoreDamaged`` / ``StoreUnavailable``),
 a directory it cannot write and a ``data.mdb`` whose header LMDB would trip
 on (``lmdb_file.inspect_data_file`` reads it first: a truncated file would
-otherwise be a SIGBUS). A write that does not fit in the map size raises the
-store's ``full_error`` (a ``StoreFull``; the gateway passes its 507
-``StorageFull``), counted in ``statistics().full_errors`` and logged once an
-hour at most, with what to do.
+otherwise be a SIGBUS). A write that does not fit in the map size raises
+``StorageFull`` (507 ``STORAGE_FULL`` at every boundary), counted in
+``statistics().full_errors`` and logged once an hour at most, with what to do.
 """
 
 from __future__ import annotations
@@ -44,14 +43,9 @@ import lmdb
 import outcome
 import trio
 
-from .base import (
-    StoreDamaged,
-    StoreFull,
-    StoreStatistics,
-    StoreUnavailable,
-    Table,
-    prefix_successor,
-)
+from triogate.errors import StorageFull, StoreDamaged, StoreUnavailable
+
+from .base import StoreStatistics, Table, prefix_successor
 from .lmdb_file import LmdbHeader, inspect_data_file
 
 __all__ = ["LmdbStore", "open_lmdb_store"]
@@ -145,11 +139,9 @@ class LmdbStore:
         path: Path,
         *,
         map_size: int = DEFAULT_MAP_SIZE,
-        full_error: type[StoreFull] = StoreFull,
     ) -> None:
         self.path = path
         self.map_size = map_size
-        self.full_error = full_error
         self.header = _prepare(path)
         self._env = _open_env(path, map_size)
         try:
@@ -259,7 +251,7 @@ class LmdbStore:
             for job in batch:
                 job.result = outcome.Error(error)
 
-    def _full(self) -> StoreFull:
+    def _full(self) -> StorageFull:
         """Count a write refused for want of room, log it (once an hour at
         most: a full store fails every write), and make the error."""
         self._full_errors += 1
@@ -276,9 +268,7 @@ class LmdbStore:
                 self.path,
                 mib,
             )
-        return self.full_error(
-            f"storage is full (storage.map_size_mb = {mib}): the write was not made"
-        )
+        return StorageFull(f"storage is full (storage.map_size_mb = {mib}): the write was not made")
 
     def close(self) -> None:
         self._env.close()
@@ -286,9 +276,9 @@ class LmdbStore:
 
 @asynccontextmanager
 async def open_lmdb_store(
-    path: Path, *, map_size: int = DEFAULT_MAP_SIZE, full_error: type[StoreFull] = StoreFull
+    path: Path, *, map_size: int = DEFAULT_MAP_SIZE
 ) -> AsyncIterator[LmdbStore]:
-    store = LmdbStore(path, map_size=map_size, full_error=full_error)
+    store = LmdbStore(path, map_size=map_size)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run_writer)

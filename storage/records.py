@@ -34,7 +34,9 @@ KEY_STATUSES: Final = ("active", "revoked", "rotated", "expired")
 
 
 class RateLimit(Struct, frozen=True, forbid_unknown_fields=True):
-    """One named limit: at most ``limit`` requests per ``period_seconds``."""
+    """One named limit of a key, as stored: at most ``limit`` requests per
+    ``period_seconds``. The config's ``RateLimitConfig`` is the configured
+    kind; ``policy.ratelimit.limit_from`` turns either into a ``Limit``."""
 
     name: Annotated[str, Meta(min_length=1, max_length=64, description="unique per key")]
     limit: Annotated[int, Meta(ge=1, le=1_000_000_000, description="requests per period")]

@@ -251,7 +251,7 @@ def test_log_section() -> None:
 
 
 def test_log_section_is_validated() -> None:
-    from triogate.config import ConfigError
+    from triogate.errors import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         parse_config(

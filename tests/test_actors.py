@@ -1,6 +1,7 @@
 """Per-key actors under trio's virtual clock: exact flush, eviction and refill
-times, all-or-nothing admission with credits, the mailbox, statistics, and
-several registries (processes) writing deltas to one store.
+times, all-or-nothing admission with credits, snapshots, statistics, the flush
+merge on its own, and several registries (processes) writing deltas to one
+store.
 
 Every test that runs the registry uses pytest-trio's ``autojump_clock`` and
 makes the registry's clock ``trio.current_time``, so times are asserted
@@ -10,9 +11,10 @@ exactly (the clock starts at 0 and only jumps when every task is blocked).
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -20,16 +22,13 @@ import trio
 import trio.testing
 
 from triogate.dataplane.actors import (
-    MAILBOX_SIZE,
     ActorRegistry,
+    ActorSnapshot,
     Admission,
-    Admit,
-    Evict,
-    Flush,
-    Inspect,
     KeyActor,
-    Record,
+    Refusal,
 )
+from triogate.dataplane.usageflush import UsageDelta, UsageFlush, merge_usage
 from triogate.policy.ratelimit import Limit
 from triogate.storage import (
     Credits,
@@ -38,11 +37,13 @@ from triogate.storage import (
     Store,
     Table,
     UsageRecord,
+    WriteTxn,
     codec,
     open_lmdb_store,
 )
 from triogate.testing import key_record
 
+T = TypeVar("T")
 BASE = key_record("key_a")
 
 
@@ -137,15 +138,15 @@ async def test_actor_is_spawned_on_first_use_and_loaded_from_stored_usage(
     actor = registry.actor("key_a")
     assert registry.actor("key_a") is actor
     assert registry.actors == {"key_a": actor}
-    assert actor.snapshot() == {
-        "key": "key_a",
-        "unflushed_requests": 0,
-        "requests": 7,
-        "credits": 4,
-        "last_used_at": -5.0,
-        "limits": {"burst": 10.0},
-        "dirty": False,
-    }
+    assert actor.snapshot() == ActorSnapshot(
+        key="key_a",
+        unflushed_requests=0,
+        requests=7,
+        credits=4,
+        last_used_at=-5.0,
+        limits={"burst": 10.0},
+        dirty=False,
+    )
     # The stored GCRA state: a "restart" does not hand out a fresh burst.
     burst = Limit("burst", 3, 10.0)
     record = metered_record(remaining=100, version=2)
@@ -302,12 +303,12 @@ async def test_idle_actor_is_evicted_after_a_final_flush(
         assert live_actors_of("key_b") == []
         # Used again: a new actor continues from what was stored.
         actor = registry.actor("key_a")
-        assert actor.snapshot()["requests"] == 1
+        assert actor.snapshot().requests == 1
         actor.record_nowait(200, trio.current_time())
-        assert actor.snapshot()["requests"] == 2
+        assert actor.snapshot().requests == 2
 
 
-async def test_evict_idle_keeps_running_and_recently_used_actors(
+async def test_evict_idle_keeps_recently_used_actors(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     registry = make_registry(idle_timeout=60.0, flush_interval=1000.0)
@@ -489,7 +490,7 @@ async def test_two_actors_are_independent(autojump_clock: trio.testing.MockClock
     first = b.admit_nowait([limit], 0.0, record=rec_b, use_credits=True)
     assert (first.allowed, first.credits_left, first.decisions[0].remaining) == (True, 4, 1)
     a.record_nowait(200, 0.0)
-    assert (a.snapshot()["requests"], b.snapshot()["requests"]) == (1, 0)
+    assert (a.snapshot().requests, b.snapshot().requests) == (1, 0)
 
 
 async def test_undo_gives_back_credits_and_capacity(
@@ -527,133 +528,142 @@ async def test_undo_after_a_flush_is_persisted(autojump_clock: trio.testing.Mock
         assert usage is not None and usage.credits_remaining == 9
         actor.undo_nowait(admission, trio.current_time())
         assert actor.credits == 10
-        await registry.ask("key_a", Evict())
-    usage = stored(store, "key_a")
-    assert usage is not None and usage.credits_remaining == 10
+        assert registry.statistics().dirty == 1  # the refund is written next
+        await trio.sleep_until(2.5)
+        usage = stored(store, "key_a")
+        assert usage is not None and usage.credits_remaining == 10
 
 
-# ---- messages -----------------------------------------------------------------------------
+# ---- without a key record, snapshots, flushing now ---------------------------------------
 
 
-async def test_send_nowait_needs_a_running_registry() -> None:
-    registry = make_registry()
-    with pytest.raises(RuntimeError, match="not running"):
-        registry.send_nowait("key_a", Record(200))
-
-
-async def test_ask_admit_answers_like_admit_nowait(autojump_clock: trio.testing.MockClock) -> None:
-    registry = make_registry()
-    limits = (Limit("burst", 3, 1.0), Limit("minute", 5, 60.0, "sliding_window"))
-    wire = tuple((lim.name, lim.limit, lim.period, lim.algorithm) for lim in limits)
-    async with running(registry):
-        for cost in (1, 2, 1, 1, 3):
-            asked = await registry.ask("key_a", Admit(wire, cost=cost, credits=False))
-            now = trio.current_time()
-            direct = registry.actor("key_b").admit_nowait(limits, now, cost=cost)
-            assert isinstance(asked, Admission)
-            assert summary(asked) == summary(direct)
-            await trio.sleep(0.25)
-
-
-async def test_ask_admit_with_credits_spends_the_known_balance(
+async def test_admission_without_a_record_spends_the_known_balance(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """``Admit.credits`` (default True) must not be silently ignored: once the
-    actor knows the key's balance, the async path spends it too."""
+    """``use_credits`` without a record (no fresher word on the credits) must
+    not be silently ignored: once the actor knows the key's balance, it is
+    spent; without ``use_credits`` it is left alone."""
     registry = make_registry()
-    async with running(registry):
-        actor = registry.actor("key_a")
-        record = metered_record(remaining=2)
-        assert actor.admit_nowait([], 0.0, record=record, use_credits=True).credits_left == 1
-        asked = await registry.ask("key_a", Admit((), cost=1))
-        assert (asked.allowed, asked.credits_left) == (True, 0)
-        refused = await registry.ask("key_a", Admit((), cost=1))
-        assert (refused.allowed, refused.code) == (False, "QUOTA_EXCEEDED")
-        # credits=False leaves the balance alone.
-        free = await registry.ask("key_a", Admit((), cost=1, credits=False))
-        assert free.allowed
-        assert actor.credits == 0
+    actor = registry.actor("key_a")
+    record = metered_record(remaining=2)
+    assert actor.admit_nowait([], 0.0, record=record, use_credits=True).credits_left == 1
+    spent = actor.admit_nowait([], 0.0, use_credits=True)
+    assert (spent.allowed, spent.credits_taken, spent.credits_left) == (True, 1, 0)
+    refused = actor.admit_nowait([], 0.0, use_credits=True)
+    assert (refused.allowed, refused.code) == (False, Refusal.QUOTA_EXCEEDED)
+    assert refused.code == "QUOTA_EXCEEDED"  # the problem code, as a string too
+    free = actor.admit_nowait([], 0.0)
+    assert (free.allowed, free.credits_taken) == (True, 0)
+    assert actor.credits == 0
 
 
-async def test_send_record_counts_and_inspect_answers_a_snapshot(
+async def test_record_counts_by_status_class_and_the_snapshot_shows_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     registry = make_registry(flush_interval=1.0)
     async with running(registry):
         await trio.sleep_until(0.25)
+        actor = registry.actor("key_a")
         for status in (200, 204, 404, 500, 101):
-            await registry.send("key_a", Record(status))
-        snap = await registry.ask("key_a", Inspect())
-        assert snap == {
-            "key": "key_a",
-            "unflushed_requests": 5,
-            "requests": 5,
-            "credits": None,
-            "last_used_at": 0.25,
-            "limits": {},
-            "dirty": True,
-        }
-        assert registry.actor("key_a").by_class == [1, 2, 0, 1, 1]
+            actor.record_nowait(status, trio.current_time())
+        assert actor.snapshot() == ActorSnapshot(
+            key="key_a",
+            unflushed_requests=5,
+            requests=5,
+            credits=None,
+            last_used_at=0.25,
+            limits={},
+            dirty=True,
+        )
+        assert actor.by_class == [1, 2, 0, 1, 1]
         await trio.sleep_until(1.5)
-        snap = await registry.ask("key_a", Inspect())
-        assert (snap["unflushed_requests"], snap["requests"], snap["dirty"]) == (0, 5, False)
+        snap = actor.snapshot()
+        assert (snap.unflushed_requests, snap.requests, snap.dirty) == (0, 5, False)
 
 
-async def test_flush_message_writes_now(autojump_clock: trio.testing.MockClock) -> None:
+async def test_flush_writes_now(autojump_clock: trio.testing.MockClock) -> None:
     store = MemoryStore()
     registry = make_registry(store, flush_interval=100.0)
     async with running(registry):
-        await registry.send("key_a", Record(200))
-        await registry.ask("key_a", Flush())
+        actor = registry.actor("key_a")
+        actor.record_nowait(200, trio.current_time())
+        await registry.flush([actor])
         assert trio.current_time() < 1.0
         usage = stored(store, "key_a")
         assert usage is not None and usage.requests == 1
         assert registry.statistics().flushes == 1
 
 
-async def test_send_evict_flushes_then_forgets(autojump_clock: trio.testing.MockClock) -> None:
-    store = MemoryStore()
-    registry = make_registry(store, flush_interval=100.0)
-    async with running(registry):
-        await registry.send("key_a", Record(200))
-        await registry.send("key_a", Evict())
-        await trio.sleep(0.01)  # the clock only moves once the actor is done
-        usage = stored(store, "key_a")
-        assert usage is not None and usage.requests == 1
-        assert "key_a" not in registry.actors
-        s = registry.statistics()
-        assert (s.evicted, s.live_actors, s.running_actors, s.flushes) == (1, 0, 0, 1)
-        assert live_actors_of("key_a") == []
+async def test_a_failed_flush_gives_the_counts_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    registry = make_registry(FailingStore())
+    actor = registry.actor("key_a")
+    actor.admit_nowait([], 0.0, record=metered_record(remaining=5), use_credits=True)
+    actor.record_nowait(404, 0.0)
+    with pytest.raises(OSError, match="on fire"):
+        await registry.flush([actor])
+    assert (actor.requests, actor.by_class, actor.taken, actor.dirty) == (
+        1,
+        [0, 0, 0, 1, 0],
+        1,
+        True,
+    )
+    assert actor.snapshot().requests == 1
+    assert registry.statistics().dirty == 1
 
 
-async def test_a_full_mailbox_pushes_back(autojump_clock: trio.testing.MockClock) -> None:
-    registry = make_registry()
-    async with running(registry):
-        for _ in range(MAILBOX_SIZE):
-            registry.send_nowait("key_a", Record(200))
-        with pytest.raises(trio.WouldBlock):
-            registry.send_nowait("key_a", Record(200))
-        s = registry.statistics()
-        assert (s.queued_messages, s.running_actors, s.live_actors) == (MAILBOX_SIZE, 1, 1)
-        # Another actor's mailbox is its own.
-        registry.send_nowait("key_b", Record(200))
-        assert registry.statistics().queued_messages == MAILBOX_SIZE + 1
-        # The async send waits for room instead of failing.
-        await registry.send("key_a", Record(200))
-        snap = await registry.ask("key_a", Inspect())
-        assert snap["unflushed_requests"] == MAILBOX_SIZE + 1
-        await trio.sleep(0.01)
-        s = registry.statistics()
-        assert (s.queued_messages, s.running_actors) == (0, 0)
+class FailingStore(MemoryStore):
+    async def write(self, fn: Callable[[WriteTxn], T]) -> T:
+        await trio.lowlevel.checkpoint()
+        raise OSError("disk on fire")
 
 
-async def test_ask_raises_what_the_actor_raised(autojump_clock: trio.testing.MockClock) -> None:
-    registry = make_registry()
-    async with running(registry):
-        with pytest.raises(ZeroDivisionError):
-            await registry.ask("key_a", Admit((("zero", 0, 1.0, "gcra"),)))
-        # The actor goes on serving its mailbox.
-        assert (await registry.ask("key_a", Inspect()))["key"] == "key_a"
+# ---- the flush merge, on its own --------------------------------------------------------------
+
+
+def flush_of(
+    requests: int = 0,
+    *,
+    taken: int = 0,
+    credits: int | None = None,
+    version: int = 0,
+    refilled: float | None = None,
+    last_used: float | None = None,
+    limiters: dict[str, float] | None = None,
+) -> UsageFlush:
+    delta = UsageDelta(requests, (0, requests, 0, 0, 0), taken, last_used)
+    return UsageFlush(b"key_a", delta, credits, version, refilled, limiters or {})
+
+
+def test_merge_adds_counters_to_what_is_stored() -> None:
+    old = UsageRecord(requests=4, last_used_at=9.0, by_class=(1, 3, 0, 0, 0), limiters={"l": 2.0})
+    record, balance = merge_usage(old, flush_of(2, last_used=5.0))
+    assert (record.requests, record.by_class, record.last_used_at) == (6, (1, 5, 0, 0, 0), 9.0)
+    assert record.limiters == {"l": 2.0}  # no limiter state of its own: what is stored stays
+    assert balance is None
+    first, _ = merge_usage(None, flush_of(1, last_used=5.0, limiters={"l": 3.0}))
+    assert (first.requests, first.last_used_at, first.limiters) == (1, 5.0, {"l": 3.0})
+
+
+def test_merge_takes_what_this_process_spent_off_the_stored_balance() -> None:
+    # Stored 7 (another process spent 3 of 10); this one knows 8, spent 2.
+    old = UsageRecord(credits_remaining=7, credits_version=1, credits_refilled_at=0.0)
+    record, balance = merge_usage(old, flush_of(credits=8, taken=2, version=1, refilled=0.0))
+    assert (record.credits_remaining, balance) == (5, 5)
+    # A refill since (another refill instant): this actor's balance is the truth.
+    record, balance = merge_usage(old, flush_of(credits=5, taken=0, version=1, refilled=10.0))
+    assert (record.credits_remaining, record.credits_refilled_at, balance) == (5, 10.0, 5)
+
+
+def test_merge_never_lets_a_stale_credits_version_win() -> None:
+    old = UsageRecord(credits_remaining=99, credits_version=2, credits_refilled_at=1.0)
+    record, balance = merge_usage(old, flush_of(1, credits=3, taken=1, version=1))
+    assert (record.credits_remaining, record.credits_version, record.requests) == (99, 2, 1)
+    assert balance is None
+    # An actor without credits keeps the stored balance as well, and reports it.
+    record, balance = merge_usage(old, flush_of(1))
+    assert (record.credits_remaining, record.credits_version, balance) == (99, 2, 99)
 
 
 # ---- statistics ---------------------------------------------------------------------------
@@ -664,8 +674,6 @@ async def test_statistics(autojump_clock: trio.testing.MockClock) -> None:
     s = registry.statistics()
     assert msgspec.structs.asdict(s) == {
         "live_actors": 0,
-        "running_actors": 0,
-        "queued_messages": 0,
         "dirty": 0,
         "flushes": 0,
         "last_flush_at": None,
@@ -677,17 +685,16 @@ async def test_statistics(autojump_clock: trio.testing.MockClock) -> None:
         registry.actor("key_a").record_nowait(200, 0.5)
         registry.actor("key_b").record_nowait(200, 0.5)
         registry.actor("key_c")  # spawned, clean
-        registry.send_nowait("key_c", Inspect())
         s = registry.statistics()
-        assert (s.live_actors, s.running_actors, s.queued_messages, s.dirty) == (3, 1, 1, 2)
+        assert (s.live_actors, s.dirty) == (3, 2)
         await trio.sleep_until(1.5)
         s = registry.statistics()
-        assert (s.running_actors, s.queued_messages, s.dirty) == (0, 0, 0)
+        assert s.dirty == 0
         assert (s.flushes, s.last_flush_at, s.last_flush_records) == (1, 1.0, 2)
         await trio.sleep_until(11.5)  # idle since 0.5: the sweep at t=11 evicts all three
         s = registry.statistics()
         assert (s.live_actors, s.evicted, s.flushes) == (0, 3, 1)
-    assert repr(registry) == "<ActorRegistry 0 actors, 0 dirty, 0 queued, 1 flushes>"
+    assert repr(registry) == "<ActorRegistry 0 actors, 0 dirty, 1 flushes>"
 
 
 # ---- several writers ----------------------------------------------------------------------

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import Admin, Running
 from triogate.admin.endpoints import ENDPOINTS
-from triogate.config import ConfigError, parse_config
+from triogate.config import parse_config
 from triogate.control.models import CreateKeyRequest, UpdateKeyRequest
 from triogate.dataplane.plugin_loader import discover
-from triogate.errors import ValidationError
+from triogate.errors import ConfigError, ValidationError
 from triogate.policy.ratelimit import (
     MAX_LIMIT,
     MAX_PERIOD,

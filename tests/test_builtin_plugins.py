@@ -17,8 +17,9 @@ import httpx
 import pytest
 import trio
 
-from triogate.config import ConfigError
+from tests.exceptions import config_error
 from triogate.control.keyformat import KeyFormat
+from triogate.errors import ConfigError
 from triogate.testing import FakeResponse, FakeUpstream, Harness, RecordedRequest, open_harness
 
 PROBLEM_CT = "application/problem+json"
@@ -70,16 +71,6 @@ async def setup_admin(h: Harness) -> dict[str, str]:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def config_error(exc: BaseException) -> ConfigError:
-    """The ConfigError inside what opening the harness raised (trio may wrap
-    it in an ExceptionGroup)."""
-    while isinstance(exc, BaseExceptionGroup):
-        assert len(exc.exceptions) == 1, exc.exceptions
-        exc = exc.exceptions[0]
-    assert isinstance(exc, ConfigError), repr(exc)
-    return exc
 
 
 async def start_fails(tmp_path: Path, **kw: Any) -> list[str]:

@@ -342,7 +342,7 @@ def test_log_refused_tells_the_observers() -> None:
     413, 431) reach the access log and the metrics, with their code and
     request id, the path only (a query may hold a key), bounded."""
     config = harness_config(Path("/nonexistent"), "http://127.0.0.1:9")
-    pipeline = Pipeline(config, discover(), PluginEnv())
+    pipeline = Pipeline.build(config, discover(), PluginEnv())
     records: list[RequestRecord] = []
     pipeline.observers = [records.append]
     try:

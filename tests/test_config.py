@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from triogate.config import Config, ConfigError, load_config, parse_config
+from triogate.config import Config, load_config, parse_config
+from triogate.errors import ConfigError
 
 
 def test_defaults() -> None:

@@ -40,11 +40,12 @@ import msgspec
 import pytest
 
 from tests.doc_tables import REQUIRED, documented_default, real_default, same_default
-from triogate.config import Config, ConfigError, parse_config
+from triogate.config import Config, parse_config
 from triogate.dataplane.pipeline import Pipeline
 from triogate.dataplane.plugin_loader import discover
+from triogate.errors import ConfigError
 from triogate.plugins.contract import PluginEnv
-from triogate.runtime.reload import _NEEDS_RESTART
+from triogate.runtime.reload import RELOAD_TABLE, Applies
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 ROOT_HEADING = "Top level"
@@ -260,7 +261,7 @@ def _load(block: str, where: str) -> Config:
         pytest.fail(f"{where} is not valid TOML: {exc}")
     try:
         config = parse_config(raw, source=where, environ={})
-        Pipeline(config, discover(), PluginEnv()).close()
+        Pipeline.build(config, discover(), PluginEnv()).close()
     except ConfigError as exc:
         pytest.fail(f"{where} does not load:\n{exc}")
     return config
@@ -357,7 +358,7 @@ def test_documented_environment_overrides_work() -> None:
 
 
 def _restart_only() -> set[str]:
-    return {f"{section}.{name}" for section, name in _NEEDS_RESTART}
+    return {path for path, how in RELOAD_TABLE.items() if how is Applies.RESTART}
 
 
 def test_the_reload_section_lists_exactly_the_restart_only_settings() -> None:
@@ -367,7 +368,7 @@ def test_the_reload_section_lists_exactly_the_restart_only_settings() -> None:
     listed = set(_CODE_SPAN_RE.findall(refused[0].split("**refused**")[0]))
     missing = sorted(_restart_only() - listed)
     assert not missing, (
-        f"{RELOAD_HEADING!r}: restart-only settings (triogate.runtime.reload._NEEDS_RESTART) "
+        f"{RELOAD_HEADING!r}: restart-only settings (triogate.runtime.reload.RELOAD_TABLE) "
         f"not in the refused row: {missing}"
     )
     extra = sorted(listed - _restart_only())

@@ -8,10 +8,10 @@ import pytest
 from triogate.control.crypto import (
     HmacKeyring,
     Sealer,
-    SecretsError,
     add_hmac_version,
     load_secrets,
 )
+from triogate.errors import SecretsError
 
 
 def test_seal_roundtrip_and_binding_to_record() -> None:

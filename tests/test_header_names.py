@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triogate.dataplane.pipeline import _REPLACED
 from triogate.http import GATEWAY_SET, HOP_BY_HOP, Headers, strip_connection_headers
+from triogate.http.h1client import NOT_FORWARDED, proxy_request_head
 from triogate.testing import FakeUpstream, open_harness
 
 SHADOWS: Final = [
@@ -39,7 +39,20 @@ def _strip(raw: list[tuple[bytes, bytes]], underscores: bool = False) -> list[tu
 
 
 def test_the_shadow_list_covers_what_the_gateway_sets() -> None:
-    assert _REPLACED | HOP_BY_HOP <= GATEWAY_SET
+    assert NOT_FORWARDED | HOP_BY_HOP <= GATEWAY_SET
+    head = proxy_request_head(
+        "POST",
+        "/",
+        "upstream",
+        Headers([(b"host", b"example.com")]),
+        client_ip="192.0.2.1",
+        scheme="http",
+        request_id="r",
+        key_id="key",
+        body_length=None,
+    )
+    written = {line.split(b":", 1)[0] for line in head.split(b"\r\n")[1:] if line}
+    assert written <= GATEWAY_SET
 
 
 def test_underscore_names_are_dropped_by_default() -> None:

@@ -331,8 +331,8 @@ async def test_a_dripped_body_is_cut_off_by_the_body_deadline(tmp_path: Path) ->
         assert h.upstream.requests == []
         pipeline = h.server.gateway.current_pipeline() if h.server.gateway else None
         assert pipeline is not None
-        stats = pipeline.upstreams["test"].statistics()["targets"][0]
-        assert stats["active"] == 0 and stats["idle"] == 0, stats
+        stats = pipeline.upstreams["test"].statistics().targets[0]
+        assert stats.active == 0 and stats.idle == 0, stats
 
 
 async def test_a_dripped_body_after_an_early_answer_is_cut_off(tmp_path: Path) -> None:

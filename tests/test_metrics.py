@@ -153,7 +153,6 @@ async def test_scrape_time_gauges(memory_gateway: Gateway, clock: FakeClock) -> 
     got = render(gw.metrics)
     assert value(got, "triogate_actors_live") == 0
     assert value(got, "triogate_actors_dirty") == 0
-    assert value(got, "triogate_actor_queued_messages") == 0
     assert value(got, "triogate_actor_flushes_total") == 0
     assert value(got, "triogate_actor_flush_lag_seconds") == 0  # nothing waits
     assert value(got, "triogate_storage_size_bytes") == gw.store.statistics().size_bytes

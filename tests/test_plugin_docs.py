@@ -153,3 +153,51 @@ def test_builtin_config_fields_have_descriptions(ep: EntryPoint) -> None:
         f"{cls.Config.__module__}.{cls.Config.__qualname__}: fields without "
         f"Meta(description=...): {', '.join(undocumented)}"
     )
+
+
+# ---- the API's names -------------------------------------------------------------
+
+
+def _documented(name: str) -> bool:
+    """``name`` appears in the guide in a code span (alone, or as the start
+    of one: `ctx.route`, `check_nowait(key, ...)`, `env.keys`)."""
+    spans = _code_spans(_docs())
+    return any(re.search(rf"(^|[.\s(]){re.escape(name)}($|[.\s(=,)])", span) for span in spans)
+
+
+@pytest.mark.parametrize("name", sorted(contract.__all__))
+def test_public_name_of_the_contract_is_documented(name: str) -> None:
+    assert _documented(name), f"docs/plugins.md does not mention `{name}` (contract.__all__)"
+
+
+def _context_attributes() -> list[str]:
+    public = [n for n in contract.Context.__slots__ if not n.startswith("_")]
+    public += [
+        n
+        for n, v in vars(contract.Context).items()
+        if not n.startswith("_") and (callable(v) or isinstance(v, property))
+    ]
+    return sorted(set(public))
+
+
+@pytest.mark.parametrize("attribute", _context_attributes())
+def test_context_attribute_is_documented(attribute: str) -> None:
+    assert _documented(f"ctx.{attribute}"), (
+        f"docs/plugins.md's context table does not list `ctx.{attribute}`"
+    )
+
+
+def _protocol_members() -> list[str]:
+    members = [f"RouteView.{f}" for f in contract.RouteView.__dataclass_fields__]
+    for proto in (contract.KeyValidator, contract.Limiter, contract.UpstreamView):
+        members += [f"{proto.__name__}.{n}" for n in vars(proto) if not n.startswith("_")]
+    members += [f"PluginEnv.{f}" for f in contract.PluginEnv.__dataclass_fields__]
+    return sorted(members)
+
+
+@pytest.mark.parametrize("member", _protocol_members())
+def test_service_and_view_members_are_documented(member: str) -> None:
+    name = member.partition(".")[2]
+    assert _documented(name) or _documented(f"env.{name}"), (
+        f"docs/plugins.md does not document {member}"
+    )

@@ -14,11 +14,11 @@ import triogate.dataplane.plugin_loader as plugin_loader
 from triogate.dataplane.plugin_loader import (
     ENTRY_POINT_GROUP,
     Chain,
-    PluginLoadError,
     _check_plugin,
     build_chain,
     discover,
 )
+from triogate.errors import PluginLoadError
 from triogate.plugins import CallNext, Context, NoConfig, Plugin, PluginEnv, Response
 from triogate.plugins.circuit_breaker import CircuitBreaker
 from triogate.plugins.cors import Cors

@@ -35,8 +35,8 @@ import msgspec
 import trio
 
 from tests.helpers_process import ServeProcess, serving
-from triogate.config import DefaultRateLimit
-from triogate.dataplane.actors import Inspect
+from triogate.config import RateLimitConfig
+from triogate.dataplane.actors import ActorSnapshot
 from triogate.testing import FakeResponse, FakeUpstream, Harness, harness_config, open_harness
 
 PROBLEM_JSON = "application/problem+json"
@@ -71,7 +71,7 @@ async def gateway(
             config = msgspec.structs.replace(
                 config,
                 keys=msgspec.structs.replace(
-                    config.keys, default_rate_limit=DefaultRateLimit(**default_rate_limit)
+                    config.keys, default_rate_limit=RateLimitConfig(**default_rate_limit)
                 ),
             )
         async with open_harness(data_dir, upstream=upstream, config=config) as h:
@@ -118,11 +118,10 @@ async def patch_key(h: Harness, admin: dict[str, str], key_id: str, **fields: An
     assert r.status_code == 200, r.text
 
 
-async def inspect(h: Harness, key_id: str) -> dict[str, Any]:
+def inspect(h: Harness, key_id: str) -> ActorSnapshot:
     gw = h.server.gateway
     assert gw is not None
-    snapshot: dict[str, Any] = await gw.actors.ask(key_id, Inspect())
-    return snapshot
+    return gw.actors.actor(key_id).snapshot()
 
 
 def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -287,7 +286,7 @@ async def test_several_named_limits_all_or_nothing_and_headers(tmp_path: Path) -
         r7 = await h.client.get("/x", headers=auth)
         assert r7.status_code == 200
         assert reported(r7)[:2] == ("minute", 0)
-        before = (await inspect(h, key_id))["limits"]
+        before = inspect(h, key_id).limits
         sent = time.monotonic()
         r8 = await h.client.get("/x", headers=auth)
         done = time.monotonic()
@@ -300,7 +299,7 @@ async def test_several_named_limits_all_or_nothing_and_headers(tmp_path: Path) -
         highest = math.ceil(60 / 7 - (sent - first_done) + 1e-6)
         assert lowest <= retry_after(r8) <= highest, (lowest, retry_after(r8), highest)
         # Refused by "minute": "burst" took nothing either.
-        assert (await inspect(h, key_id))["limits"] == before
+        assert inspect(h, key_id).limits == before
         assert len(h.upstream.requests) == 7
 
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from triogate.config import RateLimitConfig
 from triogate.policy.ratelimit import (
     Decision,
     Limit,
@@ -22,8 +23,10 @@ from triogate.policy.ratelimit import (
     acquire,
     decide,
     headers_for,
+    limit_from,
     release,
 )
+from triogate.storage import RateLimit
 
 # The limiter compares times with this much slack (a float resolves ~2.4e-7 s
 # at epoch times); "a bit earlier" in these tests is always well beyond it.
@@ -566,3 +569,18 @@ def test_acquire_is_all_or_nothing_and_release_undoes_it(
         assert_same_decision(decide(w, ws, now, cost), expected[1])
         # Keep the traffic flowing: take it for real this time.
         assert acquire([(g, gs), (w, ws)], now, cost)[1] is not None
+
+
+# ---- one conversion: configured or stored rate limits to ``Limit`` -----------------------
+
+
+def test_limit_from_converts_the_config_and_the_storage_type_alike() -> None:
+    configured = RateLimitConfig(limit=5, period_seconds=60.0, algorithm="sliding_window")
+    stored = RateLimit("minute", 5, 60.0, "sliding_window")
+    expected = Limit("minute", 5, 60.0, "sliding_window")
+    assert limit_from(configured, "minute") == limit_from(stored, stored.name) == expected
+    routed = limit_from(RateLimitConfig(limit=1, period_seconds=1.0), "route-key", "route:r:x")
+    assert routed == Limit("route-key", 1, 1.0, "gcra", state_key="route:r:x")
+    assert routed.key == "route:r:x"
+    # A period stored before the lower bound existed is clamped, as ever.
+    assert limit_from(RateLimit("old", 1, 1e-300), "old").period == 0.001

@@ -34,9 +34,10 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from triogate.config import ConfigError
+from tests.exceptions import config_error
 from triogate.dataplane.sockio import TICK
 from triogate.dataplane.upstream import TargetPool, Upstream
+from triogate.errors import ConfigError
 from triogate.policy.breaker import Breaker
 from triogate.policy.retry_policy import backoff
 from triogate.testing import (
@@ -637,8 +638,8 @@ async def test_retried_response_with_a_streaming_body_gives_its_connection_back(
         assert r.content == b"ok"
         await trio.sleep(1)
         [pool] = pools(h)
-        assert pool.statistics()["active"] == 0
-        assert pool.statistics()["idle"] <= 1
+        assert pool.statistics().active == 0
+        assert pool.statistics().idle <= 1
 
 
 # ---- retry: timeouts and deadline ---------------------------------------------------------------
@@ -1203,7 +1204,7 @@ async def test_active_health_checks_take_a_target_out_and_back(
         assert [status for _, status in a.health_probes] == [500, 500, 500]
         assert a.health_probes[-1][0] - a.health_probes[0][0] == pytest.approx(0.2, abs=1e-6)
         assert pool_b.healthy
-        healthy = [t["healthy"] for t in upstream_of(h).statistics()["targets"]]
+        healthy = [t.healthy for t in upstream_of(h).statistics().targets]
         assert healthy == [False, True]
         before = len(a.traffic)
         for _ in range(6):
@@ -1273,14 +1274,6 @@ async def test_health_check_timeout_counts_as_failure(
 
 
 # ---- configuration errors -----------------------------------------------------------------------
-
-
-def config_error(exc: BaseException) -> ConfigError:
-    while isinstance(exc, BaseExceptionGroup):
-        assert len(exc.exceptions) == 1, exc.exceptions
-        exc = exc.exceptions[0]
-    assert isinstance(exc, ConfigError), repr(exc)
-    return exc
 
 
 @pytest.mark.parametrize(

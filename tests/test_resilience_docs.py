@@ -25,9 +25,10 @@ import pytest
 
 import triogate.plugins.contract
 from tests.doc_tables import REQUIRED, documented_default, real_default, same_default
-from triogate.config import ConfigError, HealthCheckConfig, parse_config
+from triogate.config import HealthCheckConfig, parse_config
 from triogate.dataplane.pipeline import Pipeline
 from triogate.dataplane.plugin_loader import discover
+from triogate.errors import ConfigError
 from triogate.plugins.circuit_breaker import CircuitBreakerConfig
 from triogate.plugins.retry import RetryConfig
 
@@ -132,7 +133,7 @@ def _example_raw() -> dict[str, Any]:
 def test_the_example_config_is_valid() -> None:
     try:
         config = parse_config(_example_raw(), source="docs/resilience.md", environ={})
-        pipeline = Pipeline(config, discover(), triogate.plugins.contract.PluginEnv())
+        pipeline = Pipeline.build(config, discover(), triogate.plugins.contract.PluginEnv())
     except ConfigError as exc:
         pytest.fail(f"the example in docs/resilience.md does not load:\n{exc}")
     try:
@@ -163,7 +164,7 @@ def test_the_first_route_sets_a_targets_breaker() -> None:
     first route with circuit-breaker on an upstream configures its targets."""
     raw = _example_raw()
     config = parse_config(raw, environ={})
-    pipeline = Pipeline(config, discover(), triogate.plugins.contract.PluginEnv())
+    pipeline = Pipeline.build(config, discover(), triogate.plugins.contract.PluginEnv())
     try:
         for name, upstream in pipeline.upstreams.items():
             first = next(

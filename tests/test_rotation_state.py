@@ -21,9 +21,10 @@ from tests.conftest import FakeClock
 from triogate.control.audit import Actor
 from triogate.control.keychain import chain
 from triogate.control.models import CreatedKey, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest
+from triogate.dataplane.plugin_services import plugin_env
 from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Request, Response
-from triogate.plugins.contract import Context, PluginEnv
+from triogate.plugins.contract import Context
 from triogate.plugins.key_auth import KeyAuth
 from triogate.runtime.gateway import Gateway
 from triogate.storage import KeyRecord, Table, WriteTxn, codec
@@ -56,7 +57,7 @@ class Proxy:
     request (the upstream answers 200), over the gateway's own actors."""
 
     def __init__(self, gw: Gateway) -> None:
-        env = PluginEnv(keys=gw.keys, actors=gw.actors, clock=gw.clock)
+        env = plugin_env(keys=gw.keys, actors=gw.actors, clock=gw.clock)
         self.plugin = KeyAuth(KeyAuth.Config(), env)
 
     async def call(self, key: str) -> int | str:

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from triogate.config import ApiVersionConfig, ConfigError, HttpMethod, RouteConfig
-from triogate.errors import InvalidPathParameter, MethodNotAllowed, RouteNotFound
+from triogate.config import ApiVersionConfig, HttpMethod, RouteConfig
+from triogate.errors import ConfigError, InvalidPathParameter, MethodNotAllowed, RouteNotFound
 from triogate.policy.router import Match, Router
 
 UUID = "123e4567-e89b-12d3-a456-426614174000"

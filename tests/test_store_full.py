@@ -23,10 +23,9 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from triogate.dataplane.actors import ActorRegistry, Record
+from triogate.dataplane.actors import ActorRegistry
 from triogate.errors import StorageFull
 from triogate.storage import MemoryStore, Table, WriteTxn, codec
-from triogate.storage.base import StoreFull
 from triogate.testing import FakeUpstream, harness_config, open_harness
 
 T = TypeVar("T")
@@ -44,7 +43,7 @@ async def fill(store: object) -> int:
                 await write(
                     lambda txn, n=n, size=size: txn.put(Table.META, b"filler:%06d" % n, b"x" * size)
                 )
-            except StoreFull:
+            except StorageFull:
                 break
             n += 1
         else:
@@ -159,7 +158,7 @@ async def test_usage_counts_survive_a_full_store_and_are_written_once_there_is_r
         await nursery.start(registry.run)
         store.full = True
         for status in (200, 200, 404, 500, 200):
-            await registry.send("key_a", Record(status))
+            registry.actor("key_a").record_nowait(status, trio.current_time())
         # Many flush intervals: each flush fails, the flusher backs off and
         # goes on; the counts stay in memory.
         await trio.sleep(30)

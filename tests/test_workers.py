@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,11 +85,13 @@ def test_two_workers_share_the_port_the_store_and_the_limit(tmp_path: Path, upst
     key = json.loads(created.stdout)
     statuses: list[int] = []
     with serving(config) as proc:
-        # Both workers must be up before the load: wait for both lines.
-        for _ in range(200):
+        # Both workers must be up before the load: wait (bounded) for both
+        # lines. Each is one write() below PIPE_BUF, so never interleaved.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             if sum("proxy listening" in line for line in proc.stdout_lines) == 2:
                 break
-            threading.Event().wait(0.05)
+            time.sleep(0.05)
         assert sum("proxy listening" in line for line in proc.stdout_lines) == 2, proc.stdout_lines
         # New connections each time, so the kernel spreads them over both.
         for _ in range(40):

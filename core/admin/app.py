@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
+from triogate.admin.backend import AdminBackend
 from triogate.admin.endpoints import ENDPOINTS, Call, Endpoint, Raw
 from triogate.admin.openapi import build_openapi
 from triogate.control.audit import Actor
@@ -34,7 +35,6 @@ from triogate.errors import (
     Unauthorized,
     ValidationError,
 )
-from triogate.runtime.gateway import Gateway
 from triogate.validation import convert_all, decode_json_object
 
 __all__ = ["MAX_ADMIN_BODY_BYTES", "DrainUnreadBody", "create_admin_app"]
@@ -75,7 +75,7 @@ def _bearer() -> str | None:
     return request.headers.get("X-API-Key") or None
 
 
-def _view(gw: Gateway, ep: Endpoint) -> Any:
+def _view(gw: AdminBackend, ep: Endpoint) -> Any:
     async def view(**params: str) -> Response:
         actor = Actor("anonymous", request.remote_addr)
         permissions: tuple[str, ...] = ()
@@ -155,7 +155,7 @@ class DrainUnreadBody:
             await tracked_receive()
 
 
-def create_admin_app(gw: Gateway) -> QuartTrio:
+def create_admin_app(gw: AdminBackend) -> QuartTrio:
     app = QuartTrio("triogate.admin")
     app.config["MAX_CONTENT_LENGTH"] = MAX_ADMIN_BODY_BYTES
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from triogate import __version__
-from triogate.config import ConfigError
+from triogate.admin.backend import AdminBackend, LoadedConfig
 from triogate.control.audit import Actor
 from triogate.control.models import (
     AdminList,
@@ -42,8 +42,7 @@ from triogate.control.models import (
     ValidateResult,
 )
 from triogate.control.timeutil import utc_required
-from triogate.errors import ValidationError
-from triogate.runtime.gateway import Gateway
+from triogate.errors import ConfigError, ValidationError
 
 __all__ = ["ENDPOINTS", "Call", "Endpoint", "Raw"]
 
@@ -148,7 +147,7 @@ class Raw:
     content_type: str
 
 
-Handler = Callable[[Gateway, Call], Awaitable[Struct | Raw]]
+Handler = Callable[[AdminBackend, Call], Awaitable[Struct | Raw]]
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ class Endpoint:
     content_type: str = "application/json"
     # Runs after authorisation and before the body is read: a refusal that
     # does not depend on the body costs the caller's body nothing.
-    precheck: Callable[[Gateway], None] | None = None
+    precheck: Callable[[AdminBackend], None] | None = None
 
     @property
     def name(self) -> str:
@@ -178,67 +177,67 @@ class Endpoint:
 # ---- handlers: thin; the services do the work -----------------------------
 
 
-async def setup(gw: Gateway, call: Call) -> Struct:
+async def setup(gw: AdminBackend, call: Call) -> Struct:
     return await gw.admins.setup(call.body, call.actor.source_ip)
 
 
-async def create_key(gw: Gateway, call: Call) -> Struct:
+async def create_key(gw: AdminBackend, call: Call) -> Struct:
     return await gw.keys.create(call.body, call.actor)
 
 
-async def list_keys(gw: Gateway, call: Call) -> Struct:
+async def list_keys(gw: AdminBackend, call: Call) -> Struct:
     q: KeyListQuery = call.query
     return gw.keys.list(limit=q.limit, cursor=q.cursor, owner=q.owner, status=q.status)
 
 
-async def get_key(gw: Gateway, call: Call) -> Struct:
+async def get_key(gw: AdminBackend, call: Call) -> Struct:
     return gw.keys.get(call.params["id"])
 
 
-async def update_key(gw: Gateway, call: Call) -> Struct:
+async def update_key(gw: AdminBackend, call: Call) -> Struct:
     return await gw.keys.update(call.params["id"], call.body, call.actor)
 
 
-async def revoke_key(gw: Gateway, call: Call) -> Struct:
+async def revoke_key(gw: AdminBackend, call: Call) -> Struct:
     return await gw.keys.revoke(call.params["id"], call.actor)
 
 
-async def rotate_key(gw: Gateway, call: Call) -> Struct:
+async def rotate_key(gw: AdminBackend, call: Call) -> Struct:
     return await gw.keys.rotate(call.params["id"], call.body, call.actor)
 
 
-async def validate_key(gw: Gateway, call: Call) -> Struct:
+async def validate_key(gw: AdminBackend, call: Call) -> Struct:
     req: ValidateKeyRequest = call.body
     return await gw.keys.validate(req.key, req.scopes)
 
 
-async def key_usage(gw: Gateway, call: Call) -> Struct:
+async def key_usage(gw: AdminBackend, call: Call) -> Struct:
     return gw.keys.usage(call.params["id"])
 
 
-async def create_admin(gw: Gateway, call: Call) -> Struct:
+async def create_admin(gw: AdminBackend, call: Call) -> Struct:
     return await gw.admins.create(call.body, call.actor, granter=call.permissions)
 
 
-async def list_admins(gw: Gateway, call: Call) -> Struct:
+async def list_admins(gw: AdminBackend, call: Call) -> Struct:
     return gw.admins.list()
 
 
-async def revoke_admin(gw: Gateway, call: Call) -> Struct:
+async def revoke_admin(gw: AdminBackend, call: Call) -> Struct:
     return await gw.admins.revoke(call.params["id"], call.actor, revoker=call.permissions)
 
 
-async def list_audit(gw: Gateway, call: Call) -> Struct:
+async def list_audit(gw: AdminBackend, call: Call) -> Struct:
     q: AuditQuery = call.query
     return gw.audit.list(limit=q.limit, cursor=q.cursor, actor=q.actor, action=q.action)
 
 
-async def cleanup(gw: Gateway, call: Call) -> Struct:
+async def cleanup(gw: AdminBackend, call: Call) -> Struct:
     expired, purged = await gw.keys.cleanup(call.actor)
     return CleanupResult(expired=expired, purged=purged)
 
 
-def _version(active: Any) -> ConfigVersion:
+def _version(active: LoadedConfig) -> ConfigVersion:
     return ConfigVersion(
         version=active.version,
         loaded_at=msgspec.json.encode(utc_required(active.loaded_at)).decode().strip('"'),
@@ -246,7 +245,7 @@ def _version(active: Any) -> ConfigVersion:
     )
 
 
-async def get_config(gw: Gateway, call: Call) -> Struct:
+async def get_config(gw: AdminBackend, call: Call) -> Struct:
     current = _version(gw.active)
     return ConfigInfo(
         version=current.version,
@@ -257,7 +256,7 @@ async def get_config(gw: Gateway, call: Call) -> Struct:
     )
 
 
-async def reload_config(gw: Gateway, call: Call) -> Struct:
+async def reload_config(gw: AdminBackend, call: Call) -> Struct:
     try:
         await gw.configs.reload(call.actor)
     except ConfigError as exc:
@@ -265,24 +264,23 @@ async def reload_config(gw: Gateway, call: Call) -> Struct:
     return await get_config(gw, call)
 
 
-async def list_routes(gw: Gateway, call: Call) -> Struct:
-    pipeline = gw.pipeline
-    routes = pipeline.describe_routes() if pipeline is not None else []
+async def list_routes(gw: AdminBackend, call: Call) -> Struct:
+    routes = gw.pipeline.describe_routes()
     return msgspec.convert({"items": routes}, RouteList)
 
 
-async def list_upstreams(gw: Gateway, call: Call) -> Struct:
-    pipeline = gw.pipeline
-    items = [u.statistics() for u in pipeline.upstreams.values()] if pipeline else []
-    return msgspec.convert({"items": items}, UpstreamList)
+async def list_upstreams(gw: AdminBackend, call: Call) -> Struct:
+    items = [u.statistics() for u in gw.pipeline.upstreams.values()]
+    # The admin API's own view of the records (its documented schema).
+    return UpstreamList([msgspec.convert(u, UpstreamView, from_attributes=True) for u in items])
 
 
-async def metrics(gw: Gateway, call: Call) -> Raw:
+async def metrics(gw: AdminBackend, call: Call) -> Raw:
     body, content_type = gw.metrics.render()
     return Raw(body, content_type)
 
 
-async def health(gw: Gateway, call: Call) -> Struct:
+async def health(gw: AdminBackend, call: Call) -> Struct:
     return Health(status="ok", version=__version__)
 
 

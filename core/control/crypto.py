@@ -34,11 +34,11 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from triogate.errors import SecretsError, SecretsMissing
+
 __all__ = [
     "HmacKeyring",
     "Sealer",
-    "SecretsError",
-    "SecretsMissing",
     "ServerSecrets",
     "environment_complete",
     "fingerprint",
@@ -50,14 +50,6 @@ _SEAL_MAGIC = 1  # first byte of a sealed blob: format version
 # NUL bytes never occur in a key or an owner tag's input: a fingerprint can
 # never equal a digest the store holds.
 _FINGERPRINT_INPUT = b"\x00triogate secrets fingerprint\x00v1"
-
-
-class SecretsError(Exception):
-    pass
-
-
-class SecretsMissing(SecretsError):
-    """No secrets file and no secrets in the environment."""
 
 
 def fingerprint(secret: bytes) -> str:

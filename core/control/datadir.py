@@ -59,21 +59,14 @@ from typing import Any
 
 import msgspec
 
-from triogate.control.crypto import (
-    SecretsError,
-    SecretsMissing,
-    ServerSecrets,
-    load_secrets,
-    secrets_file,
-)
+from triogate.control.crypto import ServerSecrets, load_secrets, secrets_file
+from triogate.errors import DataDirError, SecretsError, SecretsMissing, StorageFull
 from triogate.storage import LmdbStore, Table, WriteTxn, codec, open_lmdb_store
-from triogate.storage.base import StoreError, StoreFull
 from triogate.storage.lmdb_file import DATA_FILE
 
 __all__ = [
     "MARKER_KEY",
     "WITNESS_FILE",
-    "DataDirError",
     "Marker",
     "Witness",
     "compare_fingerprints",
@@ -87,10 +80,6 @@ log = logging.getLogger("triogate.control.datadir")
 MARKER_KEY = b"datadir"
 WITNESS_FILE = "store.json"
 FORMAT = 1
-
-
-class DataDirError(StoreError):
-    """The data directory is not what it was; the message says what and what to do."""
 
 
 class Marker(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -322,16 +311,14 @@ def _resolve_secrets(data_dir: Path) -> ServerSecrets | None:
 
 @asynccontextmanager
 async def open_data_dir(
-    data_dir: Path, *, map_size: int, full_error: type[StoreFull] = StoreFull
+    data_dir: Path, *, map_size: int
 ) -> AsyncIterator[tuple[LmdbStore, ServerSecrets]]:
     """The store and its secrets, once the directory is settled; raises
     ``DataDirError`` (or ``StoreDamaged`` / ``StoreUnavailable`` from opening
     the store) with one sentence otherwise."""
     witness = _preflight(data_dir)
     secrets = _resolve_secrets(data_dir)
-    async with open_lmdb_store(
-        lmdb_path(data_dir), map_size=map_size, full_error=full_error
-    ) as store:
+    async with open_lmdb_store(lmdb_path(data_dir), map_size=map_size) as store:
 
         def settle(txn: WriteTxn, dry: bool = False) -> tuple[ServerSecrets, Marker]:
             return _settle(data_dir, secrets, witness, dry, txn)
@@ -339,7 +326,7 @@ async def open_data_dir(
         dry = False
         try:
             found, marker = await store.write(settle)
-        except StoreFull:
+        except StorageFull:
             # A full store still serves: check without recording anything.
             dry = True
             found, marker = await store.write(lambda txn: settle(txn, dry=True))

@@ -57,9 +57,8 @@ from triogate.control.models import (
 from triogate.control.paging import decode_cursor, take_page
 from triogate.control.permissions import scopes_missing
 from triogate.control.timeutil import Clock, epoch, system_clock, utc, utc_required
-from triogate.errors import Conflict, NotFound, ValidationError
+from triogate.errors import Conflict, NotFound, StorageFull, ValidationError
 from triogate.storage import KeyRecord, ReadTxn, Store, Table, WriteTxn, codec
-from triogate.storage.base import StoreFull
 
 __all__ = ["KeyService", "effective_status", "find_by_digest", "key_decision"]
 
@@ -271,7 +270,7 @@ class KeyService:
             txn.put(Table.KEYS, key_id.encode(), codec.encode(updated))
 
         # A full store must not refuse a valid key: re-indexed at a later use.
-        with contextlib.suppress(StoreFull):
+        with contextlib.suppress(StorageFull):
             await self._store.write(fn)
 
     # ---- mutations --------------------------------------------------------

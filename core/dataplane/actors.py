@@ -9,24 +9,22 @@ state; nothing else writes it, so there are no locks. Credits and limits are
 admitted in the actor of the key's *state key*, which a rotation's new key
 shares with the old one (``keychain``); usage is counted in the key's own.
 
-Two ways in, both owned by the actor:
+The request path asks an actor **synchronously**: ``actor.admit_nowait``
+(limits and credits, all-or-nothing), ``actor.undo_nowait`` and
+``actor.record_nowait``. They contain no await, so under trio each runs
+atomically: the guarantee a mailbox would give, without the 10-26 µs a
+message round trip costs (as much as parsing the request; ``benchmarks/actors.py``
+measures both). So an actor has no mailbox and no task: "actor" here means
+the one owner of a key's state, and 100,000 idle actors cost no tasks.
 
-* the **hot path** calls ``actor.admit_nowait`` / ``actor.record_nowait``
-  directly. They are synchronous and contain no await, so under trio they run
-  atomically: the same guarantee a mailbox gives, without the 10-26 µs a
-  channel round trip costs (as much as parsing the request; see
-  ``benchmarks/actors.py`` for both measured);
-* everything else is a **message**: a tagged ``msgspec.Struct`` (``Admit``,
-  ``Record``, ``Flush``, ``Evict``, ``Inspect``) sent to the actor's mailbox
-  with ``registry.send`` / ``registry.ask``. An actor's task runs while it
-  has mail and ends when the mailbox is empty, so 100,000 idle actors cost
-  no tasks (a task and a channel per key cost ~4 KB; see docs).
-
-The registry's own tasks, in the nursery it owns:
+What needs I/O is the registry's, in tasks of the nursery it owns (their
+work is batched across keys, so one task per kind serves every actor, where
+a message per actor would cost a task switch each):
 
 * the **flusher** writes every dirty actor's state in one LMDB write
   transaction every ``flush_interval`` (never a commit per request: a durable
-  commit costs ~380 µs);
+  commit costs ~380 µs); what one key's part of it is and how it merges into
+  the stored record is ``usageflush``;
 * the **sweeper** evicts actors idle for ``idle_timeout``, after a final
   flush, so memory returns.
 
@@ -42,56 +40,37 @@ and limiter state in its state key's record, and only its counters in its own.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 import trio
 
-from triogate.dataplane.keyactor import (
-    Admission,
-    Admit,
-    Evict,
-    Flush,
-    Inspect,
-    KeyActor,
-    Message,
-    QuotaExceeded,
-    RateLimited,
-    Record,
-)
+from triogate.dataplane.keyactor import ActorSnapshot, Admission, KeyActor, Refusal
+from triogate.dataplane.usageflush import merge_usage
+from triogate.errors import StorageFull
 from triogate.policy.ratelimit import Limit
-from triogate.storage import Store, Table, UsageRecord, WriteTxn, codec
-from triogate.storage.base import StoreFull
+from triogate.storage import Store, Table, WriteTxn, codec
 
 __all__ = [
     "FLUSH_BATCH",
-    "MAILBOX_SIZE",
     "ActorRegistry",
+    "ActorSnapshot",
     "ActorStatistics",
     "Admission",
-    "Admit",
-    "Evict",
-    "Flush",
-    "Inspect",
     "KeyActor",
-    "Message",
-    "QuotaExceeded",
-    "RateLimited",
-    "Record",
+    "Refusal",
 ]
 
 log = logging.getLogger("triogate.dataplane.actors")
 
-MAILBOX_SIZE: Final = 64
 FLUSH_BATCH: Final = 2048
 
 
 class ActorStatistics(msgspec.Struct, frozen=True):
+    """The registry's state (``statistics()``, the actor metrics)."""
+
     live_actors: int
-    running_actors: int
-    queued_messages: int
     dirty: int
     flushes: int
     last_flush_at: float | None
@@ -100,7 +79,7 @@ class ActorStatistics(msgspec.Struct, frozen=True):
 
 
 class ActorRegistry:
-    """Owns every actor and the nursery they (and the flusher) run in."""
+    """Owns every actor, and the nursery its flusher and sweeper run in."""
 
     def __init__(
         self,
@@ -116,7 +95,6 @@ class ActorRegistry:
         self.clock = clock
         self.actors: dict[str, KeyActor] = {}
         self._dirty: dict[str, KeyActor] = {}
-        self._nursery: trio.Nursery | None = None
         self._flushes = 0
         self._last_flush_at: float | None = None
         self._last_flush_records = 0
@@ -148,16 +126,11 @@ class ActorRegistry:
 
     def __repr__(self) -> str:
         s = self.statistics()
-        return (
-            f"<ActorRegistry {s.live_actors} actors, {s.dirty} dirty, "
-            f"{s.queued_messages} queued, {s.flushes} flushes>"
-        )
+        return f"<ActorRegistry {s.live_actors} actors, {s.dirty} dirty, {s.flushes} flushes>"
 
     def statistics(self) -> ActorStatistics:
         return ActorStatistics(
             live_actors=len(self.actors),
-            running_actors=sum(1 for a in self.actors.values() if a.running),
-            queued_messages=sum(len(a.mailbox or ()) for a in self.actors.values()),
             dirty=len(self._dirty),
             flushes=self._flushes,
             last_flush_at=self._last_flush_at,
@@ -172,12 +145,10 @@ class ActorRegistry:
         the way out (clean shutdown flushes everything)."""
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 nursery.start_soon(self._flusher)
                 nursery.start_soon(self._sweeper)
                 task_status.started()
         finally:
-            self._nursery = None
             with trio.CancelScope(shield=True):
                 try:
                     await self.flush(list(self._dirty.values()))
@@ -206,14 +177,17 @@ class ActorRegistry:
                 log.exception("evicting idle actors failed; will try again")
 
     async def evict_idle(self) -> int:
+        """Flush and forget every actor unused for ``idle_timeout``; the
+        number evicted."""
         cutoff = self.clock() - self.idle_timeout
-        idle = [a for a in self.actors.values() if a.last_active <= cutoff and not a.running]
+        idle = [a for a in self.actors.values() if a.last_active <= cutoff]
         if not idle:
             return 0
         await self.flush([a for a in idle if a.dirty])
         evicted = 0
         for actor in idle:
-            if actor.last_active <= cutoff and not actor.dirty and not actor.running:
+            # Used again while the flush was written: it stays.
+            if actor.last_active <= cutoff and not actor.dirty:
                 self._forget(actor)
                 evicted += 1
         return evicted
@@ -262,49 +236,6 @@ class ActorRegistry:
             self.actors[key] = actor
         return actor
 
-    def send_nowait(
-        self, key: str, message: Message, *, done: trio.Event | None = None
-    ) -> list[Any]:
-        """Post a message; the actor's task is started if it is not running.
-        Raises trio.WouldBlock when the mailbox is full (push back)."""
-        if self._nursery is None:
-            raise RuntimeError("the actor registry is not running")
-        actor = self.actor(key)
-        if actor.mailbox is None:
-            actor.mailbox = deque()
-        if len(actor.mailbox) >= MAILBOX_SIZE:
-            raise trio.WouldBlock
-        reply: list[Any] = []
-        actor.mailbox.append((message, done, reply))
-        if not actor.running:
-            actor.running = True
-            self._nursery.start_soon(actor._run)
-        return reply
-
-    async def send(self, key: str, message: Message) -> None:
-        while True:
-            try:
-                self.send_nowait(key, message)
-                break
-            except trio.WouldBlock:
-                await trio.sleep(0.001)  # a full mailbox pushes back on the sender
-        await trio.lowlevel.checkpoint()
-
-    async def ask(self, key: str, message: Message) -> Any:
-        """Send and wait for the actor's answer (one round trip)."""
-        done = trio.Event()
-        while True:
-            try:
-                reply = self.send_nowait(key, message, done=done)
-                break
-            except trio.WouldBlock:
-                await trio.sleep(0.001)
-        await done.wait()
-        result = reply[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     # ---- persistence --------------------------------------------------------------
 
     async def flush(self, actors: Sequence[KeyActor]) -> None:
@@ -319,91 +250,31 @@ class ActorRegistry:
         if not actors:
             return
         async with self._flush_lock:
-            batch = []
-            deltas = []
+            flushes = [actor.take_flush() for actor in actors]
             for actor in actors:
-                delta = actor.take_delta()
-                deltas.append(delta)
-                requests, by_class, taken, last_used = delta
-                batch.append(
-                    (
-                        actor.key.encode(),
-                        requests,
-                        by_class,
-                        taken,
-                        last_used,
-                        actor.credits,
-                        actor.credits_version,
-                        actor.credits_refilled_at,
-                        actor.limiter_state(),
-                    )
-                )
                 self._dirty.pop(actor.key, None)
 
-            def write(txn: WriteTxn) -> dict[bytes, int | None]:
-                balances: dict[bytes, int | None] = {}
-                for (
-                    key,
-                    requests,
-                    by_class,
-                    taken,
-                    last_used,
-                    credits,
-                    version,
-                    refilled,
-                    lim,
-                ) in batch:
-                    raw = txn.get(Table.USAGE, key)
-                    old = UsageRecord() if raw is None else codec.usage.decode(raw)
-                    remaining = credits
-                    if (
-                        credits is not None
-                        and old.credits_remaining is not None
-                        and old.credits_version == version
-                        and old.credits_refilled_at == refilled  # a refill resets the count
-                    ):
-                        # Another process may have spent some too: what is
-                        # stored, less what we spent since our last flush.
-                        remaining = max(0, min(credits + taken, old.credits_remaining) - taken)
-                    stale = credits is not None and old.credits_version > version
-                    if stale or credits is None:
-                        # Storage has a newer credits version (a PATCH seen by
-                        # another process first): keep its balance, add only
-                        # the counters.
-                        remaining = old.credits_remaining
-                        refilled = old.credits_refilled_at
-                        version = old.credits_version
-                    balances[key] = None if stale else remaining
-                    classes = tuple(o + d for o, d in zip(old.by_class, by_class, strict=True))
-                    new = UsageRecord(
-                        requests=old.requests + requests,
-                        last_used_at=max(
-                            (t for t in (old.last_used_at, last_used) if t is not None),
-                            default=None,
-                        ),
-                        by_class=classes,  # type: ignore[arg-type]
-                        credits_remaining=remaining,
-                        credits_refilled_at=refilled,
-                        credits_version=version,
-                        limiters=lim or old.limiters,
-                    )
-                    txn.put(Table.USAGE, key, codec.encode(new))
+            def write(txn: WriteTxn) -> list[int | None]:
+                balances: list[int | None] = []
+                for flush in flushes:
+                    raw = txn.get(Table.USAGE, flush.key)
+                    old = None if raw is None else codec.usage.decode(raw)
+                    record, balance = merge_usage(old, flush)
+                    txn.put(Table.USAGE, flush.key, codec.encode(record))
+                    balances.append(balance)
                 return balances
 
             try:
                 balances = await self.store.write(write)
             except Exception as exc:
-                if not isinstance(exc, StoreFull):  # the store logs that one itself
-                    log.exception("flushing %d actors failed; keeping their counts", len(batch))
-                for actor, delta in zip(actors, deltas, strict=True):
-                    actor.restore_delta(delta)
+                if not isinstance(exc, StorageFull):  # the store logs that one itself
+                    log.exception("flushing %d actors failed; keeping their counts", len(flushes))
+                for actor, flush in zip(actors, flushes, strict=True):
+                    actor.restore_delta(flush.delta)
                 raise
-            for actor in actors:
-                stored = balances.get(actor.key.encode())
-                if stored is not None and actor.credits is not None:
-                    # Pick up what other processes spent (less what this
-                    # actor took while the write was in flight).
-                    actor.credits = max(0, min(actor.credits, stored - actor.taken))
+            for actor, stored in zip(actors, balances, strict=True):
+                if stored is not None:
+                    actor.learn_balance(stored)
             self._flushes += 1
             self._last_flush_at = self.clock()
-            self._last_flush_records = len(batch)
+            self._last_flush_records = len(flushes)

@@ -7,10 +7,10 @@ For operators who want HTTP/2 or TLS from hypercorn::
 or ``triogate serve --server hypercorn``, which runs hypercorn on the proxy
 listener inside the gateway process. Either way requests go through the very
 ``Pipeline.handle`` the native listener calls; this module only translates
-ASGI messages to ``Request``/``Response`` and back. Standalone, the app opens
-the gateway (storage, services, pipeline) in the ASGI lifespan and runs what
-``Server.run`` runs beside its listeners (``run_services``: the key actors and
-their flushes, the access log, health checks); at lifespan shutdown the actors
+ASGI messages to ``Request``/``Response`` and back. Standalone
+(``triogate.asgi:app``), the app's ``opener`` (the runtime's
+``open_standalone``) opens the gateway in the ASGI lifespan and runs what
+``Server.run`` runs beside its listeners; at lifespan shutdown the actors
 flush before storage closes, so credits and usage spent here are kept.
 
 hypercorn parses the HTTP framing, so the native listener's protocol checks
@@ -21,79 +21,58 @@ cap are applied the same way in both.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
-from pathlib import Path
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
-import trio
-
-from triogate.config import load_config
-from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.pipeline import Pipeline, new_request_id, problem_response
-from triogate.errors import GatewayError, PayloadTooLarge
+from triogate.errors import ClientDisconnected, GatewayError, PayloadTooLarge
 from triogate.http import (
     Body,
-    ClientDisconnected,
     Headers,
     Request,
     Response,
     check_target,
     strip_connection_headers,
 )
+from triogate.http.h1frame import CONTENT_LENGTH, FRAMING_HEADERS, NO_BODY, response_framing
 from triogate.http.netaddr import client_ip
-from triogate.runtime.gateway import Gateway, open_gateway
 
-__all__ = ["GatewayASGI", "app", "run_services"]
+__all__ = ["GatewayASGI", "Opener"]
 
 log = logging.getLogger("triogate.asgi")
-
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-_NO_BODY = frozenset({204, 304})
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 
 
-async def run_services(
-    gw: Gateway, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """What serves next to the listeners, as ``Server.run`` runs it: the key
-    actors (their flusher, and a final flush when cancelled), the access log
-    writer (drained when cancelled) and the upstream health checks of the
-    built pipeline. Runs until cancelled.
-
-    Without them a standalone ASGI gateway spent credits and counted usage
-    in memory only, and lost both on stop."""
-    async with trio.open_nursery() as tasks:
-        await tasks.start(gw.actors.run)
-        if gw.access_log is not None:
-            await tasks.start(gw.access_log.run)
-        await tasks.start(run_health_checks, gw.current_pipeline().upstreams)
-        task_status.started()
+#: Opens what serves a standalone app's pipeline (the runtime's gateway and
+#: its services) and gives the getter of the current pipeline; left when the
+#: app's lifespan ends.
+Opener = Callable[[], AbstractAsyncContextManager[Callable[[], Pipeline]]]
 
 
 class GatewayASGI:
-    """``get_pipeline`` serves an embedded app (``serve --server hypercorn``);
-    without it the app is standalone and builds its gateway in the lifespan
-    from ``TRIOGATE_CONFIG`` (or the embedded defaults)."""
+    """``get_pipeline`` serves an embedded app (``serve --server hypercorn``:
+    the server owns the gateway). Standalone, ``opener`` opens the gateway in
+    the lifespan (``triogate.asgi:app``)."""
 
-    def __init__(self, get_pipeline: Callable[[], Pipeline] | None = None) -> None:
+    def __init__(
+        self, get_pipeline: Callable[[], Pipeline] | None = None, *, opener: Opener | None = None
+    ) -> None:
         self._get_pipeline = get_pipeline
-        self._gateway: Gateway | None = None
+        self._opener = opener
 
     def __repr__(self) -> str:
-        mode = "embedded" if self._get_pipeline else "standalone"
-        return f"<GatewayASGI {mode} gateway={self._gateway!r}>"
+        mode = "standalone" if self._opener is not None else "embedded"
+        running = "running" if self._get_pipeline is not None else "not started"
+        return f"<GatewayASGI {mode} {running}>"
 
     def pipeline(self) -> Pipeline:
-        if self._get_pipeline is not None:
-            return self._get_pipeline()
-        if self._gateway is None:
+        if self._get_pipeline is None:
             raise RuntimeError("the ASGI lifespan has not started the gateway")
-        return self._gateway.current_pipeline()
+        return self._get_pipeline()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -108,37 +87,29 @@ class GatewayASGI:
         message = await receive()
         if message["type"] != "lifespan.startup":
             return
-        if self._get_pipeline is not None:
+        if self._opener is None:  # embedded: the server runs everything
             await send({"type": "lifespan.startup.complete"})
             await receive()
             await send({"type": "lifespan.shutdown.complete"})
             return
-        path = os.environ.get("TRIOGATE_CONFIG")
         async with AsyncExitStack() as stack:
             try:
-                config = load_config(Path(path) if path else None)
-                gw = await stack.enter_async_context(open_gateway(config, source=path))
-                gw.pipeline = gw.build_pipeline()
-                stack.callback(gw.current_pipeline().close)
-                # Entered last, so left first: the services stop (the final
-                # flush included) before the pipeline closes and LMDB does.
-                services = await stack.enter_async_context(trio.open_nursery())
-                await services.start(run_services, gw)
-                stack.callback(services.cancel_scope.cancel)
+                get_pipeline = await stack.enter_async_context(self._opener())
             except Exception as exc:
                 log.exception("triogate failed to start")
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
-            self._gateway = gw
+            self._get_pipeline = get_pipeline
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown: hypercorn has stopped serving
-            self._gateway = None
+            self._get_pipeline = None
             log.info("stopping; flushing storage")
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         pipeline = self.pipeline()
         method: str = scope["method"]
+        version: str = scope.get("http_version", "1.1")
         try:
             request = self._request(
                 scope, receive, pipeline.max_body, pipeline.config.server.underscores_in_headers
@@ -147,14 +118,14 @@ class GatewayASGI:
             refusal = problem_response(exc, new_request_id())
             client = scope.get("client") or ("0.0.0.0", 0)
             pipeline.log_refused(method, scope.get("path", "-"), client_ip(client[0]), refusal)
-            await self._send(send, refusal, method)
+            await self._send(send, refusal, method, version)
             return
         try:
             ctx, response = await pipeline.handle(request)
         except ClientDisconnected:
             return  # nobody left to answer
         try:
-            await self._send(send, response, method)
+            await self._send(send, response, method, version)
         finally:
             await pipeline.after(ctx, response)
 
@@ -189,24 +160,34 @@ class GatewayASGI:
         )
 
     @staticmethod
-    async def _send(send: Send, response: Response, method: str) -> None:
+    async def _send(send: Send, response: Response, method: str, version: str = "1.1") -> None:
+        """``response`` as ASGI messages, framed as the native listener
+        frames it (``h1frame.response_framing``): no body for 1xx, 204, 304
+        and HEAD, a known length as Content-Length; an unknown length gets
+        none, and the ASGI server frames it (chunked, the close, HTTP/2
+        frames). ``transfer-encoding`` never passes: the server frames every
+        body itself, and HTTP/2 forbids the header."""
         status = response.status
-        headers = [(k, v) for k, v in response.headers.raw if k not in _FRAMING]
         content = response.content
         body = response.body
-        if status in _NO_BODY:
-            content, body = None, None
-        elif method == "HEAD":
-            length = response.headers.get_raw(b"content-length")
-            if length is not None:
-                headers.append((b"content-length", length))
+        if body is None:
+            length: int | None = 0 if content is None else len(content)
+        else:
+            length = body.length
+        framing = response_framing(status, method, version, length)
+        raw = response.headers.raw
+        if framing is NO_BODY and method == "HEAD":
+            # The answer to GET it stands for says how long it would be.
+            headers = [(k, v) for k, v in raw if k != b"transfer-encoding"]
+        else:
+            headers = [(k, v) for k, v in raw if k not in FRAMING_HEADERS]
+            if framing is CONTENT_LENGTH:
+                assert length is not None  # decided only for a known length
+                headers.append((b"content-length", b"%d" % length))
+        if framing is NO_BODY:
             if body is not None:
                 await body.aclose()
             content, body = None, None
-        elif body is None:
-            headers.append((b"content-length", b"%d" % len(content or b"")))
-        elif body.length is not None:
-            headers.append((b"content-length", b"%d" % body.length))
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if body is not None:
@@ -233,6 +214,3 @@ async def _body(receive: Receive, max_body: int) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
-
-
-app = GatewayASGI()

@@ -42,17 +42,25 @@ import trio
 
 from triogate.dataplane import sockio
 from triogate.dataplane.pipeline import Pipeline, new_request_id, problem_response
-from triogate.errors import BadRequest, GatewayError, HeadersTooLarge, PayloadTooLarge
+from triogate.errors import (
+    BadRequest,
+    ClientDisconnected,
+    ExpectationFailed,
+    GatewayError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from triogate.http import (
     Body,
-    ClientDisconnected,
     Headers,
     Request,
     Response,
     check_target,
     strip_connection_headers,
 )
-from triogate.http.h1parse import ExpectationFailed, PendingRequest, RequestParser, RequestTimeout
+from triogate.http.h1frame import CHUNKED, LAST_CHUNK, Framing, encode_chunk
+from triogate.http.h1parse import PendingRequest, RequestParser
 from triogate.http.h1write import response_head
 
 if TYPE_CHECKING:
@@ -220,23 +228,15 @@ class Connection:
             # forward what is left of it.
             raise pending.error
         path, query = check_target(pending.url)
+        # Host, Content-Length, Transfer-Encoding and Expect as llhttp read
+        # them, in one scan (keep-alive was read from llhttp already).
+        length = pending.read_framing()
         headers = Headers(pending.headers)
-        # keep-alive was read from llhttp already
         strip_connection_headers(headers, self.listener.config.underscores_in_headers)
-        hosts = [v for k, v in pending.headers if k == b"host"]
-        if len(hosts) > 1 or (not hosts and pending.version == "1.1"):
-            raise BadRequest("exactly one Host header is required")
-        length: int | None = 0
-        if headers.get_raw(b"transfer-encoding") is not None:
-            length = None
-        else:
-            raw_length = headers.get_raw(b"content-length")
-            if raw_length is not None:
-                length = int(raw_length)  # llhttp has checked the syntax
         cap = self.listener.config.max_request_body_bytes
         if length is not None and length > cap:
             raise PayloadTooLarge(f"the request body is limited to {cap} bytes")
-        expect = headers.get_raw(b"expect")
+        expect = pending.expect
         if expect is not None:
             if expect.lower() != b"100-continue":
                 raise ExpectationFailed("only Expect: 100-continue is supported")
@@ -347,7 +347,7 @@ class Connection:
     async def _send_response(
         self, response: Response, method: str, version: str, keep_alive: bool
     ) -> bool:
-        head, body, chunked, keep_alive = response_head(response, method, version, keep_alive)
+        head, body, framing, keep_alive = response_head(response, method, version, keep_alive)
         if body is None:
             if response.body is not None:
                 await response.body.aclose()  # a HEAD, 204 or 304: nothing to send
@@ -355,14 +355,15 @@ class Connection:
             return keep_alive
         try:
             await self._send_all(b"".join(head))
-            return await self._send_body(body, chunked, keep_alive)
+            return await self._send_body(body, framing, keep_alive)
         finally:
             # Finished or not (the client went away, the body broke), the
             # upstream answer is closed now, not when the collector finds it;
             # closing a finished one does nothing.
             await body.aclose()
 
-    async def _send_body(self, body: Body, chunked: bool, keep_alive: bool) -> bool:
+    async def _send_body(self, body: Body, framing: Framing, keep_alive: bool) -> bool:
+        chunked = framing is CHUNKED
         try:
             sent = 0
             async for chunk in body:
@@ -370,11 +371,11 @@ class Connection:
                     continue
                 sent += len(chunk)
                 if chunked:
-                    await self._send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    await self._send_all(encode_chunk(chunk))
                 else:
                     await self._send_all(chunk)
             if chunked:
-                await self._send_all(b"0\r\n\r\n")
+                await self._send_all(LAST_CHUNK)
             elif body.length is not None and sent != body.length:
                 return False
         except GatewayError as exc:

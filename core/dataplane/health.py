@@ -6,61 +6,66 @@ a connect error, a timeout, or a status outside ``healthy_statuses``.
 
 The checkers are tasks in a nursery the server owns for the current config
 (a reload replaces them with the new config's). Probes use their own short
-connections: a probe must not take a pooled connection from real traffic.
+connections (``Connection: close``, never pooled: a probe must not take a
+pooled connection from real traffic), through the same upstream client and
+codec as the requests they stand for (exchange.py, ``triogate.http.h1client``).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Final
 
-import httptools
 import trio
 
 from triogate.config import HealthCheckConfig
 from triogate.dataplane import sockio
+from triogate.dataplane.exchange import UpstreamConnection
 from triogate.dataplane.upstream import TargetPool, Upstream
+from triogate.errors import UpstreamError
+from triogate.http.h1client import request_head
 
 __all__ = ["check_once", "run_health_checks"]
 
 log = logging.getLogger("triogate.dataplane.health")
 
+PROBE_HEADERS: Final = ((b"user-agent", b"triogate-health"), (b"connection", b"close"))
 
-class _Status:
-    def __init__(self) -> None:
-        self.status = 0
-        self.done = False
 
-    def on_headers_complete(self) -> None:
-        self.done = True
+class _Probe:
+    """The owner of a probe's connection (``exchange.ConnectionOwner``):
+    one request, then the connection is closed, never pooled."""
+
+    __slots__ = ("authority", "send_timeout")
+
+    def __init__(self, authority: str, send_timeout: float) -> None:
+        self.authority = authority
+        self.send_timeout = send_timeout
+
+    def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
+        conn.close()
 
 
 async def check_once(pool: TargetPool, check: HealthCheckConfig) -> bool:
     """One probe of one target: True if it answered a healthy status in time."""
-    with trio.move_on_after(check.timeout_seconds):
+    timeout = check.timeout_seconds
+    with trio.move_on_after(timeout):
         try:
-            sock = await sockio.connect(pool.host, pool.port, check.timeout_seconds)
+            sock = await sockio.connect(pool.host, pool.port, timeout)
         except (OSError, trio.TooSlowError):
             return False
+        conn = UpstreamConnection(sock, _Probe(pool.authority, timeout))
         try:
-            path = pool.base_path + check.path
-            await sockio.send_all(
-                sock,
-                f"GET {path} HTTP/1.1\r\nhost: {pool.authority}\r\n"
-                "user-agent: triogate-health\r\nconnection: close\r\n\r\n".encode("latin-1"),
-            )
-            result = _Status()
-            parser = httptools.HttpResponseParser(result)
-            while not result.done:
-                data = await sockio.recv(sock, 65536, trio.current_time() + check.timeout_seconds)
-                if not data:
-                    return False
-                parser.feed_data(data)
-            status = parser.get_status_code()
-            return status in check.healthy_statuses if check.healthy_statuses else status < 400
-        except (OSError, httptools.HttpParserError):
+            head = request_head("GET", pool.base_path + check.path, pool.authority, PROBE_HEADERS)
+            response = await conn.exchange("GET", head, None, timeout)
+            if response.body is not None:
+                await response.body.aclose()  # only the status matters
+        except (OSError, UpstreamError):
             return False
         finally:
-            sockio.close(sock)
+            conn.close()
+        status = response.status
+        return status in check.healthy_statuses if check.healthy_statuses else status < 400
     return False
 
 

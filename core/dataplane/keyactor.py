@@ -1,81 +1,40 @@
-"""The actor of one key: its rate-limit state, credits and usage counters,
-and the messages it answers. The registry that spawns, flushes and evicts
-actors, and the theory of operation, are in ``actors``.
+"""The actor of one key: its rate-limit state, credits and usage counters.
+The registry that spawns, flushes and evicts actors, and the theory of
+operation, are in ``actors``.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import msgspec
-import trio
 
-from triogate.errors import GatewayError
-from triogate.policy.ratelimit import Decision, Limit, LimitState, Reservation, acquire, release
-from triogate.storage import KeyRecord, RateLimit, UsageRecord
+from triogate.dataplane.usageflush import UsageDelta, UsageFlush
+from triogate.policy.ratelimit import (
+    Decision,
+    Limit,
+    LimitState,
+    Reservation,
+    acquire,
+    limit_from,
+    release,
+)
+from triogate.storage import KeyRecord, UsageRecord
 
 if TYPE_CHECKING:
     from triogate.dataplane.actors import ActorRegistry
 
-__all__ = [
-    "Admission",
-    "Admit",
-    "Evict",
-    "Flush",
-    "Inspect",
-    "KeyActor",
-    "Message",
-    "QuotaExceeded",
-    "RateLimited",
-    "Record",
-]
+__all__ = ["ActorSnapshot", "Admission", "KeyActor", "Refusal"]
 
 
-class RateLimited(GatewayError):
-    status = 429
-    code = "RATE_LIMITED"
-    title = "Too Many Requests"
+class Refusal(StrEnum):
+    """Why an admission was refused (the problem code the plugin answers with)."""
 
-
-class QuotaExceeded(GatewayError):
-    status = 429
-    code = "QUOTA_EXCEEDED"
-    title = "Too Many Requests"
-
-
-# ---- messages ---------------------------------------------------------------
-
-
-class Admit(msgspec.Struct, tag=True, frozen=True):
-    """Admit one request of ``cost`` under ``limits`` (the async path)."""
-
-    limits: tuple[tuple[str, int, float, str], ...]
-    cost: int = 1
-    credits: bool = True
-
-
-class Record(msgspec.Struct, tag=True, frozen=True):
-    """Count one answered request with its status."""
-
-    status: int
-
-
-class Flush(msgspec.Struct, tag=True, frozen=True):
-    """Write this actor's dirty state now."""
-
-
-class Evict(msgspec.Struct, tag=True, frozen=True):
-    """Flush, then leave the registry."""
-
-
-class Inspect(msgspec.Struct, tag=True, frozen=True):
-    """Answer with a snapshot of the state (tests, admin)."""
-
-
-Message = Admit | Record | Flush | Evict | Inspect
+    RATE_LIMITED = "RATE_LIMITED"
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
 
 
 class Admission(msgspec.Struct, gc=False):
@@ -83,11 +42,23 @@ class Admission(msgspec.Struct, gc=False):
     headers (the most restrictive limit), and how to undo it."""
 
     allowed: bool
-    code: str | None
+    code: Refusal | None
     decisions: list[Decision]
     reservation: Reservation | None
     credits_taken: int
     credits_left: int | None
+
+
+class ActorSnapshot(msgspec.Struct, frozen=True):
+    """What one actor holds right now (tests, debugging)."""
+
+    key: str
+    unflushed_requests: int
+    requests: int  # flushed and unflushed
+    credits: int | None
+    last_used_at: float | None
+    limits: dict[str, float]  # GCRA state by limit key
+    dirty: bool
 
 
 class KeyActor:
@@ -104,13 +75,11 @@ class KeyActor:
         "key",
         "last_active",
         "last_used_at",
-        "mailbox",
         "persist",
         "policy",
         "policy_source",
         "registry",
         "requests",
-        "running",
         "taken",
     )
 
@@ -131,8 +100,6 @@ class KeyActor:
         self.taken = 0  # credits consumed since the last flush
         self.dirty = False
         self.last_active = 0.0
-        self.mailbox: deque[tuple[Message, trio.Event | None, list[Any]]] | None = None
-        self.running = False
         self.policy: tuple[Limit, ...] = ()
         self.policy_source: object = None
 
@@ -167,15 +134,15 @@ class KeyActor:
 
     # ---- the hot path (synchronous: atomic under trio) ------------------------
 
-    def key_limits(self, record: KeyRecord, default: RateLimit | None) -> tuple[Limit, ...]:
+    def key_limits(self, record: KeyRecord, default: Limit | None) -> tuple[Limit, ...]:
         """The key's own limits (or the configured default), as ``Limit``s;
         rebuilt only when the record's limits change."""
         source = record.rate_limits or default
         if source != self.policy_source:
-            specs = record.rate_limits or ((default,) if default is not None else ())
-            self.policy = tuple(
-                Limit(r.name, r.limit, r.period_seconds, r.algorithm) for r in specs
-            )
+            if record.rate_limits:
+                self.policy = tuple(limit_from(r, r.name) for r in record.rate_limits)
+            else:
+                self.policy = (default,) if default is not None else ()
             self.policy_source = source
         return self.policy
 
@@ -230,12 +197,12 @@ class KeyActor:
             )
         decisions, reservation = acquire(items, now, cost)
         if reservation is None:
-            return Admission(False, "RATE_LIMITED", decisions, None, 0, self.credits)
+            return Admission(False, Refusal.RATE_LIMITED, decisions, None, 0, self.credits)
         taken = 0
         if use_credits and self.credits is not None:
             if self.credits < cost:
                 release(reservation, now)
-                return Admission(False, "QUOTA_EXCEEDED", decisions, None, 0, self.credits)
+                return Admission(False, Refusal.QUOTA_EXCEEDED, decisions, None, 0, self.credits)
             self.credits -= cost
             self.taken += cost
             taken = cost
@@ -265,75 +232,60 @@ class KeyActor:
             self.dirty = True
             self.registry._mark_dirty(self)
 
-    # ---- flushing --------------------------------------------------------------
+    # ---- a view, and flushing (the registry calls these) -------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "unflushed_requests": self.requests,
-            "requests": self.flushed_requests + self.requests,
-            "credits": self.credits,
-            "last_used_at": self.last_used_at,
-            "limits": {n: st.tat for n, (_, st) in self._limits.items()},
-            "dirty": self.dirty,
-        }
+    def snapshot(self) -> ActorSnapshot:
+        return ActorSnapshot(
+            key=self.key,
+            unflushed_requests=self.requests,
+            requests=self.flushed_requests + self.requests,
+            credits=self.credits,
+            last_used_at=self.last_used_at,
+            limits={n: st.tat for n, (_, st) in self._limits.items()},
+            dirty=self.dirty,
+        )
 
-    def take_delta(self) -> tuple[int, list[int], int, float | None]:
-        """Hand over the unflushed counters (they are now the flusher's)."""
-        delta = (self.requests, self.by_class, self.taken, self.last_used_at)
+    def take_flush(self) -> UsageFlush:
+        """Hand the unflushed counters (they are now the flusher's) and the
+        state to write to a flush; the actor is clean until the next change."""
+        by_class = self.by_class
+        delta = UsageDelta(
+            self.requests,
+            (by_class[0], by_class[1], by_class[2], by_class[3], by_class[4]),
+            self.taken,
+            self.last_used_at,
+        )
         self.flushed_requests += self.requests
         self.requests = 0
         self.by_class = [0, 0, 0, 0, 0]
         self.taken = 0
         self.dirty = False
-        return delta
+        return UsageFlush(
+            self.key.encode(),
+            delta,
+            self.credits,
+            self.credits_version,
+            self.credits_refilled_at,
+            self._limiter_state(),
+        )
 
-    def restore_delta(self, delta: tuple[int, list[int], int, float | None]) -> None:
+    def restore_delta(self, delta: UsageDelta) -> None:
         """A flush of ``delta`` failed: take the counters back, to be
         written with the next flush."""
-        requests, by_class, taken, _ = delta
-        self.requests += requests
-        self.flushed_requests -= requests
-        self.by_class = [a + b for a, b in zip(self.by_class, by_class, strict=True)]
-        self.taken += taken
+        self.requests += delta.requests
+        self.flushed_requests -= delta.requests
+        self.by_class = [a + b for a, b in zip(self.by_class, delta.by_class, strict=True)]
+        self.taken += delta.credits_taken
         self._touch()
 
-    def limiter_state(self) -> dict[str, float]:
+    def learn_balance(self, stored: int) -> None:
+        """After a flush: the balance storage holds, with what other
+        processes spent (less what this actor took while the write was in
+        flight)."""
+        if self.credits is not None:
+            self.credits = max(0, min(self.credits, stored - self.taken))
+
+    def _limiter_state(self) -> dict[str, float]:
         if self.registry.workers > 1:
             return {}  # each worker counts its own share: nothing to share
         return {n: st.tat for n, (lim, st) in self._limits.items() if lim.algorithm == "gcra"}
-
-    # ---- the mailbox -------------------------------------------------------------
-
-    async def _run(self) -> None:
-        """Process mail until the mailbox is empty, then end."""
-        assert self.mailbox is not None
-        try:
-            while self.mailbox:
-                message, done, reply = self.mailbox.popleft()
-                try:
-                    reply.append(await self._handle(message))
-                except Exception as exc:  # the asker gets it
-                    reply.append(exc)
-                if done is not None:
-                    done.set()
-                await trio.lowlevel.checkpoint()
-        finally:
-            self.running = False
-
-    async def _handle(self, message: Message) -> Any:
-        now = self.registry.clock()
-        if isinstance(message, Admit):
-            limits = [Limit(n, q, w, a) for n, q, w, a in message.limits]  # type: ignore[arg-type]
-            return self.admit_nowait(limits, now, cost=message.cost, use_credits=message.credits)
-        if isinstance(message, Record):
-            self.record_nowait(message.status, now)
-            return None
-        if isinstance(message, Flush):
-            await self.registry.flush([self])
-            return None
-        if isinstance(message, Evict):
-            await self.registry.flush([self])
-            self.registry._forget(self)
-            return None
-        return self.snapshot()

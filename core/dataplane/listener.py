@@ -9,8 +9,9 @@ pipeline as an ASGI app (``triogate.asgi``) for HTTP/2 or TLS.
 Theory of operation
 -------------------
 This module accepts connections; each gets one task in the listener's
-nursery that serves its requests (h1conn.py: reading and limits, h1parse.py:
-llhttp callbacks, h1write.py: answer heads).
+nursery that serves its requests (connection.py: reading, limits and
+writing; the bytes are the codec's, ``triogate.http``: h1parse.py the llhttp
+callbacks, h1frame.py the framing decisions, h1write.py the answer heads).
 
 Accepting: the peer's address is taken as the client's IP, an IPv4-mapped
 one (``[::]`` listeners are dual-stack) unmapped to plain IPv4. At most
@@ -33,20 +34,20 @@ import resource
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
+import msgspec
 import trio
 
 from triogate.config import ServerConfig
 from triogate.dataplane import sockio
 from triogate.dataplane.connection import READ_SIZE, Connection
 from triogate.dataplane.pipeline import Pipeline, new_request_id, problem_response
-from triogate.errors import GatewayError
-from triogate.http import ClientDisconnected
+from triogate.errors import ClientDisconnected, GatewayError, TooManyConnections
 from triogate.http.h1write import response_head
 from triogate.http.netaddr import client_ip
 
-__all__ = ["ProxyListener", "connection_cap", "parse_listen"]
+__all__ = ["ListenerStatistics", "ProxyListener", "connection_cap", "parse_listen"]
 
 log = logging.getLogger("triogate.dataplane.listener")
 
@@ -80,10 +81,16 @@ REFUSE_LINGER: Final = 1.0
 REFUSED_LOG_EVERY: Final = 10.0  # seconds between "refused N connections" lines
 
 
-class TooManyConnections(GatewayError):
-    status = 503
-    code = "TOO_MANY_CONNECTIONS"
-    title = "Service Unavailable"
+class ListenerStatistics(msgspec.Struct, frozen=True):
+    """The proxy listener right now (``ProxyListener.statistics()``)."""
+
+    address: str
+    connections: int  # open client connections
+    max_connections: int  # the cap in force
+    in_flight: int  # requests being handled
+    accepted: int  # connections accepted in all
+    refused: int  # connections refused over the cap
+    closing: bool  # draining for shutdown
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -166,16 +173,16 @@ class ProxyListener:
     def address(self) -> str:
         return self._address or self.config.proxy_listen
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "address": self.address,
-            "connections": len(self.connections),
-            "max_connections": self.cap,
-            "in_flight": self.in_flight,
-            "accepted": self.accepted,
-            "refused": self.refused,
-            "closing": self.closing,
-        }
+    def statistics(self) -> ListenerStatistics:
+        return ListenerStatistics(
+            address=self.address,
+            connections=len(self.connections),
+            max_connections=self.cap,
+            in_flight=self.in_flight,
+            accepted=self.accepted,
+            refused=self.refused,
+            closing=self.closing,
+        )
 
     def _bind(self) -> socket.socket:
         host, port = parse_listen(self.config.proxy_listen)

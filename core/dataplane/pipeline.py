@@ -1,11 +1,12 @@
 """The request pipeline: one config's whole data plane behind one method.
 
-``Pipeline`` is built once per config (router compiled, plugins validated and
-instantiated, chains ordered, upstream pools made) and then serves requests
-through ``handle(request) -> (ctx, response)``. Both front doors, the native
+``Pipeline`` is made once per config from a decided ``PipelinePlan`` (router
+compiled, plugins validated, instantiated and bound, chains ordered, upstreams
+kept or made: ``triogate.dataplane.plan``) and then serves requests through
+``handle(request) -> (ctx, response)``. Both front doors, the native
 httptools listener and the ASGI adapter, call exactly this; neither knows
-anything about routes or plugins. A config reload builds a new Pipeline and
-swaps one reference.
+anything about routes or plugins. A config reload plans a new Pipeline
+(changing nothing live), makes it and swaps one reference.
 
 Per request:
     route match -> access phases -> upstream wrappers around the proxy call
@@ -39,14 +40,23 @@ from typing import Any
 import msgspec
 import trio
 
-from triogate.config import Config, ConfigError
-from triogate.dataplane.plugin_loader import Chain, PluginLoadError, build_chain
-from triogate.dataplane.upstream import BadGateway, TargetPool, Upstream, UpstreamError
-from triogate.errors import FieldError, GatewayError, InternalError
-from triogate.http import HOP_BY_HOP, Body, ClientDisconnected, Headers, Request, Response
-from triogate.plugins.contract import Context, Plugin, PluginEnv
+from triogate.config import Config
+from triogate.dataplane.plan import PipelinePlan, plan_pipeline
+from triogate.dataplane.plugin_loader import Chain
+from triogate.dataplane.upstream import TargetPool
+from triogate.errors import (
+    BadGateway,
+    ClientDisconnected,
+    GatewayError,
+    InternalError,
+    Problem,
+    UpstreamError,
+)
+from triogate.http import HOP_BY_HOP, Body, Headers, Request, Response
+from triogate.http.h1client import proxy_request_head
+from triogate.plugins.contract import Context, Plugin, PluginEnv, RouteView
 from triogate.policy.ratelimit import headers_for
-from triogate.policy.router import Match, Router
+from triogate.policy.router import Match
 from triogate.telemetry.records import (
     CLIENT_CLOSED,
     Observer,
@@ -62,29 +72,12 @@ log = logging.getLogger("triogate.dataplane.pipeline")
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _problem_encoder = msgspec.json.Encoder()
 _PROBLEM_CT = (b"content-type", b"application/problem+json")
-# Headers the gateway sets itself on the upstream request.
-_REPLACED = frozenset(
-    {
-        b"host",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-request-id",
-        b"x-key-id",  # only the gateway says which key was used
-        b"forwarded",  # the gateway speaks X-Forwarded-*; a client's own is not passed on
-        b"content-length",
-        b"expect",
-    }
-)
 
 
 # Request ids: a random per-process prefix and a counter. Unique without a
 # getrandom() system call per request (ids need not be secret, only unique).
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
-
-
-_NOT_FORWARDED = HOP_BY_HOP | _REPLACED
 
 
 def new_request_id() -> str:
@@ -95,12 +88,14 @@ def problem_response(error: GatewayError, request_id: str) -> Response:
     headers = Headers([_PROBLEM_CT])
     for name, value in error.headers.items():
         headers.raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
-    return Response(
+    response = Response(
         error.status,
         headers,
         content=_problem_encoder.encode(error.problem(request_id)),
         from_gateway=True,
     )
+    response.problem = Problem(error.code, request_id)
+    return response
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
@@ -118,59 +113,17 @@ def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
 
 
 class Pipeline:
-    def __init__(
-        self,
-        config: Config,
-        registry: Mapping[str, type[Plugin[Any]]],
-        env: PluginEnv,
-        *,
-        previous: Pipeline | None = None,
-    ) -> None:
-        self.config = config
-        errors: list[FieldError] = []
-        try:
-            self.router = Router.compile(config.routes, config.api_versions)
-        except ConfigError as exc:
-            errors.extend(exc.errors)  # reported with the plugin errors below
-        # A reload keeps every upstream whose settings did not change: its
-        # pools, breakers, health and retry budget carry over.
-        kept: dict[str, Upstream] = previous.upstreams if previous is not None else {}
-        self.upstreams: dict[str, Upstream] = {
-            name: kept[name] if name in kept and kept[name].config == cfg else Upstream(name, cfg)
-            for name, cfg in config.upstreams.items()
-        }
-        self.chains: dict[int, Chain] = {}
-        for i, route in enumerate(config.routes):
-            try:
-                self.chains[i] = build_chain(
-                    registry, config.plugins, route.plugins, env, route_path=f"routes[{i}]"
-                )
-            except PluginLoadError as exc:
-                errors.extend(exc.errors)
-        try:
-            # Requests that match no route still meet the global plugins'
-            # response phase (request-id, CORS headers on the 404).
-            self.global_chain = build_chain(registry, config.plugins, {}, env, route_path="plugins")
-        except PluginLoadError as exc:
-            errors.extend(e for e in exc.errors if e not in errors)
-            self.global_chain = Chain(())
-        if not errors:
-            for upstream in self.upstreams.values():
-                for pool in upstream.pools:
-                    pool.breaker_bound = False
-            for i, route in enumerate(config.routes):
-                upstream = self.upstreams[route.upstream]
-                for plugin in self.chains[i].plugins:
-                    try:
-                        plugin.bind(route, upstream)
-                    except ValueError as exc:
-                        errors.append(FieldError(f"routes[{i}].plugins.{plugin.name}", str(exc)))
-            for upstream in self.upstreams.values():
-                for pool in upstream.pools:
-                    if not pool.breaker_bound:
-                        pool.breaker = None  # no route configures one any more
-        if errors:
-            raise ConfigError(errors, "config")
+    def __init__(self, plan: PipelinePlan) -> None:
+        """Act on a decided ``plan`` (``Pipeline.plan``): install its upstreams'
+        breakers and serve its config. Cannot fail. ``Pipeline.build`` decides
+        and acts at once (start-up, ``check-config``)."""
+        config = self.config = plan.config
+        self.router = plan.router
+        self.chains = plan.chains
+        self.global_chain = plan.global_chain
+        self.upstreams = plan.upstreams.install()
+        # What ctx.route is: one read-only view per route, made once.
+        self.route_views = tuple(RouteView.of(r, i) for i, r in enumerate(config.routes))
         self.max_body = config.server.max_request_body_bytes
         self.requests = 0
         self.in_flight = 0  # handle() .. after(): a retired pipeline waits for 0
@@ -183,6 +136,32 @@ class Pipeline:
             f"<Pipeline {len(self.chains)} routes, {len(self.upstreams)} upstreams, "
             f"{self.requests} requests>"
         )
+
+    @staticmethod
+    def plan(
+        config: Config,
+        registry: Mapping[str, type[Plugin[Any]]],
+        env: PluginEnv,
+        *,
+        previous: Pipeline | None = None,
+    ) -> PipelinePlan:
+        """Decide ``config``'s data plane, keeping ``previous``'s unchanged
+        upstreams; nothing live changes (see ``triogate.dataplane.plan``).
+        Raises ConfigError listing every route and plugin problem."""
+        live = previous.upstreams if previous is not None else None
+        return plan_pipeline(config, registry, env, live=live)
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        registry: Mapping[str, type[Plugin[Any]]],
+        env: PluginEnv,
+        *,
+        previous: Pipeline | None = None,
+    ) -> Pipeline:
+        """Plan and apply at once."""
+        return cls(cls.plan(config, registry, env, previous=previous))
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight on this pipeline."""
@@ -268,8 +247,9 @@ class Pipeline:
                 request.path,
                 accept_version.decode("latin-1") if accept_version is not None else None,
             )
-            chain = self.chains[match.route.index]
-            ctx.route = match.route
+            index = match.route.index
+            chain = self.chains[index]
+            ctx.route = self.route_views[index]
             ctx.params = match.params
             ctx.version = match.version
             ctx.upstream_path = self.router.rewrite(match)
@@ -319,7 +299,7 @@ class Pipeline:
                 return early
         if chain.upstream:
             assert ctx.route is not None
-            ctx.state["upstream"] = self.upstreams[ctx.route.config.upstream]
+            ctx.upstream = self.upstreams[ctx.route.upstream]
         call: Callable[[], Awaitable[Response]] = lambda: self._proxy(ctx)  # noqa: E731
         for wrapper in reversed(chain.upstream):
             call = _wrap(wrapper, ctx, call)
@@ -395,14 +375,14 @@ class Pipeline:
             method=ctx.request.method,
             path=ctx.request.path,
             route=route.name if route is not None else None,
-            upstream=route.config.upstream if route is not None else None,
+            upstream=route.upstream if route is not None else None,
             status=response.status,
             outcome=outcome_of(response),
             key_id=ctx.consumer.id if ctx.consumer is not None else None,
             client_ip=ctx.client_ip,
             duration_seconds=time.monotonic() - ctx.started_at,
-            upstream_seconds=ctx.state.get("upstream_seconds"),
-            retries=ctx.state.get("retries", 0),
+            upstream_seconds=ctx.upstream_seconds,
+            retries=ctx.retries,
         )
 
     def _finish_headers(self, ctx: Context, response: Response, match: Match | None) -> None:
@@ -427,7 +407,7 @@ class Pipeline:
     async def _proxy(self, ctx: Context) -> Response:
         route = ctx.route
         assert route is not None
-        upstream = self.upstreams[route.config.upstream]
+        upstream = self.upstreams[route.upstream]
         request = ctx.request
         body = request.body
         has_body = body.length is None or body.length > 0
@@ -441,51 +421,29 @@ class Pipeline:
                 request.method,
                 lambda pool: self._head(ctx, pool, body if has_body else None),
                 body if has_body else None,
-                tried=ctx.state.get("tried_targets"),
+                tried=ctx.tried_targets,
                 on_sent=sent,
             )
         finally:
             # Time to the answer's head, summed over tries (retries).
-            ctx.state["upstream_seconds"] = (
-                ctx.state.get("upstream_seconds", 0.0) + time.monotonic() - started
-            )
+            so_far = ctx.upstream_seconds
+            ctx.upstream_seconds = (so_far or 0.0) + time.monotonic() - started
 
     def _head(self, ctx: Context, pool: TargetPool, body: Body | None) -> bytes:
         request = ctx.request
         path = pool.base_path + ctx.upstream_path
-        target = f"{path}?{request.query}" if request.query else path
-        headers = request.headers
-        # The front doors already removed Connection and what it names.
-        drop = _NOT_FORWARDED
-        lines = [
-            f"{request.method} {target} HTTP/1.1\r\nhost: {pool.authority}\r\n".encode("latin-1")
-        ]
-        forwarded_for: list[bytes] = []
-        original_host = None
-        for name, value in headers.raw:
-            if name not in drop:
-                lines.append(b"%b: %b\r\n" % (name, value))
-            elif name == b"x-forwarded-for":
-                forwarded_for.append(value)
-            elif name == b"host" and original_host is None:
-                original_host = value
-        forwarded_for.append(request.client_ip.encode("ascii"))
-        lines.append(b"x-forwarded-for: %b\r\n" % b", ".join(forwarded_for))
-        lines.append(b"x-forwarded-proto: %b\r\n" % request.scheme.encode("ascii"))
-        if original_host is not None:
-            lines.append(b"x-forwarded-host: %b\r\n" % original_host)
-        lines.append(b"x-request-id: %b\r\n" % ctx.request_id.encode("ascii"))
-        if ctx.consumer is not None:
-            lines.append(b"x-key-id: %b\r\n" % ctx.consumer.id.encode("ascii"))
-        if body is None:
-            if request.method in ("POST", "PUT", "PATCH"):
-                lines.append(b"content-length: 0\r\n")
-        elif body.length is not None:
-            lines.append(b"content-length: %d\r\n" % body.length)
-        else:
-            lines.append(b"transfer-encoding: chunked\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        consumer = ctx.consumer
+        return proxy_request_head(
+            request.method,
+            f"{path}?{request.query}" if request.query else path,
+            pool.authority,
+            request.headers,
+            client_ip=request.client_ip,
+            scheme=request.scheme,
+            request_id=ctx.request_id,
+            key_id=consumer.id if consumer is not None else None,
+            body_length=body.length if body is not None else 0,
+        )
 
 
 def _wrap(

@@ -27,8 +27,9 @@ from typing import Any
 
 import msgspec
 
-from triogate.config import ConfigError
-from triogate.errors import FieldError, ValidationError
+# PluginLoadError stays importable from here for plugin authors' tests
+# (examples/plugins); it lives in triogate.errors.
+from triogate.errors import FieldError, PluginLoadError, ValidationError
 from triogate.plugins.contract import Plugin, PluginEnv
 from triogate.validation import convert_all
 
@@ -36,13 +37,6 @@ __all__ = ["ENTRY_POINT_GROUP", "Chain", "PluginLoadError", "build_chain", "disc
 
 ENTRY_POINT_GROUP = "triogate.plugins"
 _ORDER_KEYS = ("before", "after")
-
-
-class PluginLoadError(ConfigError):
-    """A plugin could not be loaded or configured; ``errors`` have paths."""
-
-    def __init__(self, errors: list[FieldError]) -> None:
-        super().__init__(errors, "plugins")
 
 
 class Chain:

@@ -1,31 +1,22 @@
-"""The upstream client: keep-alive connection pools per target, responses
-parsed with httptools (llhttp), connect/read timeouts, streaming both ways.
+"""The upstream client: keep-alive connection pools per target, balancing
+among them, connect timeouts, the retry budget.
 
 Theory of operation
 -------------------
 An ``Upstream`` (one ``[upstreams.NAME]`` table) has one ``TargetPool`` per
 target URL and a balancer that picks one for each request. A pool keeps idle
 keep-alive connections (LIFO: the warmest first) and counts active ones (for
-least-connections balancing).
+least-connections balancing). One request and its answer on one connection
+is exchange.py's job (``UpstreamConnection``); the bytes of both are the
+codec's (``triogate.http.h1client``).
 
-``UpstreamConnection.exchange`` writes the request head (and streams the body
-with back-pressure), then reads until the response head is parsed. The
-response body is handed back as a ``Body`` that keeps reading from the same
-socket; when the message is complete the connection goes back to its pool,
-and if the consumer abandons the body (client gone) it is closed instead:
-a connection with unread bytes on it can never be reused.
-
-The common small response arrives in the same read as its head: then the
-response carries ``content`` bytes and the connection is back in the pool
-before the gateway writes a byte, which lets the listener send head and body
-in one write.
-
-Errors are mapped once, here: refused/reset/protocol garbage -> 502
-``BAD_GATEWAY``, no answer within the timeouts -> 504 ``UPSTREAM_TIMEOUT``. A
-pooled connection is checked before reuse (an idle one that has become
-readable was closed by the upstream); a request that still meets a *stale*
-connection (nothing of the response arrived) is retried once on a fresh one
-when its method is idempotent and its body has not been streamed.
+Errors are mapped once, in exchange.py and here: refused/reset/protocol
+garbage -> 502 ``BAD_GATEWAY``, no answer within the timeouts -> 504
+``UPSTREAM_TIMEOUT``. A pooled connection is checked before reuse (an idle
+one that has become readable was closed by the upstream); a request that
+still meets a *stale* connection (nothing of the response arrived) is
+retried once on a fresh one when its method is idempotent and its body has
+not been streamed.
 
 ``Upstream.send`` calls its ``on_sent`` callback as soon as any byte of the
 request head has been written to an upstream socket (a connection that was
@@ -38,321 +29,51 @@ upstream did not read them.
 
 from __future__ import annotations
 
-import collections
 import math
-import socket
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import httptools
 import msgspec
 import trio
 
 from triogate.config import UpstreamConfig
 from triogate.dataplane import sockio
-from triogate.errors import GatewayError
-from triogate.http import Body, Headers, Response
-from triogate.policy.breaker import Breaker
+from triogate.dataplane.exchange import StaleConnection, UpstreamConnection
+from triogate.errors import BadGateway, UpstreamTimeout, UpstreamUnavailable
+from triogate.http import Body, Response
+from triogate.policy.breaker import Breaker, BreakerSettings, BreakerSnapshot, FailurePolicy
 
 __all__ = [
-    "BadGateway",
     "TargetPool",
+    "TargetStatistics",
     "Upstream",
-    "UpstreamConnection",
-    "UpstreamError",
-    "UpstreamTimeout",
-    "UpstreamUnavailable",
+    "UpstreamStatistics",
 ]
 
-READ_SIZE = 65536
 LIVENESS_CHECK_AFTER = 1.0  # seconds idle before a pooled connection is checked
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_IDLE_PER_TARGET = 256
-MAX_RESPONSE_HEAD_BYTES = 65536
 
 
-class UpstreamError(GatewayError):
-    """An upstream failed. Its ``detail`` names hosts and ports: it goes to
-    the log (with the request id), and clients get ``public_detail``."""
+class TargetStatistics(msgspec.Struct, frozen=True):
+    """One target's pool right now (``TargetPool.statistics()``)."""
 
-    public_detail = "the upstream failed"
-
-
-class BadGateway(UpstreamError):
-    status = 502
-    code = "BAD_GATEWAY"
-    title = "Bad Gateway"
-    public_detail = "the upstream could not be reached or broke the protocol"
+    target: str
+    active: int  # connections in use
+    idle: int  # kept-alive connections waiting
+    opened: int  # connections made in all
+    healthy: bool  # active health checks (if any) pass
+    breaker: BreakerSnapshot | None  # None: no circuit-breaker plugin on it
 
 
-class UpstreamUnavailable(UpstreamError):
-    status = 503
-    code = "UPSTREAM_UNAVAILABLE"
-    title = "Service Unavailable"
-    public_detail = "no healthy upstream target right now; see Retry-After"
+class UpstreamStatistics(msgspec.Struct, frozen=True):
+    """One upstream right now (``Upstream.statistics()``)."""
 
-
-class UpstreamTimeout(UpstreamError):
-    status = 504
-    code = "UPSTREAM_TIMEOUT"
-    title = "Gateway Timeout"
-    public_detail = "the upstream did not answer in time"
-
-
-class _StaleConnection(Exception):
-    """The connection died before any byte of the response: safe to retry."""
-
-
-class _ResponseParser:
-    """httptools callbacks for one response."""
-
-    __slots__ = (
-        "body",
-        "complete",
-        "head_bytes",
-        "headers",
-        "headers_done",
-        "interim",
-        "keep_alive",
-        "parser",
-        "skip_body",
-        "status",
-    )
-
-    def __init__(self, skip_body: bool) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.reset(skip_body)
-
-    def reset(self, skip_body: bool) -> None:
-        """Ready for the next response on the same keep-alive connection
-        (llhttp itself is ready once the previous message completed)."""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done = False
-        self.complete = False
-        self.body: collections.deque[bytes] = collections.deque()
-        self.status = 0
-        self.head_bytes = 0
-        self.skip_body = skip_body
-        self.keep_alive = False
-        self.interim = False
-
-    def on_message_begin(self) -> None:
-        if self.interim:
-            # The final response after a 1xx interim one (100 Continue,
-            # 103 Early Hints): forget the interim one's headers.
-            self.interim = False
-            self.headers = []
-            self.head_bytes = 0
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
-            raise BadGateway("upstream response headers are too large")
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if 100 <= self.status < 200 and self.status != 101:
-            self.interim = True  # not the answer: keep reading for the final one
-            return
-        # Read it now: llhttp resets the flag once the message is complete.
-        self.keep_alive = self.parser.should_keep_alive()
-        self.headers_done = True
-        if self.skip_body:
-            # A response to HEAD (or a 1xx/204/304) has no body whatever its
-            # Content-Length says; llhttp cannot know about HEAD, so we stop.
-            self.complete = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        if not self.interim:
-            self.complete = True
-
-
-class UpstreamConnection:
-    __slots__ = ("idle_since", "parsed", "pool", "requests", "returned", "sock")
-
-    def __init__(self, sock: socket.socket, pool: TargetPool) -> None:
-        self.sock = sock
-        self.pool = pool
-        self.requests = 0
-        self.idle_since = 0.0
-        self.returned = True  # no exchange under way
-        self.parsed: _ResponseParser | None = None
-
-    def __repr__(self) -> str:
-        return f"<UpstreamConnection to {self.pool.authority} after {self.requests} requests>"
-
-    def close(self) -> None:
-        sockio.close(self.sock)
-
-    async def _send_all(self, data: bytes | memoryview) -> None:
-        await sockio.send_all(self.sock, data, self.pool.send_timeout)
-
-    async def _recv(self, read_timeout: float) -> bytes | None:
-        """The next bytes from the upstream, or None after ``read_timeout``."""
-        try:
-            return self.sock.recv(READ_SIZE)
-        except BlockingIOError:
-            pass
-        return await sockio.recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
-
-    async def _send_head(self, head: bytes, on_sent: Callable[[], None] | None) -> None:
-        """Write the head, telling ``on_sent`` once any byte of it is in the
-        kernel's hands (one direct ``send`` first: only it can tell a
-        partial write from none when the connection then fails)."""
-        try:
-            sent = self.sock.send(head)
-        except BlockingIOError:
-            sent = 0
-        if sent and on_sent is not None:
-            on_sent()
-        if sent < len(head):
-            await self._send_all(memoryview(head)[sent:])
-            if on_sent is not None:
-                on_sent()
-
-    async def exchange(
-        self,
-        method: str,
-        head: bytes,
-        body: Body | None,
-        read_timeout: float,
-        on_sent: Callable[[], None] | None = None,
-    ) -> Response:
-        """Send one request and return the response (body still streaming)."""
-        self.requests += 1
-        generation = self.requests
-        self.returned = False
-        reused = self.requests > 1
-        try:
-            await self._send_head(head, on_sent)
-            if body is not None and body.length != 0:
-                if body.length is not None:
-                    async for chunk in body:
-                        await self._send_all(chunk)
-                else:
-                    async for chunk in body:
-                        if chunk:
-                            await self._send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                    await self._send_all(b"0\r\n\r\n")
-        except OSError as exc:
-            self.close()
-            if reused and (body is None or not body.consumed):
-                raise _StaleConnection() from exc
-            raise BadGateway(f"upstream connection failed while sending: {exc}") from exc
-
-        # A body already streamed cannot be sent again on a new connection.
-        replayable = body is None or not body.consumed
-        skip_body = method == "HEAD"
-        parsed = self.parsed
-        if parsed is None or parsed.skip_body:
-            # A fresh parser the first time, and after a response to HEAD:
-            # llhttp was told nothing of that one's missing body.
-            parsed = self.parsed = _ResponseParser(skip_body)
-        else:
-            parsed.reset(skip_body)
-        received_any = False
-        try:
-            while not parsed.headers_done:
-                data = await self._recv(read_timeout)
-                if data is None:
-                    self.close()
-                    raise UpstreamTimeout(f"upstream sent no response within {read_timeout:g} s")
-                if not data:
-                    self.close()
-                    if not received_any and reused and replayable:
-                        raise _StaleConnection()
-                    raise BadGateway("upstream closed the connection before responding")
-                received_any = True
-                parsed.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # llhttp stops at a complete 101 head with bytes after it (the
-            # new protocol's); its head is in, and is refused just below.
-            pass
-        except httptools.HttpParserError as exc:
-            self.close()
-            raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
-        except OSError as exc:
-            self.close()
-            if not received_any and reused and replayable:
-                raise _StaleConnection() from exc
-            raise BadGateway(f"upstream connection failed: {exc}") from exc
-
-        status = parsed.status
-        if status == 101:
-            # A protocol switch the gateway did not ask for.
-            self.close()
-            raise BadGateway("upstream switched protocols unasked")
-        headers = Headers(parsed.headers)
-        keep_alive = parsed.keep_alive
-        if parsed.complete:
-            content = b"".join(parsed.body)
-            self._give_back(keep_alive)
-            return Response(status, headers, content=content)
-        length_raw = headers.get_raw(b"content-length")
-        length = int(length_raw) if length_raw is not None and length_raw.isdigit() else None
-        return Response(
-            status,
-            headers,
-            body=Body(
-                self._stream(parsed, read_timeout, keep_alive, generation),
-                length,
-                on_close=lambda: self._give_back(False, generation),
-            ),
-        )
-
-    async def _stream(
-        self, parsed: _ResponseParser, read_timeout: float, keep_alive: bool, generation: int
-    ) -> AsyncIterator[bytes]:
-        done = False
-        try:
-            while True:
-                while parsed.body:
-                    yield parsed.body.popleft()
-                if parsed.complete:
-                    done = True
-                    return
-                try:
-                    data = await self._recv(read_timeout)
-                except OSError as exc:
-                    raise BadGateway(f"upstream connection failed mid-body: {exc}") from exc
-                if data is None:
-                    raise UpstreamTimeout("upstream stalled while sending the body")
-                if not data:
-                    # Close-delimited body (no length, no chunking) ends here.
-                    if parsed.keep_alive or not self._close_delimited(parsed):
-                        raise BadGateway("upstream closed the connection mid-body")
-                    keep_alive = False
-                    done = True
-                    return
-                try:
-                    parsed.parser.feed_data(data)
-                except httptools.HttpParserError as exc:
-                    raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
-        finally:
-            self._give_back(done and keep_alive, generation)
-
-    def _give_back(self, reusable: bool, generation: int | None = None) -> None:
-        """Return the connection after an answer, once only, and only for
-        the exchange that took it (``generation``): a late close of an old
-        answer's body must not hand back a connection now serving another."""
-        if generation is not None and generation != self.requests:
-            return
-        if not self.returned:
-            self.returned = True
-            self.pool.release(self, reusable=reusable)
-
-    @staticmethod
-    def _close_delimited(parsed: _ResponseParser) -> bool:
-        headers = Headers(parsed.headers)
-        return (
-            headers.get_raw(b"content-length") is None
-            and headers.get_raw(b"transfer-encoding") is None
-        )
+    name: str
+    balance: str
+    in_flight: int
+    retries_in_flight: int
+    targets: tuple[TargetStatistics, ...]
 
 
 class TargetPool:
@@ -377,7 +98,6 @@ class TargetPool:
         # Passive health: set by the circuit-breaker plugin (one per target).
         self.breaker: Breaker | None = None
         self.failure_policy: FailurePolicy = FailurePolicy()
-        self.breaker_bound = False  # bound by a plugin of the config being built
         # Active health: set by the health checker, if the upstream has one.
         self.healthy = True
 
@@ -385,20 +105,16 @@ class TargetPool:
         breaker = f", breaker {self.breaker.state.value}" if self.breaker else ""
         return f"<TargetPool {self.url} {self.active} active, {len(self._idle)} idle{breaker}>"
 
-    def statistics(self) -> dict[str, Any]:
-        now = trio.current_time()
-        return {
-            "target": self.url,
-            "active": self.active,
-            "idle": len(self._idle),
-            "opened": self.opened,
-            "healthy": self.healthy,
-            "breaker": (
-                msgspec.structs.asdict(self.breaker.snapshot(now))
-                if self.breaker is not None
-                else None
-            ),
-        }
+    def statistics(self) -> TargetStatistics:
+        breaker = self.breaker
+        return TargetStatistics(
+            target=self.url,
+            active=self.active,
+            idle=len(self._idle),
+            opened=self.opened,
+            healthy=self.healthy,
+            breaker=breaker.snapshot(trio.current_time()) if breaker is not None else None,
+        )
 
     def usable(self, now: float) -> bool:
         """Healthy (active checks) and not refused by its breaker."""
@@ -461,23 +177,6 @@ class TargetPool:
         self._idle.clear()
 
 
-class FailurePolicy(msgspec.Struct, frozen=True):
-    """What counts as a failure for a breaker: by default transport errors,
-    timeouts and any 5xx status."""
-
-    statuses: frozenset[int] = frozenset()  # empty: every 5xx
-    transport_errors: bool = True
-    timeouts: bool = True
-
-    def failed(self, status: int | None, error: str | None) -> bool:
-        if error == "timeout":
-            return self.timeouts
-        if error is not None:
-            return self.transport_errors
-        assert status is not None
-        return status in self.statuses if self.statuses else status >= 500
-
-
 # Balancers: pick one of the usable pools (a subset that changes as
 # breakers open and health checks fail). Strategies in a table, as in Kong.
 def _round_robin(upstream: Upstream, pools: list[TargetPool]) -> TargetPool:
@@ -519,14 +218,14 @@ class Upstream:
     def __repr__(self) -> str:
         return f"<Upstream {self.name} {self.config.balance} {self.pools!r}>"
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "balance": self.config.balance,
-            "in_flight": self.in_flight,
-            "retries_in_flight": self.retries_in_flight,
-            "targets": [p.statistics() for p in self.pools],
-        }
+    def statistics(self) -> UpstreamStatistics:
+        return UpstreamStatistics(
+            name=self.name,
+            balance=self.config.balance,
+            in_flight=self.in_flight,
+            retries_in_flight=self.retries_in_flight,
+            targets=tuple(p.statistics() for p in self.pools),
+        )
 
     def pick(self, now: float, avoid: frozenset[str] | set[str] = frozenset()) -> TargetPool:
         """A usable target, preferring those not in ``avoid`` (already
@@ -543,6 +242,15 @@ class Upstream:
         if pool.breaker is not None:
             pool.breaker.allow(now)  # takes the probe slot when half-open
         return pool
+
+    # The plugin API's ``UpstreamView`` (``ctx.upstream``): what the upstream
+    # wrappers may see and ask of the live upstream.
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.config.targets)
+
+    def use_breaker(self, settings: BreakerSettings, failures: FailurePolicy) -> None:
+        raise RuntimeError("use_breaker is for bind: breakers change when a config is applied")
 
     def begin_retry(self, ratio: float, minimum: int) -> bool:
         """May one more retry run? Retries in flight stay under ``ratio`` of
@@ -610,7 +318,7 @@ class Upstream:
         conn = await pool.acquire(now=now)
         try:
             return await conn.exchange(method, head, body, timeout, on_sent)
-        except _StaleConnection:
+        except StaleConnection:
             pool.discard(conn)
             if method not in IDEMPOTENT_METHODS:
                 # The upstream may have acted on it before closing: a proxy
@@ -625,7 +333,7 @@ class Upstream:
         conn = await pool.acquire(fresh=True)
         try:
             return await conn.exchange(method, head, body, timeout, on_sent)
-        except _StaleConnection:
+        except StaleConnection:
             pool.discard(conn)
             raise BadGateway(f"upstream {pool.authority} closed the connection twice") from None
         except BaseException:

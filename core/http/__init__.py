@@ -1,15 +1,24 @@
 """HTTP without I/O: the message model every part of the data plane shares
-(``message``), the HTTP/1.1 request parser glue (``h1parse``), response
-framing (``h1write``) and client-address normalisation (``netaddr``).
+(``message``), one HTTP/1.1 codec, and client-address normalisation
+(``netaddr``).
 
-Nothing here touches a socket; the listener, the ASGI adapter and the
-upstream client drive these pieces from their own loops."""
+The codec, in the manner of h11 (bytes in, decisions and bytes out):
+
+* ``h1frame``: how a body is framed (Content-Length, chunked,
+  close-delimited, none), decided once for the listener and the ASGI
+  adapter alike, and chunk encoding;
+* ``h1parse``: the llhttp (httptools) glue that reads requests;
+* ``h1write``: response heads as the native listener writes them;
+* ``h1client``: the upstream request head, and the glue that reads the
+  upstream's answers (used by the upstream client and the health checker).
+
+Nothing here touches a socket; the listener, the ASGI adapter, the upstream
+client and the health checker drive these pieces from their own loops."""
 
 from triogate.http.message import (
     GATEWAY_SET,
     HOP_BY_HOP,
     Body,
-    ClientDisconnected,
     Headers,
     Request,
     Response,
@@ -22,7 +31,6 @@ __all__ = [
     "GATEWAY_SET",
     "HOP_BY_HOP",
     "Body",
-    "ClientDisconnected",
     "Headers",
     "Request",
     "Response",

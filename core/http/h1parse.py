@@ -18,28 +18,11 @@ import httptools
 
 from triogate.errors import BadRequest, GatewayError, HeadersTooLarge, PayloadTooLarge
 
-__all__ = [
-    "ExpectationFailed",
-    "PendingRequest",
-    "RequestParser",
-    "RequestTimeout",
-]
+__all__ = ["PendingRequest", "RequestParser"]
 
 # What llhttp reports for a request line it accepts; "0.9" is its answer to
 # a line without a version (``GET /path``), which is refused.
 SUPPORTED_VERSIONS: Final = frozenset({"1.0", "1.1"})
-
-
-class RequestTimeout(GatewayError):
-    status = 408
-    code = "REQUEST_TIMEOUT"
-    title = "Request Timeout"
-
-
-class ExpectationFailed(GatewayError):
-    status = 417
-    code = "EXPECTATION_FAILED"
-    title = "Expectation Failed"
 
 
 class PendingRequest:
@@ -52,6 +35,7 @@ class PendingRequest:
         "chunks",
         "complete",
         "error",
+        "expect",
         "expect_continue",
         "head_done",
         "headers",
@@ -70,6 +54,7 @@ class PendingRequest:
         self.method = "GET"
         self.version = "1.1"
         self.keep_alive = True
+        self.expect: bytes | None = None
         self.expect_continue = False
         self.head_done = False
         # The body stream failed (bad chunk, timeout, client gone): what is
@@ -83,6 +68,32 @@ class PendingRequest:
     def target(self) -> str:
         """The request target as received, for the access log (bounded)."""
         return self.url[:1024].decode("latin-1")
+
+    def read_framing(self) -> int | None:
+        """The head's framing, from one scan of its headers as llhttp framed
+        the body (before hop-by-hop headers are removed): the body's
+        declared length (0 without one, None when chunked); its ``Expect``
+        value is left in ``expect``. BadRequest unless there is exactly one
+        ``Host`` (an HTTP/1.0 request may have none)."""
+        hosts = 0
+        chunked = False
+        raw_length = expect = None
+        for name, value in self.headers:
+            if name == b"host":
+                hosts += 1
+            elif name == b"content-length":
+                raw_length = value  # llhttp refuses a second one
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"expect" and expect is None:
+                expect = value
+        if hosts > 1 or (not hosts and self.version == "1.1"):
+            raise BadRequest("exactly one Host header is required")
+        self.expect = expect
+        if chunked:
+            return None
+        # llhttp has checked the syntax (and refused Content-Length with chunked).
+        return 0 if raw_length is None else int(raw_length)
 
 
 class RequestParser:

@@ -1,9 +1,10 @@
 """Writing HTTP/1.1 response heads for the native listener (sans-IO).
 
 ``response_head`` turns a ``Response`` into the bytes of its status line and
-header block, decides the framing (Content-Length, chunked, or close-
-delimited for HTTP/1.0) and whether the connection may stay open. The
-listener sends the bytes; nothing here touches a socket.
+header block, with the framing ``h1frame.response_framing`` decides
+(Content-Length, chunked, close-delimited for HTTP/1.0, or no body) and
+whether the connection may stay open. The listener sends the bytes;
+nothing here touches a socket.
 
 ``Date``: RFC 9110 §6.6.1 wants one on every answer from a server with a
 clock. The gateway adds it to the answers it makes itself and to an
@@ -20,7 +21,15 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final
 
-from triogate.http import Body, Response
+from triogate.http.h1frame import (
+    CHUNKED,
+    CONTENT_LENGTH,
+    FRAMING_HEADERS,
+    NO_BODY,
+    Framing,
+    response_framing,
+)
+from triogate.http.message import Body, Response
 
 __all__ = ["http_date", "response_head"]
 
@@ -28,8 +37,6 @@ _REASONS: Final = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 STATUS_LINES: Final = {
     code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()
 }
-NO_BODY_STATUSES: Final = frozenset({204, 304})
-_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class _DateCache:
@@ -54,18 +61,18 @@ def http_date() -> bytes:
 
 def response_head(
     response: Response, method: str, version: str, keep_alive: bool
-) -> tuple[list[bytes], Body | None, bool, bool]:
+) -> tuple[list[bytes], Body | None, Framing, bool]:
     """The head of ``response`` as a list of byte strings (the caller joins
-    them, with ``content`` appended when there is any), the body still to
-    stream (None when none is to be sent: the caller closes an unsent
-    ``response.body``), whether that body goes out chunked, and whether the
+    them; ``content`` is appended when there is any to send), the body
+    still to stream (None when none is to be sent: the caller closes an
+    unsent ``response.body``), how that body is framed, and whether the
     connection may be kept."""
     status = response.status
     head = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
     head_request = method == "HEAD"
     has_date = False
     for name, value in response.headers.raw:
-        if name in _FRAMING and not head_request:
+        if name in FRAMING_HEADERS and not head_request:
             continue
         if name == b"date":
             has_date = True
@@ -74,21 +81,23 @@ def response_head(
         head.append(http_date())
     content = response.content
     body = response.body
-    chunked = False
-    if status in NO_BODY_STATUSES or (100 <= status < 200) or head_request:
-        content, body = None, None
-    elif body is None:
-        head.append(b"content-length: %d\r\n" % len(content or b""))
-    elif body.length is not None:
-        head.append(b"content-length: %d\r\n" % body.length)
-    elif version == "1.1":
-        head.append(b"transfer-encoding: chunked\r\n")
-        chunked = True
+    if body is None:
+        length: int | None = 0 if content is None else len(content)
     else:
-        keep_alive = False  # HTTP/1.0: the close ends the body
+        length = body.length
+    framing = response_framing(status, method, version, length)
+    if framing is CONTENT_LENGTH:
+        assert length is not None  # decided only for a known length
+        head.append(b"content-length: %d\r\n" % length)
+    elif framing is CHUNKED:
+        head.append(b"transfer-encoding: chunked\r\n")
+    elif framing is NO_BODY:
+        content, body = None, None
+    else:
+        keep_alive = False  # close-delimited: the close ends the body
     if not keep_alive:
         head.append(b"connection: close\r\n")
     head.append(b"\r\n")
     if content:
         head.append(content)
-    return head, body, chunked, keep_alive
+    return head, body, framing, keep_alive

@@ -14,13 +14,12 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Final
 
-from triogate.errors import BadRequest
+from triogate.errors import BadRequest, Problem
 
 __all__ = [
     "GATEWAY_SET",
     "HOP_BY_HOP",
     "Body",
-    "ClientDisconnected",
     "Headers",
     "Request",
     "Response",
@@ -45,11 +44,6 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 
-class ClientDisconnected(Exception):
-    """The client went away (mid-body, mid-response). Not an error of ours:
-    nobody is left to answer, so every layer lets it through quietly."""
-
-
 # Paths are checked as ``str``: ``b"%" in path`` costs ~8x ``"%" in path``
 # on CPython (the bytes test first tries the needle as an int), and the
 # ASCII decode is needed for the result anyway.
@@ -57,11 +51,12 @@ _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _SLASHES = re.compile(r"//+")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
-# Headers the gateway itself sets on (or strips from) the upstream request.
-# With ``underscores_in_headers`` on, a client header that a CGI or WSGI
+# Headers the gateway itself sets on (or strips from) the upstream request:
+# the upstream head builder (h1client.py) drops a client's own. With
+# ``underscores_in_headers`` on, a client header that a CGI or WSGI
 # upstream would read as one of these (``X_Key_ID`` is ``HTTP_X_KEY_ID``,
 # like ``X-Key-ID``) is still dropped: it would shadow the gateway's own.
-# Kept in step with pipeline._REPLACED by tests/test_header_names.py.
+# tests/test_header_names.py checks every header the builder writes is here.
 GATEWAY_SET: Final = HOP_BY_HOP | frozenset(
     {
         b"host",
@@ -357,7 +352,7 @@ class Response:
     """A response: from the upstream (streaming ``body``) or made by the
     gateway or a plugin (``content`` bytes)."""
 
-    __slots__ = ("body", "content", "from_gateway", "headers", "status")
+    __slots__ = ("body", "content", "from_gateway", "headers", "problem", "status")
 
     def __init__(
         self,
@@ -375,6 +370,9 @@ class Response:
         # True for what the gateway itself answered (problem+json errors):
         # body-editing plugins leave those whole.
         self.from_gateway = from_gateway
+        # Set on the gateway's problem+json answers (code, request id), so
+        # telemetry never decodes the body back.
+        self.problem: Problem | None = None
 
     def __repr__(self) -> str:
         kind = "streaming" if self.body is not None else f"{len(self.content or b'')} bytes"

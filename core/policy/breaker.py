@@ -34,7 +34,14 @@ from typing import Final
 
 import msgspec
 
-__all__ = ["Breaker", "BreakerSettings", "BreakerSnapshot", "State"]
+__all__ = [
+    "Breaker",
+    "BreakerSettings",
+    "BreakerSnapshot",
+    "FailurePolicy",
+    "State",
+    "breaker_for",
+]
 
 
 class State(enum.Enum):
@@ -59,6 +66,23 @@ class BreakerSettings(msgspec.Struct, frozen=True):
     growth: float = 2.0
     half_open_probes: int = 1
     success_threshold: int = 1
+
+
+class FailurePolicy(msgspec.Struct, frozen=True):
+    """What counts as a failure for a breaker: by default transport errors,
+    timeouts and any 5xx status."""
+
+    statuses: frozenset[int] = frozenset()  # empty: every 5xx
+    transport_errors: bool = True
+    timeouts: bool = True
+
+    def failed(self, status: int | None, error: str | None) -> bool:
+        if error == "timeout":
+            return self.timeouts
+        if error is not None:
+            return self.transport_errors
+        assert status is not None
+        return status in self.statuses if self.statuses else status >= 500
 
 
 class BreakerSnapshot(msgspec.Struct, frozen=True):
@@ -221,3 +245,15 @@ _TRANSITIONS: Final[dict[tuple[State, Event], Callable[[Breaker, float], None]]]
     (State.HALF_OPEN, Event.SUCCESS): Breaker._half_open_success,
     (State.HALF_OPEN, Event.FAILURE): Breaker._half_open_failure,
 }
+
+
+def breaker_for(current: Breaker | None, settings: BreakerSettings | None) -> Breaker | None:
+    """The breaker a target should have under a new config: none when no
+    route configures one; the ``current`` one, state and all, when its
+    settings did not change (a reload must not close an open breaker); else
+    a new one. A decision only: the caller installs the result."""
+    if settings is None:
+        return None
+    if current is not None and current.settings == settings:
+        return current
+    return Breaker(settings)

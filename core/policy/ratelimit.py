@@ -24,23 +24,32 @@ Several limits on one request are decided all-or-nothing by ``acquire``:
 every limit is checked first, and state changes only if all allow, so a
 denied request consumes nothing. ``release`` gives a reservation back (a
 request that a later check refused consumes nothing either).
+
+One rate limit, one type per layer: ``triogate.config.RateLimitConfig`` as
+configured (``[keys] default_rate_limit``, the ``rate-limit`` plugin's
+settings), ``triogate.storage.RateLimit`` as stored on a key, and ``Limit``
+here, what a decision takes. ``limit_from`` is the one conversion (config or
+storage to ``Limit``); nothing converts back, since a ``Limit`` is never
+configured or stored.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 import msgspec
 
 __all__ = [
     "Decision",
     "Limit",
+    "LimitSpec",
     "LimitState",
     "Reservation",
     "acquire",
     "decide",
+    "limit_from",
     "release",
 ]
 
@@ -86,6 +95,27 @@ class Limit(msgspec.Struct, frozen=True, gc=False):
     @property
     def interval(self) -> float:
         return self.period / self.limit
+
+
+class LimitSpec(Protocol):
+    """A rate limit as configured or stored (``RateLimitConfig``, storage's
+    ``RateLimit``): what ``limit_from`` needs of it."""
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def period_seconds(self) -> float: ...
+
+    @property
+    def algorithm(self) -> Algorithm: ...
+
+
+def limit_from(spec: LimitSpec, name: str, state_key: str = "") -> Limit:
+    """The ``Limit`` a configured or stored rate limit decides with, reported
+    as ``name``; ``state_key`` as in ``Limit``. Called when a config or a key
+    record is read, never per request."""
+    return Limit(name, spec.limit, spec.period_seconds, spec.algorithm, state_key)
 
 
 class LimitState:

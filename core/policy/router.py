@@ -1,5 +1,9 @@
 """Request routing: (method, raw path, Accept-Version) -> route, params, version.
 
+Three modules: ``routetemplate`` parses route templates (typed segments,
+rewrites, versions), ``routetable`` holds the compiled trie (``Route``,
+``Match``, nodes and leaves), and this one builds and walks it (``Router``).
+
 Theory of operation
 -------------------
 ``Router.compile`` turns the ``[[routes]]`` table into a trie once per config;
@@ -65,467 +69,30 @@ can take, so ``/users/`` and ``/users`` are different paths.
 
 from __future__ import annotations
 
-import functools
-import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC
-from email.utils import format_datetime
-from typing import Final, NoReturn
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
-import msgspec
-
-from triogate.config import ApiVersionConfig, ConfigError, RouteConfig
-from triogate.errors import FieldError, InvalidPathParameter, MethodNotAllowed, RouteNotFound
-from triogate.policy.userregex import Pattern, RegexError, compile_linear
+from triogate.config import ApiVersionConfig, RouteConfig
+from triogate.errors import (
+    ConfigError,
+    FieldError,
+    InvalidPathParameter,
+    MethodNotAllowed,
+    RouteNotFound,
+)
+from triogate.policy.routetable import Leaf, Match, Node, Route, RouterStatistics, first_invalid
+from triogate.policy.routetemplate import (
+    NO_HEADERS,
+    STATIC,
+    Headers,
+    canonical_int,
+    deprecation_headers_for,
+    parse_path,
+    rewrite_template,
+    version_key,
+)
 
 __all__ = ["Match", "Route", "Router", "RouterStatistics"]
-
-# The methods a route may declare (config.HttpMethod). A request with any other
-# method can only reach a route that declares none (= every method).
-METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-MAX_SEGMENTS: Final = 128  # keeps the recursive walk far from Python's recursion limit
-
-Headers = tuple[tuple[str, str], ...]
-_NO_HEADERS: Final[Headers] = ()
-
-
-# --- parameter types -------------------------------------------------------
-
-
-def _is_int(text: str) -> bool:
-    digits = text[1:] if text[:1] == "-" else text
-    # isdigit() alone accepts '²' and other non-ASCII digits.
-    return digits.isascii() and digits.isdigit()
-
-
-_UUID: Final = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-
-
-@dataclass(frozen=True, slots=True)
-class _ParamType:
-    key: str  # part of the shape: "int", "uuid", "str", "path" or "re:<regex>"
-    pattern: str  # regex for this param inside a mixed segment
-    check: Callable[[str], object] | None  # None: any non-empty segment
-    rank: int  # precedence among whole-segment params at one node
-    expected: str  # completes "path parameter 'id' must ..."
-    inner_groups: int = 0  # capturing groups inside a user regex
-
-
-_TYPES: Final[dict[str, _ParamType]] = {
-    "int": _ParamType("int", r"-?[0-9]+", _is_int, 0, "be an int"),
-    "uuid": _ParamType("uuid", _UUID, re.compile(_UUID).fullmatch, 1, "be a UUID"),
-    "str": _ParamType("str", r"[^/]+?", None, 2, "be a non-empty segment"),
-    "path": _ParamType("path", "", None, 4, "be a non-empty path"),
-}
-_REGEX_RANK: Final = 3
-_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _regex_type(source: str) -> _ParamType:
-    # RE2, not re: linear time whatever the pattern (see userregex.py).
-    compiled = compile_linear(source)  # RegexError is reported by the caller
-    return _ParamType(
-        "re:" + source,
-        f"(?:{source})",
-        compiled.fullmatch,
-        _REGEX_RANK,
-        f"match the pattern {source!r}",
-        compiled.groups,
-    )
-
-
-# --- templates ---------------------------------------------------------------
-
-_STATIC, _PARAM, _MIXED, _PATH = range(4)
-
-
-@dataclass(frozen=True, slots=True)
-class _Param:
-    name: str
-    type: _ParamType
-
-
-@dataclass(frozen=True, slots=True)
-class _Segment:
-    kind: int
-    text: str
-    params: tuple[_Param, ...] = ()
-    key: Hashable = None  # equal keys <=> same shape at this level
-    pattern: Pattern | None = None  # mixed: params typed
-    shape: re.Pattern[str] | None = None  # mixed: every param is "any text"
-    groups: tuple[int, ...] | None = None  # mixed: param group numbers, if not 1..n
-    literal_len: int = 0
-
-
-def _split_template(template: str, errors: list[str]) -> list[list[str | tuple[str, int]]]:
-    """Split on '/' outside braces; each segment is a list of literal text and
-    (param spec, position) items. Braces nest (``{s:re:[a-z]{2}}``) and a
-    backslash escapes the next character inside them."""
-    segments: list[list[str | tuple[str, int]]] = []
-    parts: list[str | tuple[str, int]] = []
-    literal: list[str] = []
-    i, n = 1, len(template)  # template[0] == "/" (RouteConfig's pattern)
-    while i < n:
-        c = template[i]
-        if c == "/":
-            if literal:
-                parts.append("".join(literal))
-                literal.clear()
-            segments.append(parts)
-            parts = []
-        elif c == "{":
-            depth, j = 1, i + 1
-            while j < n:
-                if template[j] == "\\":
-                    j += 2
-                    continue
-                if template[j] == "{":
-                    depth += 1
-                elif template[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j += 1
-            if j >= n:
-                errors.append(f"unbalanced '{{' at position {i}")
-                return []
-            if literal:
-                parts.append("".join(literal))
-                literal.clear()
-            parts.append((template[i + 1 : j], i))
-            i = j
-        elif c == "}":
-            errors.append(f"unbalanced '}}' at position {i}")
-            return []
-        else:
-            literal.append(c)
-        i += 1
-    if literal:
-        parts.append("".join(literal))
-    segments.append(parts)
-    return segments
-
-
-def _parse_param(spec: str, errors: list[str]) -> _Param | None:
-    name, _, type_spec = spec.partition(":")
-    if not _NAME_RE.fullmatch(name):
-        errors.append(f"invalid parameter name {name!r}")
-        return None
-    if not type_spec:
-        return _Param(name, _TYPES["str"])
-    if type_spec.startswith("re:"):
-        source = type_spec[3:]
-        if not source:
-            errors.append(f"invalid regex for parameter {name!r}: empty")
-            return None
-        try:
-            return _Param(name, _regex_type(source))
-        except RegexError as exc:
-            errors.append(f"invalid regex {source!r}: {exc} (RE2 syntax)")
-            return None
-    ptype = _TYPES.get(type_spec)
-    if ptype is None:
-        errors.append(f"unknown parameter type {type_spec!r}")
-        return None
-    return _Param(name, ptype)
-
-
-def _mixed_segment(text: str, parts: list[str | _Param], errors: list[str]) -> _Segment | None:
-    typed, shape, key, groups = [], [], [], []
-    group = 1
-    for part in parts:
-        if isinstance(part, str):
-            typed.append(re.escape(part))
-            shape.append(re.escape(part))
-            key.append(("", part))
-        else:
-            typed.append(f"({part.type.pattern})")
-            shape.append("([^/]+?)")
-            key.append(("{}", part.type.key))
-            groups.append(group)
-            group += 1 + part.type.inner_groups
-    # A user regex inside makes the whole segment RE2's (linear time).
-    user = any(isinstance(p, _Param) and p.type.key.startswith("re:") for p in parts)
-    pattern: Pattern
-    try:
-        pattern = compile_linear("".join(typed)) if user else re.compile("".join(typed))
-    except (re.error, RegexError) as exc:
-        errors.append(f"invalid regex in segment {text!r}: {exc}")
-        return None
-    params = tuple(p for p in parts if isinstance(p, _Param))
-    return _Segment(
-        _MIXED,
-        text,
-        params,
-        ("mixed", *key),
-        pattern,
-        re.compile("".join(shape)),
-        None if pattern.groups == len(params) else tuple(groups),
-        sum(len(p) for p in parts if isinstance(p, str)),
-    )
-
-
-def _parse_path(template: str) -> tuple[list[_Segment], list[str]]:
-    """The segments of a route path, or the problems with it (without prefix)."""
-    errors: list[str] = []
-    raw_segments = _split_template(template, errors)
-    if len(raw_segments) > MAX_SEGMENTS:
-        errors.append(f"more than {MAX_SEGMENTS} segments")
-    segments: list[_Segment] = []
-    seen: set[str] = set()
-    last = len(raw_segments) - 1
-    for index, raw in enumerate(raw_segments):
-        text = "".join(p if isinstance(p, str) else "{" + p[0] + "}" for p in raw)
-        parts: list[str | _Param] = []
-        for item in raw:
-            if isinstance(item, str):
-                parts.append(item)
-                continue
-            param = _parse_param(item[0], errors)
-            if param is None:
-                continue
-            if param.name in seen:
-                errors.append(f"duplicate parameter name {param.name!r}")
-            seen.add(param.name)
-            if param.type.key == "path":
-                if index != last:
-                    errors.append(f"a {{{param.name}:path}} parameter must be the last segment")
-                elif len(raw) != 1:
-                    errors.append(f"a {{{param.name}:path}} parameter must fill its segment")
-            parts.append(param)
-        if errors:
-            continue  # keep collecting problems, but build nothing
-        if not any(isinstance(p, _Param) for p in parts):
-            segments.append(_Segment(_STATIC, text, key=("static", text)))
-        elif len(parts) == 1 and isinstance(parts[0], _Param):
-            param = parts[0]
-            kind = _PATH if param.type.key == "path" else _PARAM
-            segments.append(_Segment(kind, text, (param,), (param.type.key,)))
-        else:
-            segment = _mixed_segment(text, parts, errors)
-            if segment is not None:
-                segments.append(segment)
-    return segments, errors
-
-
-def _rewrite_template(template: str, names: Sequence[str] | None, errors: list[str]) -> str | None:
-    """``/users/{id}`` -> a ``str.format_map`` string. Literal text is escaped,
-    so only ``{param}`` fields are substituted."""
-    out: list[str] = []
-    i, n = 0, len(template)
-    while i < n:
-        c = template[i]
-        if c == "{":
-            j = template.find("}", i)
-            if j < 0:
-                errors.append(f"unbalanced '{{' at position {i}")
-                return None
-            name = template[i + 1 : j]
-            if names is not None and name not in names:
-                errors.append(f"unknown parameter {name!r}")
-            out.append("{" + name + "}")
-            i = j + 1
-            continue
-        if c == "}":
-            errors.append(f"unbalanced '}}' at position {i}")
-            return None
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-# --- versions ----------------------------------------------------------------
-
-
-def _compare_versions(a: str, b: str) -> int:
-    if a.isascii() and a.isdigit() and b.isascii() and b.isdigit():
-        x, y = int(a), int(b)
-        return (x > y) - (x < y)
-    return (a > b) - (a < b)
-
-
-_version_key: Final = functools.cmp_to_key(_compare_versions)
-
-
-def _canonical_int(text: str) -> str:
-    """``v01`` and ``v1`` are the same version (string ops: int() of a huge
-    path segment would raise past Python's digit limit)."""
-    negative = text.startswith("-")
-    digits = (text[1:] if negative else text).lstrip("0") or "0"
-    return "-" + digits if negative and digits != "0" else digits
-
-
-def _deprecation_headers(config: ApiVersionConfig) -> Headers:
-    headers: list[tuple[str, str]] = []
-    if config.deprecated:
-        headers.append(("Deprecation", "true"))
-    if config.sunset is not None:
-        # RFC 9110 IMF-fixdate, e.g. "Wed, 30 Jun 2027 00:00:00 GMT".
-        headers.append(("Sunset", format_datetime(config.sunset.astimezone(UTC), usegmt=True)))
-    return tuple(headers)
-
-
-# --- compiled structures -----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, eq=False, repr=False)
-class Route:
-    """One configured route, compiled."""
-
-    name: str
-    index: int  # position in the config's routes list
-    config: RouteConfig
-    methods: frozenset[str] | None  # as declared; None: every method
-    version: str | None  # RouteConfig.version (None when the path has {version})
-    param_names: tuple[str, ...]  # in template order, as captured
-    deprecation_headers: Headers  # for ``version``; path versions look theirs up
-    _segments: tuple[_Segment, ...]
-    _version_param: int | None  # index of {version} in param_names
-    _version_is_int: bool
-    _rewrite: str | None  # format_map template, None: forward the path unchanged
-
-    def allows(self, method: str) -> bool:
-        if self.methods is None:
-            return True
-        return method in self.methods or (method == "HEAD" and "GET" in self.methods)
-
-    def __repr__(self) -> str:
-        return f"<Route {self.index} {self.name!r} {self.config.path}>"
-
-
-class Match(msgspec.Struct, frozen=True):
-    """What ``Router.match`` found for one request."""
-
-    route: Route
-    params: dict[str, str]  # raw (still percent-encoded) segment text
-    version: str | None  # from {version} in the path, else the route's version
-    deprecation_headers: Headers  # shared, precomputed: never mutated
-    path: str  # the request path as received
-
-
-@dataclass(frozen=True, slots=True)
-class RouterStatistics:
-    routes: int
-    nodes: int
-    max_depth: int
-    lookups: int  # match() calls so far
-    nodes_visited: int  # trie nodes the fast walk has entered, in total
-
-
-class _Table:
-    """The routes of one leaf that allow one method, by version."""
-
-    __slots__ = ("default", "versions")
-
-    def __init__(self, routes: list[Route]) -> None:
-        self.versions: dict[str, Route] = {}
-        for route in routes:
-            if route.version is not None:
-                self.versions.setdefault(route.version, route)
-        unversioned = [r for r in routes if r.version is None]
-        # Without Accept-Version: the unversioned route, else the newest version.
-        self.default: Route = (
-            unversioned[0] if unversioned else self.versions[max(self.versions, key=_version_key)]
-        )
-
-    def select(self, accept: str) -> Route | None:
-        # A leaf without versioned routes ignores the header: a client that
-        # sends Accept-Version everywhere must still reach unversioned routes.
-        return self.versions.get(accept) if self.versions else self.default
-
-
-class _Leaf:
-    __slots__ = ("allow", "defaults", "other", "routes", "tables")
-
-    def __init__(self, routes: list[Route]) -> None:
-        self.routes = routes
-        self.tables: dict[str, _Table] = {}
-        for method in METHODS:
-            candidates = [r for r in routes if r.methods is None or method in r.methods]
-            if method == "HEAD":  # GET routes answer HEAD unless one claims it
-                claimed = {r.version for r in candidates}
-                candidates += [
-                    r
-                    for r in routes
-                    if r.methods is not None and "GET" in r.methods and r.version not in claimed
-                ]
-            if candidates:
-                self.tables[method] = _Table(candidates)
-        every = [r for r in routes if r.methods is None]
-        self.other: _Table | None = _Table(every) if every else None
-        self.defaults: dict[str, Route] = {m: t.default for m, t in self.tables.items()}
-        self.allow: frozenset[str] | None = None if every else frozenset(self.tables)
-
-    def resolve(self, method: str, accept: str | None) -> Route | None:
-        if accept is None:
-            route = self.defaults.get(method)
-            return route if route is not None or self.other is None else self.other.default
-        table = self.tables.get(method, self.other)
-        return None if table is None else table.select(accept)
-
-
-class _Node:
-    __slots__ = ("catchall", "keyed", "leaf", "mixed", "params", "routes", "static", "static_only")
-
-    def __init__(self) -> None:
-        self.static: dict[str, _Node] = {}
-        # (typed regex, param group numbers or None, child, shape regex)
-        self.mixed: tuple[tuple[Pattern, tuple[int, ...] | None, _Node, re.Pattern[str]], ...] = ()
-        self.params: tuple[tuple[Callable[[str], object] | None, _Node], ...] = ()
-        self.catchall: _Node | None = None
-        self.leaf: _Leaf | None = None
-        self.static_only = True
-        # Build time only: non-static children by shape key, and routes ending here.
-        self.keyed: dict[Hashable, tuple[_Segment, _Node]] = {}
-        self.routes: list[Route] = []
-
-    def child(self, segment: _Segment) -> _Node:
-        if segment.kind == _STATIC:
-            return self.static.setdefault(segment.text, _Node())
-        if segment.key not in self.keyed:
-            self.keyed[segment.key] = (segment, _Node())
-        return self.keyed[segment.key][1]
-
-    def freeze(self) -> None:
-        """Order the non-static children by precedence for the walk."""
-        mixed = sorted(
-            (s for s, _ in self.keyed.values() if s.kind == _MIXED), key=lambda s: -s.literal_len
-        )
-        self.mixed = tuple(
-            (s.pattern, s.groups, self.keyed[s.key][1], s.shape)
-            for s in mixed
-            if s.pattern is not None and s.shape is not None
-        )
-        params = sorted(
-            (s for s, _ in self.keyed.values() if s.kind == _PARAM),
-            key=lambda s: s.params[0].type.rank,
-        )
-        self.params = tuple((s.params[0].type.check, self.keyed[s.key][1]) for s in params)
-        paths = [n for s, n in self.keyed.values() if s.kind == _PATH]
-        self.catchall = paths[0] if paths else None
-        self.static_only = not (self.mixed or self.params or self.catchall)
-        if self.routes:
-            self.leaf = _Leaf(self.routes)
-
-    def children(self) -> list[_Node]:
-        return [*self.static.values(), *(n for _, n in self.keyed.values())]
-
-
-def _first_invalid(route: Route, segments: list[str]) -> _Param | None:
-    """The first param of ``route`` (whose shape ``segments`` has) that fails its type."""
-    for spec, text in zip(route._segments, segments, strict=False):
-        if spec.kind == _PARAM:
-            param = spec.params[0]
-            if param.type.check is not None and not param.type.check(text):
-                return param
-        elif spec.kind == _MIXED and spec.shape is not None:
-            found = spec.shape.fullmatch(text)
-            values = found.groups() if found is not None else ()
-            for param, value in zip(spec.params, values, strict=False):
-                if param.type.check is not None and not param.type.check(value):
-                    return param
-    return None
 
 
 # --- the router --------------------------------------------------------------
@@ -548,7 +115,7 @@ class Router:
 
     def __init__(
         self,
-        root: _Node,
+        root: Node,
         routes: tuple[Route, ...],
         deprecations: dict[str, Headers],
         nodes: int,
@@ -556,9 +123,9 @@ class Router:
     ) -> None:
         self._root = root
         # Paths of wholly static routes -> their leaf: the commonest case, no walk.
-        self._exact: dict[str, _Leaf] = {}
+        self._exact: dict[str, Leaf] = {}
         for route in routes:
-            if all(s.kind == _STATIC for s in route._segments):
+            if all(s.kind == STATIC for s in route._segments):
                 node = root
                 for segment in route._segments:
                     node = node.static[segment.text]
@@ -582,15 +149,15 @@ class Router:
             problems.append((index, len(problems), FieldError(path, message)))
 
         deprecations = {
-            version: _deprecation_headers(config)
+            version: deprecation_headers_for(config)
             for version, config in api_versions.items()
             if config.deprecated or config.sunset is not None
         }
-        root = _Node()
+        root = Node()
         compiled: list[Route] = []
         for index, config in enumerate(routes):
             where = f"routes[{index}]"
-            segments, errors = _parse_path(config.path)
+            segments, errors = parse_path(config.path)
             for message in errors:
                 problem(index, f"{where}.path", message)
             names = None if errors else tuple(p.name for s in segments for p in s.params)
@@ -603,7 +170,7 @@ class Router:
             rewrite = None
             if config.upstream_path is not None:
                 errors = []
-                rewrite = _rewrite_template(config.upstream_path, names, errors)
+                rewrite = rewrite_template(config.upstream_path, names, errors)
                 for message in errors:
                     problem(index, f"{where}.upstream_path", message)
             if names is None:
@@ -622,9 +189,9 @@ class Router:
                 version=config.version,
                 param_names=names,
                 deprecation_headers=(
-                    deprecations.get(config.version, _NO_HEADERS)
+                    deprecations.get(config.version, NO_HEADERS)
                     if config.version is not None
-                    else _NO_HEADERS
+                    else NO_HEADERS
                 ),
                 _segments=tuple(segments),
                 _version_param=version_param,
@@ -701,8 +268,8 @@ class Router:
         else:
             version = values[route._version_param]
             if route._version_is_int:
-                version = _canonical_int(version)
-            headers = self._deprecations.get(version, _NO_HEADERS)
+                version = canonical_int(version)
+            headers = self._deprecations.get(version, NO_HEADERS)
         # The walk captures exactly one value per name. Most routes have zero or
         # one param, and dict(zip()) costs five times a literal, on every request.
         count = len(values)
@@ -724,7 +291,7 @@ class Router:
     # leaf that has a route for this method and version.
     def _walk(
         self,
-        node: _Node,
+        node: Node,
         segments: list[str],
         i: int,
         values: list[str],
@@ -784,7 +351,7 @@ class Router:
 
     # The error paths: only run once the fast walk has failed.
     def _leaves(
-        self, node: _Node, segments: list[str], i: int, typed: bool, out: list[_Leaf]
+        self, node: Node, segments: list[str], i: int, typed: bool, out: list[Leaf]
     ) -> None:
         """Every leaf the path reaches, in precedence order; with ``typed``
         false every param takes any non-empty segment (the route's shape)."""
@@ -808,7 +375,7 @@ class Router:
             self._leaves(node.catchall, segments, len(segments), typed, out)
 
     def _fail(self, method: str, path: str, segments: list[str], accept: str | None) -> NoReturn:
-        leaves: list[_Leaf] = []
+        leaves: list[Leaf] = []
         self._leaves(self._root, segments, 0, True, leaves)
         if leaves:
             allowed: set[str] = set()
@@ -827,15 +394,15 @@ class Router:
                 table = leaf.tables.get(method, leaf.other)
                 if table is not None:
                     versions |= table.versions.keys()
-            available = ", ".join(sorted(versions, key=_version_key))
+            available = ", ".join(sorted(versions, key=version_key))
             raise RouteNotFound(
                 f"no version {accept!r} of {method} {path}; available versions: {available}",
-                available_versions=sorted(versions, key=_version_key),
+                available_versions=sorted(versions, key=version_key),
             )
         self._leaves(self._root, segments, 0, False, leaves)
         for leaf in leaves:
             route = min(leaf.routes, key=lambda r: r.index)
-            param = _first_invalid(route, segments)
+            param = first_invalid(route, segments)
             if param is not None:
                 raise InvalidPathParameter(
                     f"path parameter {param.name!r} must {param.type.expected}",

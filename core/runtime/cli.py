@@ -23,13 +23,19 @@ import msgspec
 import trio
 
 from triogate import __version__
-from triogate.config import Config, ConfigError, load_config, parse_config
+from triogate.config import Config, load_config, parse_config
 from triogate.control.audit import Actor
-from triogate.control.crypto import SecretsError, add_hmac_version
+from triogate.control.crypto import add_hmac_version
 from triogate.control.models import CreateAdminRequest, CreateKeyRequest, RotateKeyRequest
-from triogate.errors import FieldError, GatewayError, ValidationError
-from triogate.runtime.gateway import Gateway, open_gateway
-from triogate.storage.base import StoreError
+from triogate.errors import (
+    ConfigError,
+    FieldError,
+    GatewayError,
+    SecretsError,
+    StoreError,
+    ValidationError,
+)
+from triogate.runtime.gateway import Services, open_services
 from triogate.validation import convert_all
 
 __all__ = ["main"]
@@ -48,11 +54,11 @@ def _config_for(args: argparse.Namespace) -> Config:
     return config
 
 
-def _with_gateway(args: argparse.Namespace, fn: Callable[[Gateway], Awaitable[T]]) -> T:
+def _with_gateway(args: argparse.Namespace, fn: Callable[[Services], Awaitable[T]]) -> T:
     config = _config_for(args)
 
     async def run() -> T:
-        async with open_gateway(config) as gw:
+        async with open_services(config) as gw:
             return await fn(gw)
 
     return trio.run(run)
@@ -110,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(config, source=args.config, worker=worker)
 
 
-async def _nothing(gw: Gateway) -> None:
+async def _nothing(gw: Services) -> None:
     return None
 
 
@@ -149,7 +155,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = parse_config(doc, source=args.file)
     # Routes compiled and every plugin validated, exactly as serve would;
     # nothing is opened or bound.
-    Pipeline(config, discover(), PluginEnv()).close()
+    Pipeline.build(config, discover(), PluginEnv()).close()
     # The checksum of the bytes read (a reload reads the file again: compare
     # with `sha256sum FILE` to know the file is still the one checked).
     digest = hashlib.sha256(raw).hexdigest()
@@ -184,7 +190,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     raw = {"limit": args.limit, "cursor": args.cursor, "owner": args.owner, "status": args.status}
     query = convert_all({k: v for k, v in raw.items() if v is not None}, KeyListQuery)
 
-    async def run(gw: Gateway) -> Any:
+    async def run(gw: Services) -> Any:
         return gw.keys.list(
             limit=query.limit, cursor=query.cursor, owner=query.owner, status=query.status
         )
@@ -202,7 +208,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_get(args: argparse.Namespace) -> int:
-    async def run(gw: Gateway) -> Any:
+    async def run(gw: Services) -> Any:
         return gw.keys.get(args.id)
 
     _print(args, _with_gateway(args, run), _key_line)

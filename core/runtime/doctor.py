@@ -34,7 +34,6 @@ from typing import Any, Literal
 import msgspec
 
 from triogate.control.crypto import (
-    SecretsError,
     ServerSecrets,
     environment_complete,
     load_secrets,
@@ -43,14 +42,13 @@ from triogate.control.crypto import (
 from triogate.control.datadir import (
     MARKER_KEY,
     WITNESS_FILE,
-    DataDirError,
     Marker,
     compare_fingerprints,
     lmdb_path,
     read_witness,
 )
+from triogate.errors import DataDirError, SecretsError, StoreError
 from triogate.storage import Table, codec
-from triogate.storage.base import StoreError
 from triogate.storage.lmdb_file import DATA_FILE, inspect_data_file
 
 __all__ = ["Finding", "diagnose", "main", "render"]

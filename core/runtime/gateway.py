@@ -1,61 +1,73 @@
 """Explicit wiring: the one place that builds storage, secrets and services
 and hands them down. No container, no globals: whoever needs a service gets
-it from the ``Gateway`` it was given."""
+it from the object it was given, complete from construction on.
+
+Two objects, one per use:
+
+- ``Services``: storage, secrets and the control-plane services (keys,
+  admins, audit, the per-key actors). What the CLI needs; nothing listens.
+- ``Gateway``: ``Services`` plus the data plane: the active config, its
+  pipeline (built in the constructor: a bad route or plugin raises
+  ``ConfigError`` there, every problem listed), telemetry and the config
+  manager that reloads it. What ``serve`` and the ASGI app run.
+
+The layers below never import this module: the admin API takes the
+gateway as its ``AdminBackend``, the metrics as their ``ScrapeSources``,
+the reload as a ``Reloadable``, all Protocols declared where they are used.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-
-import msgspec
 
 from triogate.config import Config, config_version
 from triogate.control.admins import AdminService
 from triogate.control.audit import AuditLog
-from triogate.control.crypto import SecretsError, ServerSecrets, load_secrets
+from triogate.control.crypto import ServerSecrets, load_secrets
 from triogate.control.datadir import compare_fingerprints, lmdb_path, open_data_dir
 from triogate.control.keys import KeyService
 from triogate.control.timeutil import Clock, system_clock
-from triogate.dataplane.actors import ActorRegistry
+from triogate.dataplane.actors import ActorRegistry, ActorStatistics
 from triogate.dataplane.pipeline import Pipeline
+from triogate.dataplane.plan import PipelinePlan
 from triogate.dataplane.plugin_loader import discover
-from triogate.errors import StorageFull
-from triogate.plugins.contract import Plugin, PluginEnv
-from triogate.runtime.reload import ConfigManager
-from triogate.storage import RateLimit, Store
+from triogate.dataplane.plugin_services import plugin_env
+from triogate.dataplane.upstream import UpstreamStatistics
+from triogate.errors import SecretsError
+from triogate.plugins.contract import Plugin
+from triogate.policy.ratelimit import limit_from
+from triogate.runtime.reload import ActiveConfig, ConfigManager
+from triogate.storage import Store, StoreStatistics
 from triogate.telemetry.accesslog import AccessLog
 from triogate.telemetry.metrics import Metrics
 from triogate.telemetry.records import Observer
 
-__all__ = ["ActiveConfig", "Gateway", "lmdb_path", "open_gateway"]
+__all__ = [
+    "ActiveConfig",
+    "Gateway",
+    "Services",
+    "lmdb_path",
+    "open_gateway",
+    "open_services",
+]
 
 log = logging.getLogger("triogate.runtime.gateway")
 
 
-class ActiveConfig(msgspec.Struct, frozen=True):
-    config: Config
-    version: str
-    loaded_at: float
-    source: str | None
+class Services:
+    """Storage, secrets and the control-plane services over them."""
 
-
-class Gateway:
     def __init__(
-        self,
-        config: Config,
-        store: Store,
-        secrets: ServerSecrets,
-        *,
-        source: str | None = None,
-        clock: Clock = system_clock,
+        self, config: Config, store: Store, secrets: ServerSecrets, *, clock: Clock = system_clock
     ) -> None:
         self.store = store
         self.secrets = secrets
         self.clock = clock
-        self.active = ActiveConfig(config, config_version(config), time.time(), source)
+        self.data_dir = config.data_dir
         self.keys = KeyService(store, secrets, prefix=config.keys.prefix, clock=clock)
         self.admins = AdminService(store, secrets, clock=clock)
         self.audit = AuditLog(store)
@@ -66,22 +78,9 @@ class Gateway:
             clock=clock,
         )
         self.keys.live_balance = self.actors.live_balance  # views show live credits
-        # The data plane, once built (``serve``); the CLI never builds one.
-        self.pipeline: Pipeline | None = None
-        # Plugin classes not installed as entry points (tests, triogate.testing).
-        self.extra_plugins: tuple[type[Plugin[Any]], ...] = ()
-        # Told about every answered request, whichever pipeline (config)
-        # served it: metrics, the access log.
-        self.observers: list[Observer] = []
-        # Telemetry (observers above). The access log's writer task is run by
-        # the server, next to the actors; a reload keeps both ([log] is read
-        # once, at start).
-        self.access_log = AccessLog.from_config(config.log)
-        self.metrics = Metrics(self, access_log=self.access_log)
-        self.observers.append(self.metrics.observe)
-        if self.access_log is not None:
-            self.observers.append(self.access_log.observe)
-        self.configs = ConfigManager(self)
+
+    def __repr__(self) -> str:
+        return f"<Services store={self.store!r}>"
 
     def refresh_secrets(self) -> None:
         """Re-read the server secrets (a reload does this): an HMAC version
@@ -90,7 +89,7 @@ class Gateway:
         missing or changed under the running gateway are not taken: the ones
         in use stay, and the next start refuses (``core/datadir.py``)."""
         try:
-            fresh = load_secrets(self.config.data_dir, create=False)
+            fresh = load_secrets(self.data_dir, create=False)
         except SecretsError as exc:
             log.error("keeping the secrets in use: %s", exc)
             return
@@ -103,48 +102,118 @@ class Gateway:
         self.secrets.hmac = fresh.hmac
         self.secrets.sealer = fresh.sealer
 
-    def current_pipeline(self) -> Pipeline:
-        assert self.pipeline is not None, "the data plane is not built"
-        return self.pipeline
 
-    def build_pipeline(
-        self, config: Config | None = None, *, previous: Pipeline | None = None
-    ) -> Pipeline:
-        """A complete data plane for ``config`` (default: the active one),
-        keeping ``previous``'s unchanged upstreams. Raises ConfigError
-        listing every route or plugin problem."""
-        config = config or self.config
-        default = config.keys.default_rate_limit
-        env = PluginEnv(
-            keys=self.keys,
-            actors=self.actors,
-            default_key_limit=(
-                RateLimit("default", default.limit, default.period_seconds)
-                if default is not None
-                else None
-            ),
-            clock=self.clock,
-        )
-        registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
-        pipeline = Pipeline(config, registry, env, previous=previous)
-        pipeline.observers = self.observers  # shared: survives reloads
-        return pipeline
+class Gateway(Services):
+    """The services, the active config's data plane, telemetry and reload."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        secrets: ServerSecrets,
+        *,
+        source: str | None = None,
+        clock: Clock = system_clock,
+        extra_plugins: Sequence[type[Plugin[Any]]] = (),
+    ) -> None:
+        super().__init__(config, store, secrets, clock=clock)
+        self.active = ActiveConfig(config, config_version(config), time.time(), source)
+        # Plugin classes not installed as entry points (tests, triogate.testing).
+        self.extra_plugins = tuple(extra_plugins)
+        # Told about every answered request, whichever pipeline (config)
+        # served it: metrics, the access log. The access log's writer task
+        # is run next to the actors; a reload keeps it ([log] is read once).
+        self.observers: list[Observer] = []
+        self.access_log = AccessLog.from_config(config.log)
+        self.pipeline: Pipeline = self.make_pipeline(self.plan_pipeline(config, None))
+        self.metrics = Metrics(self, access_log=self.access_log)
+        self.observers.append(self.metrics.observe)
+        if self.access_log is not None:
+            self.observers.append(self.access_log.observe)
+        self.configs = ConfigManager(self)
+
+    def __repr__(self) -> str:
+        return f"<Gateway config={self.active.version} store={self.store!r}>"
 
     @property
     def config(self) -> Config:
         return self.active.config
 
-    def __repr__(self) -> str:
-        return f"<Gateway config={self.active.version} store={self.store!r}>"
+    def current_pipeline(self) -> Pipeline:
+        """The active config's pipeline (a front door reads it per request)."""
+        return self.pipeline
+
+    # ---- building a data plane: decide, then act ---------------------------------
+
+    def plan_pipeline(self, config: Config, previous: Pipeline | None) -> PipelinePlan:
+        """Decide ``config``'s data plane next to ``previous`` (its unchanged
+        upstreams are kept); nothing live changes. Raises ConfigError listing
+        every route or plugin problem."""
+        default = config.keys.default_rate_limit
+        env = plugin_env(
+            keys=self.keys,
+            actors=self.actors,
+            default_key_limit=None if default is None else limit_from(default, "default"),
+            clock=self.clock,
+        )
+        registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
+        return Pipeline.plan(config, registry, env, previous=previous)
+
+    def make_pipeline(self, plan: PipelinePlan) -> Pipeline:
+        """Act on ``plan``: the pipeline, its breakers installed. Cannot fail."""
+        pipeline = Pipeline(plan)
+        pipeline.observers = self.observers  # shared: survives reloads
+        return pipeline
+
+    # ---- what a metrics scrape reads (telemetry's ScrapeSources) ----------------
+
+    def config_version(self) -> str:
+        return self.active.version
+
+    def actor_statistics(self) -> ActorStatistics:
+        return self.actors.statistics()
+
+    def store_statistics(self) -> StoreStatistics:
+        return self.store.statistics()
+
+    def requests_in_flight(self) -> int:
+        # The active config's pipeline: a retiring one, after a reload,
+        # finishes its own requests uncounted here.
+        return self.pipeline.in_flight
+
+    def upstream_statistics(self) -> Iterable[UpstreamStatistics]:
+        return [u.statistics() for u in self.pipeline.upstreams.values()]
+
+
+@asynccontextmanager
+async def open_services(config: Config, *, clock: Clock = system_clock) -> AsyncIterator[Services]:
+    """The services on ``config.data_dir``, once the data directory proves
+    to be what it was (``core/datadir.py``: else ``DataDirError``)."""
+    async with open_data_dir(config.data_dir, map_size=config.storage.map_size_mb << 20) as (
+        store,
+        secrets,
+    ):
+        yield Services(config, store, secrets, clock=clock)
 
 
 @asynccontextmanager
 async def open_gateway(
-    config: Config, *, source: str | None = None, clock: Clock = system_clock
+    config: Config,
+    *,
+    source: str | None = None,
+    clock: Clock = system_clock,
+    extra_plugins: Sequence[type[Plugin[Any]]] = (),
 ) -> AsyncIterator[Gateway]:
-    """The gateway on ``config.data_dir``, once the data directory proves to
-    be what it was (``core/datadir.py``: else ``DataDirError``, one sentence)."""
-    async with open_data_dir(
-        config.data_dir, map_size=config.storage.map_size_mb << 20, full_error=StorageFull
-    ) as (store, secrets):
-        yield Gateway(config, store, secrets, source=source, clock=clock)
+    """The whole gateway on ``config.data_dir`` (see ``open_services``), its
+    pipeline built (``ConfigError`` for a bad route or plugin)."""
+    async with open_data_dir(config.data_dir, map_size=config.storage.map_size_mb << 20) as (
+        store,
+        secrets,
+    ):
+        gw = Gateway(
+            config, store, secrets, source=source, clock=clock, extra_plugins=extra_plugins
+        )
+        try:
+            yield gw
+        finally:
+            gw.pipeline.close()

@@ -18,6 +18,7 @@ drains its queue and LMDB closes. Exit status 0.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import sys
@@ -26,21 +27,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from triogate.admin.app import DrainUnreadBody, create_admin_app
-from triogate.config import Config, ConfigError
+from triogate.config import Config
 from triogate.control.audit import Actor
 from triogate.dataplane.asgi import GatewayASGI
 from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.listener import ProxyListener
 from triogate.dataplane.pipeline import Pipeline
-from triogate.errors import GatewayError
+from triogate.errors import ConfigError, GatewayError
 from triogate.plugins.contract import Plugin
 from triogate.runtime.gateway import Gateway, open_gateway
+from triogate.runtime.reload import Applies, ConfigManager, Swap
 
 __all__ = ["Server", "ServerInfo"]
 
@@ -60,6 +61,14 @@ class ServerInfo:
 
 
 ADMIN_GRACE_SECONDS = 1.0
+
+
+def announce(line: str) -> None:
+    """One readiness line on stdout in one ``write``: several workers share
+    the pipe, and a write below PIPE_BUF is never interleaved with another
+    process's, so readers always see whole lines."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 def _hypercorn_config(config: Config, listen: str) -> HypercornConfig:
@@ -140,27 +149,28 @@ class Server:
         else:
             log.info("SIGHUP: config version %s is active", active.version)
 
-    def _on_reload(self, old: Pipeline, new: Pipeline) -> None:
-        """A new pipeline is live: restart the health checks for its
-        upstreams and retire the old pipeline once it is idle."""
+    def _on_reload(self, swap: Swap) -> None:
+        """A new pipeline is live: put the other changed settings into force
+        (``RELOAD_TABLE`` says whose they are), restart the health checks for
+        its upstreams and retire the old pipeline once it is idle."""
         assert self._tasks is not None and self.gateway is not None
-        config = new.config
-        # Settings that apply live: the listener's timeouts and caps, the
-        # grace, the actors' timing, the log level.
-        self.config = msgspec.structs.replace(
-            self.config, server=config.server, storage=config.storage, log=config.log
-        )
-        if self.proxy is not None:
+        config = swap.config
+        # Restart-only settings cannot differ (the reload was refused).
+        self.config = config
+        if Applies.LISTENER in swap.changed and self.proxy is not None:
             self.proxy.reconfigure(config.server)
-        self.gateway.actors.flush_interval = config.storage.flush_interval_seconds
-        self.gateway.actors.idle_timeout = config.storage.actor_idle_seconds
-        logging.getLogger().setLevel(config.log.level)
+        if Applies.ACTORS in swap.changed:
+            self.gateway.actors.flush_interval = config.storage.flush_interval_seconds
+            self.gateway.actors.idle_timeout = config.storage.actor_idle_seconds
+        if Applies.LOGGING in swap.changed:
+            logging.getLogger().setLevel(config.log.level)
+        # Applies.SERVER (the shutdown grace) is read from self.config when used.
         if self._health is not None:
             self._health.cancel()
         self._health = trio.CancelScope()
-        self._tasks.start_soon(self._run_health_checks, new, self._health)
-        grace = self.config.server.shutdown_grace_seconds
-        self._tasks.start_soon(self.gateway.configs.retire, old, new, grace)
+        self._tasks.start_soon(self._run_health_checks, swap.new, self._health)
+        grace = config.server.shutdown_grace_seconds
+        self._tasks.start_soon(ConfigManager.retire, swap, grace)
 
     async def _run_health_checks(self, pipeline: Pipeline, scope: trio.CancelScope) -> None:
         with scope:
@@ -169,13 +179,13 @@ class Server:
     async def run(
         self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        async with open_gateway(self.config, source=self.source) as gw:
+        # The pipeline is built before anything listens: a bad route or
+        # plugin stops start-up with every error listed (ConfigError).
+        async with open_gateway(
+            self.config, source=self.source, extra_plugins=self.extra_plugins
+        ) as gw:
             self.gateway = gw
-            # Built before anything listens: a bad route or plugin stops
-            # start-up with every error listed (ConfigError).
-            gw.extra_plugins = self.extra_plugins
             gw.actors.set_worker(*self.worker)
-            gw.pipeline = gw.build_pipeline()
             app = DrainUnreadBody(create_admin_app(gw))
             self.proxy = ProxyListener(
                 self.config.server, gw.current_pipeline, reuse_port=self.worker[1] > 1
@@ -191,13 +201,12 @@ class Server:
                         # Outlives the listeners too: drains the last lines.
                         await tasks.start(gw.access_log.run)
                     self._health = trio.CancelScope()
-                    tasks.start_soon(self._run_health_checks, gw.current_pipeline(), self._health)
+                    tasks.start_soon(self._run_health_checks, gw.pipeline, self._health)
                     gw.configs.hooks.append(self._on_reload)
                     await self._serve(app, task_status)
                     tasks.cancel_scope.cancel()
             finally:
                 self._tasks = None
-                gw.current_pipeline().close()
             log.info("listeners stopped; flushing storage")
         self.gateway = None
         self.stopped.set()
@@ -236,9 +245,9 @@ class Server:
                 )
                 # Lines on stdout that scripts (and tests) can wait for.
                 suffix = f" (worker {self.worker[0]})" if self.worker[1] > 1 else ""
-                print(f"triogate: proxy listening on {info.proxy_url}{suffix}", flush=True)
+                announce(f"triogate: proxy listening on {info.proxy_url}{suffix}")
                 if admin_url:
-                    print(f"triogate: admin listening on {info.admin_url}", flush=True)
+                    announce(f"triogate: admin listening on {info.admin_url}")
                 task_status.started(info)
                 await self._shutdown.wait()
                 self.proxy.shutdown()

@@ -18,8 +18,8 @@ shows that worker's requests and the shared storage.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,13 +32,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from triogate import __version__
+from triogate.policy.breaker import BreakerSnapshot
+from triogate.storage import StoreStatistics
 from triogate.telemetry.accesslog import AccessLog
 from triogate.telemetry.records import RequestRecord
 
-if TYPE_CHECKING:
-    from triogate.runtime.gateway import Gateway
-
-__all__ = ["BREAKER_STATES", "DURATION_BUCKETS", "OVERHEAD_BUCKETS", "Metrics"]
+__all__ = [
+    "BREAKER_STATES",
+    "DURATION_BUCKETS",
+    "OVERHEAD_BUCKETS",
+    "ActorCounts",
+    "Metrics",
+    "ScrapeSources",
+    "TargetCounts",
+    "UpstreamCounts",
+]
 
 # Whole requests and upstream waits: from half a millisecond to 10 s.
 DURATION_BUCKETS = (
@@ -79,6 +87,62 @@ UPSTREAM_ERRORS = frozenset({"BAD_GATEWAY", "UPSTREAM_TIMEOUT", "UPSTREAM_UNAVAI
 NO_ROUTE = "-"
 
 
+# ---- what a scrape reads ----------------------------------------------------------
+# Telemetry sits below the data plane, so the data plane's records are named
+# here by the fields read (``ActorStatistics``, ``UpstreamStatistics`` and
+# ``TargetStatistics`` of triogate.dataplane have them), and the runtime hands
+# its gateway over as the ``ScrapeSources``.
+
+
+class ActorCounts(Protocol):
+    @property
+    def live_actors(self) -> int: ...
+    @property
+    def dirty(self) -> int: ...
+    @property
+    def flushes(self) -> int: ...
+    @property
+    def evicted(self) -> int: ...
+    @property
+    def last_flush_at(self) -> float | None: ...
+
+
+class TargetCounts(Protocol):
+    @property
+    def target(self) -> str: ...
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def breaker(self) -> BreakerSnapshot | None: ...
+
+
+class UpstreamCounts(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def targets(self) -> Sequence[TargetCounts]: ...
+
+
+class ScrapeSources(Protocol):
+    """The services a scrape reads gauges from (the runtime's ``Gateway``).
+    Called at scrape time only, never while the metrics are made."""
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+    def config_version(self) -> str: ...
+    def actor_statistics(self) -> ActorCounts: ...
+    def store_statistics(self) -> StoreStatistics: ...
+    def requests_in_flight(self) -> int:
+        """Requests on the active config's pipeline, received and not yet answered."""
+        ...
+
+    def upstream_statistics(self) -> Iterable[UpstreamCounts]: ...
+
+
 class _RequestChildren:
     """The children one (route, status, outcome) updates, resolved once."""
 
@@ -95,10 +159,10 @@ class Metrics:
     """The gateway's metrics. ``observe`` is its telemetry observer;
     ``render`` answers a scrape."""
 
-    def __init__(self, gateway: Gateway, *, access_log: AccessLog | None = None) -> None:
-        self.gateway = gateway
+    def __init__(self, sources: ScrapeSources, *, access_log: AccessLog | None = None) -> None:
+        self.sources = sources
         self.access_log = access_log
-        self.started_at = gateway.clock()
+        self.started_at = sources.clock()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -199,18 +263,13 @@ class _GatewayCollector(Collector):
         info = GaugeMetricFamily(
             "triogate_info", "The running version and config version", labels=["version", "config"]
         )
-        info.add_metric([__version__, self.metrics.gateway.active.version], 1)
+        info.add_metric([__version__, self.metrics.sources.config_version()], 1)
         yield info
 
     def _actors(self) -> Iterator[Metric]:
-        gw = self.metrics.gateway
-        s = gw.actors.statistics()
+        sources = self.metrics.sources
+        s = sources.actor_statistics()
         yield GaugeMetricFamily("triogate_actors_live", "Per-key actors in memory", s.live_actors)
-        yield GaugeMetricFamily(
-            "triogate_actor_queued_messages",
-            "Messages waiting in actor mailboxes",
-            s.queued_messages,
-        )
         yield GaugeMetricFamily(
             "triogate_actors_dirty", "Actors with state not yet flushed to storage", s.dirty
         )
@@ -224,7 +283,7 @@ class _GatewayCollector(Collector):
         # nothing waits; otherwise the time since the last flush (or since
         # start, before the first one).
         last = s.last_flush_at if s.last_flush_at is not None else self.metrics.started_at
-        lag = max(0.0, gw.clock() - last) if s.dirty else 0.0
+        lag = max(0.0, sources.clock() - last) if s.dirty else 0.0
         yield GaugeMetricFamily(
             "triogate_actor_flush_lag_seconds",
             "Seconds since the last flush while actors have unflushed state (else 0)",
@@ -232,7 +291,7 @@ class _GatewayCollector(Collector):
         )
 
     def _storage(self) -> Iterator[Metric]:
-        s = self.metrics.gateway.store.statistics()
+        s = self.metrics.sources.store_statistics()
         yield GaugeMetricFamily("triogate_storage_size_bytes", "Storage size on disk", s.size_bytes)
         yield GaugeMetricFamily(
             "triogate_storage_queued_writes", "Writes waiting for the writer", s.queued_writes
@@ -250,7 +309,7 @@ class _GatewayCollector(Collector):
         )
 
     def _upstreams(self) -> Iterator[Metric]:
-        pipeline = self.metrics.gateway.pipeline
+        sources = self.metrics.sources
         in_flight = GaugeMetricFamily(
             "triogate_upstream_in_flight", "Requests in flight to an upstream", labels=["upstream"]
         )
@@ -274,26 +333,24 @@ class _GatewayCollector(Collector):
             "Times the target's breaker opened",
             labels=["upstream", "target"],
         )
-        if pipeline is not None:
-            # The active config's pipeline (a retiring one, after a reload,
-            # still finishes its own requests uncounted here).
-            yield GaugeMetricFamily(
-                "triogate_in_flight_requests",
-                "Requests being handled: received and not yet answered",
-                pipeline.in_flight,
-            )
-        for upstream in pipeline.upstreams.values() if pipeline is not None else ():
-            stats = upstream.statistics()
-            name = upstream.name
-            in_flight.add_metric([name], stats["in_flight"])
-            for target in stats["targets"]:
-                labels = [name, target["target"]]
-                healthy.add_metric(labels, 1 if target["healthy"] else 0)
-                active.add_metric(labels, target["active"])
-                snapshot = target["breaker"]
+        # The active config's pipeline (a retiring one, after a reload, still
+        # finishes its own requests uncounted here).
+        yield GaugeMetricFamily(
+            "triogate_in_flight_requests",
+            "Requests being handled: received and not yet answered",
+            sources.requests_in_flight(),
+        )
+        for stats in sources.upstream_statistics():
+            name = stats.name
+            in_flight.add_metric([name], stats.in_flight)
+            for target in stats.targets:
+                labels = [name, target.target]
+                healthy.add_metric(labels, 1 if target.healthy else 0)
+                active.add_metric(labels, target.active)
+                snapshot = target.breaker
                 if snapshot is not None:
-                    breaker.add_metric(labels, BREAKER_STATES[snapshot["state"]])
-                    opened.add_metric(labels, snapshot["opened"])
+                    breaker.add_metric(labels, BREAKER_STATES[snapshot.state])
+                    opened.add_metric(labels, snapshot.opened)
         yield from (in_flight, healthy, active, breaker, opened)
 
     def _access_log(self) -> Iterator[Metric]:

@@ -29,7 +29,6 @@ __all__ = [
     "Observer",
     "RequestRecord",
     "outcome_of",
-    "problem_ids",
     "refused_record",
 ]
 
@@ -64,32 +63,13 @@ class RequestRecord(msgspec.Struct, frozen=True, gc=False):
 Observer = Callable[[RequestRecord], None]
 
 
-class ProblemIds(msgspec.Struct):
-    """The members of a problem+json body a record needs (the rest is
-    skipped while decoding)."""
-
-    code: str | None = None
-    request_id: str | None = None
-
-
-_problem_decoder = msgspec.json.Decoder(type=ProblemIds)
-
-
-def problem_ids(response: Response) -> ProblemIds:
-    """``code`` and ``request_id`` of a gateway-made problem+json answer
-    (empty for anything else, such as a plugin's own early answer)."""
-    try:
-        return _problem_decoder.decode(response.content or b"")
-    except msgspec.DecodeError:  # msgspec.ValidationError is one too
-        return ProblemIds()
-
-
 def outcome_of(response: Response) -> str:
     status = response.status
     if response.from_gateway:
         if status == CLIENT_CLOSED:
             return CLIENT_CLOSED_OUTCOME
-        return problem_ids(response).code or "error"
+        problem = response.problem
+        return problem.code if problem is not None else "error"
     return "upstream_error" if status >= 500 else "ok"
 
 
@@ -104,17 +84,17 @@ def refused_record(
 ) -> RequestRecord:
     """The record of a request the front door refused before routing. Only
     the path of ``target`` is kept (a query may carry secrets), cut to a
-    bounded length; ``request_id`` is used when the problem body has none."""
-    ids = problem_ids(response)
+    bounded length; ``request_id`` is used when the answer is not a problem."""
+    problem = response.problem
     return RequestRecord(
         at=time.time(),
-        request_id=ids.request_id or request_id,
+        request_id=problem.request_id if problem is not None else request_id,
         method=method[:REFUSED_METHOD_CHARS],
         path=target.partition("?")[0][:REFUSED_PATH_CHARS],
         route=None,
         upstream=None,
         status=response.status,
-        outcome=ids.code or "error",
+        outcome=problem.code if problem is not None else "error",
         key_id=None,
         client_ip=client_ip,
         duration_seconds=(

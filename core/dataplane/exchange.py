@@ -1,0 +1,233 @@
+"""One HTTP/1.1 connection to an upstream: a request out, its answer in.
+
+``UpstreamConnection.exchange`` writes the request head (and streams the
+body with back-pressure), then reads until the response head is parsed
+(h1client.py's ``ResponseParser``). The response body is handed back as a
+``Body`` that keeps reading from the same socket; when the message is
+complete the connection goes back to its owner (a ``TargetPool``, or the
+health checker's one-shot probe), and if the consumer abandons the body
+(client gone) it is closed instead: a connection with unread bytes on it
+can never be reused.
+
+The common small response arrives in the same read as its head: then the
+response carries ``content`` bytes and the connection is back in the pool
+before the gateway writes a byte, which lets the listener send head and body
+in one write.
+
+Errors: refused/reset/protocol garbage -> ``BadGateway``, no answer within
+the read timeout -> ``UpstreamTimeout``; a reused connection that died
+before any byte of the answer -> ``StaleConnection`` (the pool decides
+whether to try again on a fresh one).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import httptools
+import trio
+
+from triogate.dataplane import sockio
+from triogate.errors import BadGateway, UpstreamTimeout
+from triogate.http import Body, Headers, Response
+from triogate.http.h1client import ResponseParser
+from triogate.http.h1frame import LAST_CHUNK, encode_chunk
+
+__all__ = ["READ_SIZE", "ConnectionOwner", "StaleConnection", "UpstreamConnection"]
+
+READ_SIZE = 65536
+
+
+class StaleConnection(Exception):
+    """The connection died before any byte of the response: safe to retry."""
+
+
+class ConnectionOwner(Protocol):
+    """Where a connection comes from and goes back to after an answer."""
+
+    @property
+    def authority(self) -> str: ...
+
+    @property
+    def send_timeout(self) -> float: ...
+
+    def release(self, conn: UpstreamConnection, *, reusable: bool) -> None: ...
+
+
+class UpstreamConnection:
+    __slots__ = ("idle_since", "parsed", "pool", "requests", "returned", "sock")
+
+    def __init__(self, sock: socket.socket, pool: ConnectionOwner) -> None:
+        self.sock = sock
+        self.pool = pool
+        self.requests = 0
+        self.idle_since = 0.0
+        self.returned = True  # no exchange under way
+        self.parsed: ResponseParser | None = None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection to {self.pool.authority} after {self.requests} requests>"
+
+    def close(self) -> None:
+        sockio.close(self.sock)
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        await sockio.send_all(self.sock, data, self.pool.send_timeout)
+
+    async def _recv(self, read_timeout: float) -> bytes | None:
+        """The next bytes from the upstream, or None after ``read_timeout``."""
+        try:
+            return self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            pass
+        return await sockio.recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
+
+    async def _send_head(self, head: bytes, on_sent: Callable[[], None] | None) -> None:
+        """Write the head, telling ``on_sent`` once any byte of it is in the
+        kernel's hands (one direct ``send`` first: only it can tell a
+        partial write from none when the connection then fails)."""
+        try:
+            sent = self.sock.send(head)
+        except BlockingIOError:
+            sent = 0
+        if sent and on_sent is not None:
+            on_sent()
+        if sent < len(head):
+            await self._send_all(memoryview(head)[sent:])
+            if on_sent is not None:
+                on_sent()
+
+    async def exchange(
+        self,
+        method: str,
+        head: bytes,
+        body: Body | None,
+        read_timeout: float,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Response:
+        """Send one request and return the response (body still streaming).
+        ``head`` frames ``body`` the way ``h1client`` decided: its length
+        as Content-Length, or chunked when the length is not known."""
+        self.requests += 1
+        generation = self.requests
+        self.returned = False
+        reused = self.requests > 1
+        try:
+            await self._send_head(head, on_sent)
+            if body is not None and body.length != 0:
+                if body.length is not None:
+                    async for chunk in body:
+                        await self._send_all(chunk)
+                else:
+                    async for chunk in body:
+                        if chunk:
+                            await self._send_all(encode_chunk(chunk))
+                    await self._send_all(LAST_CHUNK)
+        except OSError as exc:
+            self.close()
+            if reused and (body is None or not body.consumed):
+                raise StaleConnection() from exc
+            raise BadGateway(f"upstream connection failed while sending: {exc}") from exc
+
+        # A body already streamed cannot be sent again on a new connection.
+        replayable = body is None or not body.consumed
+        skip_body = method == "HEAD"
+        parsed = self.parsed
+        if parsed is None or parsed.skip_body:
+            # A fresh parser the first time, and after a response to HEAD:
+            # llhttp was told nothing of that one's missing body.
+            parsed = self.parsed = ResponseParser(skip_body)
+        else:
+            parsed.reset(skip_body)
+        received_any = False
+        try:
+            while not parsed.headers_done:
+                data = await self._recv(read_timeout)
+                if data is None:
+                    self.close()
+                    raise UpstreamTimeout(f"upstream sent no response within {read_timeout:g} s")
+                if not data:
+                    self.close()
+                    if not received_any and reused and replayable:
+                        raise StaleConnection()
+                    raise BadGateway("upstream closed the connection before responding")
+                received_any = True
+                parsed.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at a complete 101 head with bytes after it (the
+            # new protocol's); its head is in, and is refused just below.
+            pass
+        except httptools.HttpParserError as exc:
+            self.close()
+            raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
+        except OSError as exc:
+            self.close()
+            if not received_any and reused and replayable:
+                raise StaleConnection() from exc
+            raise BadGateway(f"upstream connection failed: {exc}") from exc
+
+        status = parsed.status
+        if status == 101:
+            # A protocol switch the gateway did not ask for.
+            self.close()
+            raise BadGateway("upstream switched protocols unasked")
+        headers = Headers(parsed.headers)
+        keep_alive = parsed.keep_alive
+        if parsed.complete:
+            content = b"".join(parsed.body)
+            self._give_back(keep_alive)
+            return Response(status, headers, content=content)
+        length_raw = headers.get_raw(b"content-length")
+        length = int(length_raw) if length_raw is not None and length_raw.isdigit() else None
+        return Response(
+            status,
+            headers,
+            body=Body(
+                self._stream(parsed, read_timeout, keep_alive, generation),
+                length,
+                on_close=lambda: self._give_back(False, generation),
+            ),
+        )
+
+    async def _stream(
+        self, parsed: ResponseParser, read_timeout: float, keep_alive: bool, generation: int
+    ) -> AsyncIterator[bytes]:
+        done = False
+        try:
+            while True:
+                while parsed.body:
+                    yield parsed.body.popleft()
+                if parsed.complete:
+                    done = True
+                    return
+                try:
+                    data = await self._recv(read_timeout)
+                except OSError as exc:
+                    raise BadGateway(f"upstream connection failed mid-body: {exc}") from exc
+                if data is None:
+                    raise UpstreamTimeout("upstream stalled while sending the body")
+                if not data:
+                    # Close-delimited body (no length, no chunking) ends here.
+                    if parsed.keep_alive or not parsed.close_delimited():
+                        raise BadGateway("upstream closed the connection mid-body")
+                    keep_alive = False
+                    done = True
+                    return
+                try:
+                    parsed.parser.feed_data(data)
+                except httptools.HttpParserError as exc:
+                    raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
+        finally:
+            self._give_back(done and keep_alive, generation)
+
+    def _give_back(self, reusable: bool, generation: int | None = None) -> None:
+        """Return the connection after an answer, once only, and only for
+        the exchange that took it (``generation``): a late close of an old
+        answer's body must not hand back a connection now serving another."""
+        if generation is not None and generation != self.requests:
+            return
+        if not self.returned:
+            self.returned = True
+            self.pool.release(self, reusable=reusable)
