@@ -98,6 +98,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+DEFAULT_MAX_CONNECTIONS: Final = ServerConfig().max_connections
+
+
 def connection_cap(max_connections: int, fd_limit: int) -> int:
     """The proxy connections allowed at once: ``max_connections``, lowered
     to what the file-descriptor limit can carry. A reserve (10%, at least
@@ -145,7 +148,7 @@ class ProxyListener:
         self._address = ""
         self._accept_scope: trio.CancelScope | None = None
         self.config = config
-        self.cap = config.max_connections
+        self.cap = 0  # set by reconfigure
         self.reconfigure(config)
 
     def reconfigure(self, config: ServerConfig) -> None:
@@ -153,9 +156,15 @@ class ProxyListener:
         and the next accepted connection."""
         self.config = config
         limit = fd_limit()
+        previous = self.cap
         self.cap = connection_cap(config.max_connections, limit)
-        if self.cap < config.max_connections:
-            log.warning(
+        if self.cap < config.max_connections and self.cap != previous:
+            # The default asks for more than most hosts' descriptor limit
+            # carries: lowering it is routine (INFO). A value the operator
+            # chose that cannot be honoured is worth a WARNING.
+            chosen = config.max_connections != DEFAULT_MAX_CONNECTIONS
+            log.log(
+                logging.WARNING if chosen else logging.INFO,
                 "max_connections %d lowered to %d: the file-descriptor limit is %d and "
                 "some are kept for the admin listener, storage and upstream connections",
                 config.max_connections,
