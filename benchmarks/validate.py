@@ -20,6 +20,7 @@ import trio
 from triogate.config import parse_config
 from triogate.control.audit import Actor
 from triogate.control.models import CreateKeyRequest
+from triogate.errors import KeyVerdict
 from triogate.runtime.gateway import open_gateway
 
 from .machine import describe, pin
@@ -50,10 +51,10 @@ async def _measure(data_dir: Path, keys: list[str], seconds: float) -> dict[str,
         scopes = ("users:read",)
         # Warm up, and check the answer is the one we think we measure.
         for key in sample[:1000]:
-            record, code, _ = service.validate_nowait(key, scopes)
-            assert record is not None and code is None, code
+            record, verdict, _ = service.validate_nowait(key, scopes)
+            assert record is not None and verdict is None, verdict
         bad = service.format.generate()
-        assert service.validate_nowait(bad, scopes)[1] == "INVALID_KEY"
+        assert service.validate_nowait(bad, scopes)[1] is KeyVerdict.INVALID_KEY
 
         done = 0
         deadline = time.perf_counter() + seconds

@@ -112,7 +112,9 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     ] = 30.0
     body_deadline_seconds: Annotated[
         PositiveSeconds,
-        Meta(description="a whole request body must arrive within this from its first byte (408)"),
+        Meta(
+            description="a whole request body must arrive within this of the request's head (408)"
+        ),
     ] = 120.0
     max_connections: Annotated[
         int,
@@ -125,6 +127,10 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     underscores_in_headers: Annotated[
         bool,
         Meta(description="forward request headers whose names contain '_' (dropped by default)"),
+    ] = False
+    allow_path_parameters: Annotated[
+        bool,
+        Meta(description="accept ';params' in path segments, routed without them (400 by default)"),
     ] = False
 
 

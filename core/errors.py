@@ -50,6 +50,10 @@ reach a client and are documented where they are raised:
 byte of the answer: the pool retries), ``validation._Full`` (stop collecting
 errors), ``policy.userregex.RegexError`` (becomes a ``ConfigError``).
 
+A key the key store refuses is a ``KeyVerdict`` (an enum whose values are
+the codes) until a front door refuses the request: ``KEY_ERRORS`` maps each
+verdict to its error class, the one place that does.
+
 The codes are the public contract, listed with when each is answered in
 docs/errors.md. ``tests/test_errors.py`` checks the tree against it: every
 concrete ``GatewayError`` has its own status, code and title, codes are
@@ -58,7 +62,9 @@ unique, and no other module defines an error class.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, ClassVar, Final
 
 import msgspec
 
@@ -82,6 +88,7 @@ __all__ = [
     "KeyExpired",
     "KeyRevoked",
     "KeyRotated",
+    "KeyVerdict",
     "LengthRequired",
     "MethodNotAllowed",
     "MissingKey",
@@ -442,8 +449,29 @@ class ClientDisconnected(Exception):
     nobody is left to answer, so every layer lets it through quietly."""
 
 
-# Key-validation outcome codes -> the error that refuses the request.
-KEY_ERRORS: dict[str, type[GatewayError]] = {
-    cls.code: cls
-    for cls in (InvalidKey, KeyRevoked, KeyExpired, KeyRotated, InsufficientScope, MissingKey)
+# ---- key verdicts ----------------------------------------------------------------
+
+
+class KeyVerdict(StrEnum):
+    """Why the key store refuses an API key (``control.keyrules.key_decision``,
+    ``KeyService.validate_nowait``). The value is the public code: the admin
+    API's ``POST /keys/validate`` answers it as ``code``, and the data plane
+    refuses with the error ``KEY_ERRORS`` names, whose ``code`` it is."""
+
+    INVALID_KEY = "INVALID_KEY"
+    KEY_REVOKED = "KEY_REVOKED"
+    KEY_EXPIRED = "KEY_EXPIRED"
+    KEY_ROTATED = "KEY_ROTATED"
+    INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
+
+
+#: The one table from a key verdict to the error that refuses the request,
+#: with what the client is told (``INSUFFICIENT_SCOPE``'s refusal names the
+#: missing scopes in its own detail).
+KEY_ERRORS: Final[Mapping[KeyVerdict, tuple[type[GatewayError], str]]] = {
+    KeyVerdict.INVALID_KEY: (InvalidKey, "the API key is malformed or unknown"),
+    KeyVerdict.KEY_REVOKED: (KeyRevoked, "the API key has been revoked"),
+    KeyVerdict.KEY_EXPIRED: (KeyExpired, "the API key has expired"),
+    KeyVerdict.KEY_ROTATED: (KeyRotated, "the API key was rotated and its grace period is over"),
+    KeyVerdict.INSUFFICIENT_SCOPE: (InsufficientScope, "the key lacks a required scope"),
 }

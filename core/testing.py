@@ -414,9 +414,13 @@ async def open_harness(
     global_plugins: dict[str, dict[str, Any]] | None = None,
     extra_plugins: Sequence[type[Plugin[Any]]] = (),
     config: Config | None = None,
+    clock: Callable[[], float] | None = None,
     **config_kw: Any,
 ) -> AsyncIterator[Harness]:
-    """Run a fake upstream and a real gateway in front of it."""
+    """Run a fake upstream and a real gateway in front of it. ``clock`` (a
+    callable giving epoch seconds) replaces the services' wall clock: key
+    expiry, rotation grace, credits refills and rate-limit windows then move
+    only when the test moves it."""
     import httpx
 
     from triogate.runtime.server import Server
@@ -433,7 +437,11 @@ async def open_harness(
                 global_plugins=global_plugins,
                 **config_kw,
             )
-        server = Server(config, extra_plugins=extra_plugins)
+        server = (
+            Server(config, extra_plugins=extra_plugins)
+            if clock is None
+            else Server(config, extra_plugins=extra_plugins, clock=clock)
+        )
         info = await nursery.start(server.run)
         async with (
             httpx.AsyncClient(base_url=info.proxy_url, timeout=10) as client,

@@ -10,15 +10,20 @@
 * ``clean_env`` is the environment every child gets: the test process's own
   environment minus every ``TRIOGATE_*`` variable (secrets and config
   overrides), plus whatever a test passes explicitly.
+* ``free_ports`` picks loopback ports for a child to listen on;
+  ``threaded_upstream`` is a plain upstream (200 "ok") in a thread, for a
+  child gateway to proxy to.
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,14 +39,17 @@ __all__ = [
     "READY_RE",
     "ServeProcess",
     "clean_env",
+    "free_ports",
     "run_cli",
     "serving",
     "start_serve",
+    "threaded_upstream",
     "triogate_command",
     "write_config",
 ]
 
 READY_RE = re.compile(r"^triogate: admin listening on (http://127\.0\.0\.1:\d+)\s*$")
+PROXY_RE = re.compile(r"^triogate: proxy listening on (http://\S+)\s*$")
 DEFAULT_START_TIMEOUT = 20.0
 
 
@@ -148,6 +156,15 @@ class ServeProcess:
     def running(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def proxy_url(self) -> str:
+        """The proxy listener's URL, from its readiness line."""
+        for line in self.stdout_lines:
+            m = PROXY_RE.match(line)
+            if m:
+                return m.group(1)
+        raise AssertionError(f"no proxy line in {self.stdout_lines}")
+
     def client(self, **kwargs: Any) -> httpx.Client:
         kwargs.setdefault("timeout", 10.0)
         return httpx.Client(base_url=self.url, **kwargs)
@@ -231,3 +248,46 @@ def run_cli(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """``n`` distinct loopback ports free right now (for a child to listen on)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_GET(self) -> None:
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def threaded_upstream() -> Iterator[str]:
+    """An upstream answering every GET with 200 "ok", served by threads (so a
+    child process can load it while the test thread blocks); yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

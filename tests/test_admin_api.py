@@ -22,12 +22,12 @@ import trio
 import trio.lowlevel
 
 from tests.conftest import Admin, Running
+from tests.helpers_gateway import assert_problem
 from triogate.admin.endpoints import ENDPOINTS, Endpoint
 from triogate.control.ids import new_id
 from triogate.control.keyformat import KeyFormat
 from triogate.control.permissions import ROLES, grants
 
-PROBLEM_JSON = "application/problem+json"
 KEY_RECORD_FIELDS = {
     "id",
     "name",
@@ -49,19 +49,6 @@ SECRET_FIELDS = {"key", "digest", "digest_version", "sealed", "owner_tag", "plai
 
 
 # ---- helpers ----------------------------------------------------------------
-
-
-def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith(PROBLEM_JSON), r.headers
-    body: dict[str, Any] = r.json()
-    assert body["type"] == "about:blank"
-    assert body["status"] == status
-    assert body["code"] == code
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str)
-    assert isinstance(body["request_id"], str) and body["request_id"]
-    return body
 
 
 def rfc3339_utc(value: Any) -> datetime:

@@ -20,11 +20,11 @@ import pytest
 import trio
 
 from tests.conftest import Admin, Running
+from tests.helpers_gateway import assert_problem as gateway_problem
 from triogate.admin.app import MAX_ADMIN_BODY_BYTES
 from triogate.control.ids import new_id
 from triogate.control.models import MAX_GRACE_SECONDS, MAX_METADATA_BYTES
 
-PROBLEM_JSON = "application/problem+json"
 MAX_NAME = 255
 MAX_SCOPES = 50
 MAX_SCOPE_LEN = 100
@@ -35,19 +35,11 @@ MAX_RATE_LIMITS = 10
 
 
 def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The response is an RFC 9457 problem with our ``code`` and ``request_id``."""
+    """The gateway's problem (``helpers_gateway``), never a 500, and its
+    ``request_id`` also in ``X-Request-Id``."""
     assert r.status_code != 500, f"500 for a client error: {r.text}"
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith(PROBLEM_JSON), r.headers
-    body: dict[str, Any] = r.json()
-    assert body["type"] == "about:blank"
-    assert body["status"] == status
-    assert body["code"] == code
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    assert isinstance(body["request_id"], str) and body["request_id"]
+    body = gateway_problem(r, status, code)
     assert r.headers["x-request-id"] == body["request_id"]
-    assert "Traceback" not in r.text
     return body
 
 

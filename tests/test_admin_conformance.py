@@ -105,7 +105,7 @@ async def test_admin_closes_right_after_a_connection_close_answer(idle_server: s
     data, closed = await _raw_exchange(idle_server, head)
     assert closed, f"the admin listener kept the connection open: {data!r}"
     status_line, _, rest = data.partition(b"\r\n")
-    assert status_line.startswith(b"HTTP/1.1 200")
+    assert status_line == b"HTTP/1.1 200 OK", status_line  # reason phrase filled in
     headers = {
         k.strip().lower(): v.strip()
         for k, _, v in (line.partition(b":") for line in rest.split(b"\r\n\r\n")[0].split(b"\r\n"))
@@ -192,3 +192,9 @@ async def test_the_proxy_problem_is_unchanged_by_the_admin_realm(h: Harness) -> 
     assert r.headers["www-authenticate"] == ADMIN_CHALLENGE
     r = await h.client.get("/x")
     assert r.headers["www-authenticate"] == PROXY_CHALLENGE
+
+
+async def test_admin_errors_carry_their_reason_phrase(idle_server: str) -> None:
+    head = b"GET /keys HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    data, _ = await _raw_exchange(idle_server, head)
+    assert data.partition(b"\r\n")[0] == b"HTTP/1.1 401 Unauthorized", data[:200]

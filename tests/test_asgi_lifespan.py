@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.helpers_process import clean_env, run_cli
-from tests.test_asgi_standalone import _free_port, _wait
+from tests.helpers_process import clean_env, free_ports, run_cli
+from tests.test_asgi_standalone import _wait
 from triogate.config import load_config
 from triogate.runtime.gateway import open_gateway
 
@@ -32,7 +32,7 @@ def _usage(config: Path, key_id: str) -> tuple[int, int | None]:
 
 
 def test_credits_and_usage_spent_under_plain_hypercorn_are_kept(tmp_path: Path) -> None:
-    echo_port, port = _free_port(), _free_port()
+    echo_port, port = free_ports(2)
     access_log = tmp_path / "access.log"
     config = tmp_path / "c.toml"
     config.write_text(
@@ -107,3 +107,34 @@ key-auth = {{}}
     lines = [json.loads(line) for line in access_log.read_text().splitlines()]
     # (_wait's one probe that got through was a 404.)
     assert [line.get("status") for line in lines] == [404] + [200] * SPENT + [401]
+
+
+def test_a_damaged_data_directory_is_one_sentence_not_a_traceback(tmp_path: Path) -> None:
+    """Start-up refused on purpose (here an emptied store) is logged as the
+    refusal's one sentence; the gateway's own traceback is for bugs.
+    (hypercorn then reports the failed lifespan in its own words.)"""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
+    made = run_cli("keys", "create", "-c", str(config), "--name", "k", "--owner", "o")
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "data" / "lmdb" / "data.mdb").write_bytes(b"")
+    hyper = subprocess.Popen(
+        [
+            sys.executable, "-m", "hypercorn", "--worker-class", "trio",
+            "-b", f"127.0.0.1:{free_ports()[0]}", "triogate.asgi:app",
+        ],
+        env=clean_env({"TRIOGATE_CONFIG": str(config)}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = hyper.communicate(timeout=30)
+    finally:
+        if hyper.poll() is None:
+            hyper.kill()
+            hyper.wait(10)
+    stderr = err.decode(errors="replace")
+    assert "triogate failed to start: " in stderr, stderr
+    assert "is now empty or missing: restore" in stderr, stderr
+    # No frame of the gateway's own start-up: the sentence says it all.
+    assert "open_data_dir" not in stderr and "datadir.py" not in stderr, stderr

@@ -3,7 +3,6 @@ gateway from TRIOGATE_CONFIG, and requests go through the same pipeline."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers_process import clean_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers_process import clean_env, free_ports
 
 
 def _wait(url: str, timeout: float = 20.0) -> None:
@@ -32,7 +25,7 @@ def _wait(url: str, timeout: float = 20.0) -> None:
 
 
 def test_hypercorn_serves_the_pipeline(tmp_path: Path) -> None:
-    echo_port, port = _free_port(), _free_port()
+    echo_port, port = free_ports(2)
     config = tmp_path / "c.toml"
     config.write_text(
         f"""

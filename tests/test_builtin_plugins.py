@@ -17,31 +17,16 @@ import httpx
 import pytest
 import trio
 
-from tests.exceptions import config_error
+from tests.conftest import FakeClock
+from tests.helpers_gateway import assert_problem, bearer, refused_config, setup_admin
 from triogate.control.keyformat import KeyFormat
-from triogate.errors import ConfigError
 from triogate.testing import FakeResponse, FakeUpstream, Harness, RecordedRequest, open_harness
 
-PROBLEM_CT = "application/problem+json"
 ORIGIN = "https://app.example"
 OTHER_ORIGIN = "https://evil.example"
 
 
 # ---- helpers ----------------------------------------------------------------------
-
-
-def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """Assert ``r`` is the gateway's problem+json error and return its body."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith(PROBLEM_CT), r.headers
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["type"] == "about:blank"
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["request_id"], str) and body["request_id"]
-    assert "Traceback" not in r.text
-    return body
 
 
 def values(request: RecordedRequest, name: str) -> list[str]:
@@ -63,25 +48,10 @@ async def key_with_id(h: Harness, scopes: Sequence[str] = (), **fields: Any) -> 
     return key, result.key_id
 
 
-async def setup_admin(h: Harness) -> dict[str, str]:
-    r = await h.admin.post("/setup", json={"name": "root", "email": "root@example.com"})
-    assert r.status_code == 201, r.text
-    return {"Authorization": f"Bearer {r.json()['key']}"}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 async def start_fails(tmp_path: Path, **kw: Any) -> list[str]:
     """Open a harness that must not start; return the ConfigError's lines."""
-    upstream = FakeUpstream()
-    with pytest.raises((ConfigError, BaseExceptionGroup)) as info:
-        async with open_harness(tmp_path, upstream=upstream, **kw):
-            pytest.fail("the gateway started with an invalid config")
-    err = config_error(info.value)
+    err = await refused_config(tmp_path, **kw)
     assert err.errors
-    assert upstream.requests == []
     return err.lines()
 
 
@@ -111,7 +81,7 @@ async def test_key_auth_missing_key(tmp_path: Path, headers: dict[str, str]) -> 
     upstream = FakeUpstream()
     async with open_harness(tmp_path, plugins=KEY_AUTH, upstream=upstream) as h:
         r = await h.client.get("/things", headers=headers)
-        problem(r, 401, "MISSING_KEY")
+        assert_problem(r, 401, "MISSING_KEY")
     assert upstream.requests == []
 
 
@@ -135,7 +105,7 @@ async def test_key_auth_invalid_keys(tmp_path: Path) -> None:
         for label, candidate in candidates.items():
             for headers in (bearer(candidate), {"X-API-Key": candidate}):
                 r = await h.client.get("/things", headers=headers)
-                problem(r, 401, "INVALID_KEY")
+                assert_problem(r, 401, "INVALID_KEY")
                 assert candidate not in r.text, label
         assert upstream.requests == []
         # the genuine key still works (the scheme is case-insensitive)
@@ -200,9 +170,9 @@ async def test_key_auth_revoked_through_admin_api(tmp_path: Path) -> None:
         revoked_at = trio.current_time()
         r = await h.client.get("/x", headers=bearer(key))
         elapsed = trio.current_time() - revoked_at
-        problem(r, 401, "KEY_REVOKED")
+        assert_problem(r, 401, "KEY_REVOKED")
         assert elapsed < 1.0
-        problem(await h.client.get("/x", headers={"X-API-Key": key}), 401, "KEY_REVOKED")
+        assert_problem(await h.client.get("/x", headers={"X-API-Key": key}), 401, "KEY_REVOKED")
     assert len(upstream.requests) == 1
 
 
@@ -227,35 +197,37 @@ async def test_key_auth_revoked_by_cli_in_another_process(tmp_path: Path) -> Non
         assert key_id in done.stdout.decode()
         r = await h.client.get("/x", headers=bearer(key))
         elapsed = trio.current_time() - returned
-        problem(r, 401, "KEY_REVOKED")
+        assert_problem(r, 401, "KEY_REVOKED")
         assert elapsed < 1.0
     assert len(upstream.requests) == 1
 
 
-async def test_key_auth_expired(tmp_path: Path) -> None:
+async def test_key_auth_expired(tmp_path: Path, clock: FakeClock) -> None:
     upstream = FakeUpstream()
-    async with open_harness(tmp_path, plugins=KEY_AUTH, upstream=upstream) as h:
-        expires = datetime.now(UTC) + timedelta(seconds=1.5)
+    async with open_harness(tmp_path, plugins=KEY_AUTH, upstream=upstream, clock=clock) as h:
+        expires = datetime.fromtimestamp(clock.now, UTC) + timedelta(seconds=1.5)
         key = await h.create_key(expires_at=expires)
+        clock.advance(1.25)
         assert (await h.client.get("/x", headers=bearer(key))).status_code == 200
-        await trio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.1)
-        problem(await h.client.get("/x", headers=bearer(key)), 401, "KEY_EXPIRED")
+        clock.advance(0.25)  # at expires_at: expired
+        assert_problem(await h.client.get("/x", headers=bearer(key)), 401, "KEY_EXPIRED")
     assert len(upstream.requests) == 1
 
 
-async def test_key_auth_expired_after_patch(tmp_path: Path) -> None:
+async def test_key_auth_expired_after_patch(tmp_path: Path, clock: FakeClock) -> None:
     upstream = FakeUpstream()
-    async with open_harness(tmp_path, plugins=KEY_AUTH, upstream=upstream) as h:
+    async with open_harness(tmp_path, plugins=KEY_AUTH, upstream=upstream, clock=clock) as h:
         admin = await setup_admin(h)
         key, key_id = await key_with_id(h)
-        expires = datetime.now(UTC) + timedelta(seconds=1)
+        expires = datetime.fromtimestamp(clock.now, UTC) + timedelta(seconds=1)
         r = await h.admin.patch(
             f"/keys/{key_id}", json={"expires_at": expires.isoformat()}, headers=admin
         )
         assert r.status_code == 200, r.text
+        clock.advance(0.75)
         assert (await h.client.get("/x", headers=bearer(key))).status_code == 200
-        await trio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.1)
-        problem(await h.client.get("/x", headers=bearer(key)), 401, "KEY_EXPIRED")
+        clock.advance(0.25)  # at expires_at: expired
+        assert_problem(await h.client.get("/x", headers=bearer(key)), 401, "KEY_EXPIRED")
     assert len(upstream.requests) == 1
 
 
@@ -267,7 +239,7 @@ async def test_key_auth_rotated_without_grace(tmp_path: Path) -> None:
         r = await h.admin.post(f"/keys/{old_id}/rotate", json={"grace_seconds": 0}, headers=admin)
         assert r.status_code in (200, 201), r.text
         new, new_id = r.json()["new"]["key"], r.json()["new"]["id"]
-        problem(await h.client.get("/x", headers=bearer(old)), 401, "KEY_ROTATED")
+        assert_problem(await h.client.get("/x", headers=bearer(old)), 401, "KEY_ROTATED")
         assert (await h.client.get("/x", headers=bearer(new))).status_code == 200
     req = only_request(upstream)
     assert values(req, "x-key-id") == [new_id]
@@ -294,13 +266,19 @@ async def test_key_auth_insufficient_scope(tmp_path: Path) -> None:
     async with open_harness(tmp_path, plugins=plugins, upstream=upstream) as h:
         partial = await h.create_key(["users:read"])
         none = await h.create_key([])
-        body = problem(await h.client.get("/x", headers=bearer(partial)), 403, "INSUFFICIENT_SCOPE")
+        body = assert_problem(
+            await h.client.get("/x", headers=bearer(partial)), 403, "INSUFFICIENT_SCOPE"
+        )
         assert body["required_scopes"] == ["orders:write"]
-        body = problem(await h.client.get("/x", headers=bearer(none)), 403, "INSUFFICIENT_SCOPE")
+        body = assert_problem(
+            await h.client.get("/x", headers=bearer(none)), 403, "INSUFFICIENT_SCOPE"
+        )
         assert sorted(body["required_scopes"]) == ["orders:write", "users:read"]
         # scopes are case-sensitive
         upper = await h.create_key(["USERS:READ", "orders:write"])
-        body = problem(await h.client.get("/x", headers=bearer(upper)), 403, "INSUFFICIENT_SCOPE")
+        body = assert_problem(
+            await h.client.get("/x", headers=bearer(upper)), 403, "INSUFFICIENT_SCOPE"
+        )
         assert body["required_scopes"] == ["users:read"]
         assert upstream.requests == []
         # wildcards: users:* grants users:read
@@ -355,13 +333,13 @@ async def test_request_id_on_errors(tmp_path: Path) -> None:
         r401 = await h.client.get("/api/x")
         r404 = await h.client.get("/elsewhere", headers={"Origin": ORIGIN})
         kept = await h.client.get("/api/x", headers={"X-Request-ID": "trace-7"})
-    body = problem(r401, 401, "MISSING_KEY")
+    body = assert_problem(r401, 401, "MISSING_KEY")
     assert r401.headers["x-request-id"] == body["request_id"]
-    body = problem(r404, 404, "ROUTE_NOT_FOUND")
+    body = assert_problem(r404, 404, "ROUTE_NOT_FOUND")
     assert r404.headers["x-request-id"] == body["request_id"]
     # the global plugins' response phases run on an unrouted request too
     assert r404.headers["access-control-allow-origin"] == "*"
-    body = problem(kept, 401, "MISSING_KEY")
+    body = assert_problem(kept, 401, "MISSING_KEY")
     assert body["request_id"] == kept.headers["x-request-id"] == "trace-7"
     assert upstream.requests == []
 
@@ -442,7 +420,7 @@ async def test_cors_actual_requests_with_origin_list(tmp_path: Path) -> None:
     assert ok.headers["access-control-allow-credentials"] == "true"
     assert ok.headers["access-control-expose-headers"] == "X-Total, X-Page"
     # errors carry CORS headers too, so a browser script can read them
-    problem(err, 401, "MISSING_KEY")
+    assert_problem(err, 401, "MISSING_KEY")
     assert err.headers["access-control-allow-origin"] == "https://two.example"
     assert "Origin" in err.headers.get_list("vary")
     assert other.status_code == 200
@@ -508,10 +486,7 @@ async def test_config_error_message_names_plugin_and_path(tmp_path: Path) -> Non
     """What a plugin author sees in a traceback when open_harness (or an
     embedded Server) refuses a config: the message itself must say which
     plugin and where, not only "config: 1 error(s)"."""
-    with pytest.raises((ConfigError, BaseExceptionGroup)) as info:
-        async with open_harness(tmp_path, plugins=CORS_CREDENTIALS_ANY):
-            pytest.fail("the gateway started with an invalid config")
-    message = str(config_error(info.value))
+    message = str(await refused_config(tmp_path, plugins=CORS_CREDENTIALS_ANY))
     assert "routes[0].plugins.cors" in message, message
     assert "credentials" in message, message
 
@@ -543,10 +518,10 @@ async def test_ip_restriction(tmp_path: Path, settings: dict[str, Any], allowed:
     if allowed:
         assert r.status_code == 200, r.text
         assert only_request(upstream).header("x-forwarded-for") == "127.0.0.1"
-        problem(r_nokey, 401, "MISSING_KEY")
+        assert_problem(r_nokey, 401, "MISSING_KEY")
     else:
-        problem(r, 403, "FORBIDDEN")
-        problem(r_nokey, 403, "FORBIDDEN")
+        assert_problem(r, 403, "FORBIDDEN")
+        assert_problem(r_nokey, 403, "FORBIDDEN")
         assert upstream.requests == []
 
 
@@ -557,8 +532,8 @@ async def test_ip_restriction_ignores_forwarded_for(tmp_path: Path) -> None:
     async with open_harness(tmp_path, plugins=plugins, upstream=upstream) as h:
         spoofed = await h.client.get("/x", headers={"X-Forwarded-For": "10.1.2.3"})
         real_ip = await h.client.get("/x", headers={"X-Real-IP": "10.1.2.3"})
-    problem(spoofed, 403, "FORBIDDEN")
-    problem(real_ip, 403, "FORBIDDEN")
+    assert_problem(spoofed, 403, "FORBIDDEN")
+    assert_problem(real_ip, 403, "FORBIDDEN")
     assert upstream.requests == []
 
 
@@ -594,7 +569,7 @@ async def test_request_size_content_length(tmp_path: Path) -> None:
         over = await h.client.post("/x", content=b"a" * 101)
         at_cap = await h.client.post("/x", content=b"b" * 100)
         empty = await h.client.post("/x", content=b"")
-    problem(over, 413, "PAYLOAD_TOO_LARGE")
+    assert_problem(over, 413, "PAYLOAD_TOO_LARGE")
     assert at_cap.status_code == 200
     assert empty.status_code == 200
     first, second = upstream.requests
@@ -614,7 +589,7 @@ async def test_request_size_chunked(tmp_path: Path) -> None:
         except httpx.TransportError:
             pass  # the gateway may cut the connection instead of answering 413
         else:
-            problem(r, 413, "PAYLOAD_TOO_LARGE")
+            assert_problem(r, 413, "PAYLOAD_TOO_LARGE")
         await trio.sleep(0.2)
         # the connection is usable again afterwards (or a fresh one is made)
         after = await h.client.get("/after")
@@ -632,7 +607,7 @@ async def test_request_size_require_content_length(tmp_path: Path) -> None:
         chunked = await h.client.post("/x", content=chunks([b"x" * 10]))
         declared = await h.client.post("/y", content=b"x" * 10)
         no_body = await h.client.get("/z")
-    problem(chunked, 411, "LENGTH_REQUIRED")
+    assert_problem(chunked, 411, "LENGTH_REQUIRED")
     assert declared.status_code == 200
     assert no_body.status_code == 200
     assert [q.path for q in upstream.requests] == ["/y", "/z"]
@@ -705,7 +680,7 @@ async def test_request_transformer_path_template(tmp_path: Path) -> None:
         r = await h.client.get("/users/42?full=1")
         bad = await h.client.get("/users/abc")
     assert r.status_code == 200
-    problem(bad, 400, "INVALID_PATH_PARAMETER")
+    assert_problem(bad, 400, "INVALID_PATH_PARAMETER")
     req = only_request(upstream)
     assert req.target == "/v2/accounts/42/profile?full=1"
 
@@ -756,9 +731,9 @@ async def test_request_transformer_json_errors(tmp_path: Path) -> None:
             "/invalid", content=b'{"a": ', headers={"Content-Type": "application/json"}
         )
         ok = await h.client.post("/ok", json={"old": 2})
-    problem(big, 413, "PAYLOAD_TOO_LARGE")
-    problem(big_chunked, 413, "PAYLOAD_TOO_LARGE")
-    body = problem(invalid, 400, "VALIDATION_ERROR")
+    assert_problem(big, 413, "PAYLOAD_TOO_LARGE")
+    assert_problem(big_chunked, 413, "PAYLOAD_TOO_LARGE")
+    body = assert_problem(invalid, 400, "VALIDATION_ERROR")
     assert body["errors"] and {"path", "message"} <= set(body["errors"][0])
     assert ok.status_code == 200
     req = only_request(upstream)
@@ -858,7 +833,7 @@ async def test_response_transformer_too_large_json_streamed(tmp_path: Path) -> N
     plugins = {"response-transformer": {**JSON_OPS, "max_body_bytes": 64}}
     async with open_harness(tmp_path, plugins=plugins, upstream=upstream) as h:
         r = await h.client.get("/streamed")
-    problem(r, 502, "BAD_GATEWAY")
+    assert_problem(r, 502, "BAD_GATEWAY")
     assert only_request(upstream).path == "/streamed"
 
 
@@ -872,7 +847,7 @@ async def test_response_transformer_too_large_json_in_one_read(tmp_path: Path) -
     plugins = {"response-transformer": {**JSON_OPS, "max_body_bytes": 64}}
     async with open_harness(tmp_path, plugins=plugins, upstream=upstream) as h:
         r = await h.client.get("/whole")
-    problem(r, 502, "BAD_GATEWAY")
+    assert_problem(r, 502, "BAD_GATEWAY")
     assert only_request(upstream).path == "/whole"
 
 
@@ -917,7 +892,7 @@ async def test_response_transformer_leaves_gateway_errors_whole(tmp_path: Path) 
         key = await h.create_key()
         err = await h.client.get("/x")
         ok = await h.client.get("/y", headers=bearer(key))
-    body = problem(err, 401, "MISSING_KEY")
+    body = assert_problem(err, 401, "MISSING_KEY")
     assert "injected" not in body
     # the upstream's JSON is edited as configured
     assert ok.status_code == 200
@@ -953,6 +928,59 @@ async def test_global_and_route_plugins_merge(tmp_path: Path) -> None:
     assert names == ["request-id", "request-transformer"]
 
 
+async def test_get_routes_lists_each_route_and_its_chain(tmp_path: Path) -> None:
+    """GET /routes, the whole document and its field order: the data plane's
+    typed records encoded as they are."""
+    routes = [
+        {
+            "name": "users",
+            "path": "/users/{id}",
+            "methods": ["GET", "HEAD"],
+            "upstream": "test",
+            "upstream_path": "/v2/users/{id}",
+            "version": "1",
+            "plugins": {"key-auth": {}, "cors": {}},
+        },
+        {"name": "rest", "path": "/{rest:path}", "upstream": "test"},
+    ]
+    async with open_harness(
+        tmp_path, routes=routes, global_plugins={"request-id": {}}, api_versions={"1": {}}
+    ) as h:
+        admin = await setup_admin(h)
+        r = await h.admin.get("/routes", headers=admin)
+    assert r.status_code == 200, r.text
+    request_id = {"name": "request-id", "priority": 100000, "phases": ["response"]}
+    assert r.json() == {
+        "items": [
+            {
+                "name": "users",
+                "methods": ["GET", "HEAD"],
+                "path": "/users/{id}",
+                "version": "1",
+                "upstream": "test",
+                "upstream_path": "/v2/users/{id}",
+                "plugins": [
+                    request_id,  # the global table merged in
+                    {"name": "cors", "priority": 2000, "phases": ["access", "response"]},
+                    {"name": "key-auth", "priority": 1250, "phases": ["access", "log"]},
+                ],
+            },
+            {
+                "name": "rest",
+                "methods": ["*"],
+                "path": "/{rest:path}",
+                "version": None,
+                "upstream": "test",
+                "upstream_path": None,
+                "plugins": [request_id],
+            },
+        ]
+    }
+    keys = ["name", "methods", "path", "version", "upstream", "upstream_path", "plugins"]
+    assert [list(item) for item in r.json()["items"]] == [keys, keys]
+    assert [list(p) for p in r.json()["items"][1]["plugins"]] == [["name", "priority", "phases"]]
+
+
 async def route_plugin_names(h: Harness) -> list[str]:
     admin = await setup_admin(h)
     r = await h.admin.get("/routes", headers=admin)
@@ -985,7 +1013,7 @@ async def test_default_priority_order(tmp_path: Path) -> None:
         "response-transformer",
     ]
     # the transformer's x-api-key comes after key-auth has refused the request
-    problem(r, 401, "MISSING_KEY")
+    assert_problem(r, 401, "MISSING_KEY")
     assert upstream.requests == []
 
 
@@ -1017,7 +1045,7 @@ async def test_after_constraint_moves_cors_behind_key_auth(tmp_path: Path) -> No
         r = await h.client.options("/x", headers=preflight_headers())
     assert names == ["key-auth", "cors"]
     # the preflight now needs a key: key-auth refuses it before CORS answers
-    problem(r, 401, "MISSING_KEY")
+    assert_problem(r, 401, "MISSING_KEY")
     assert r.headers["access-control-allow-origin"] == "*"
     assert upstream.requests == []
 

@@ -14,6 +14,8 @@ a worker thread, which a virtual clock would race past.
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -85,6 +87,34 @@ class ScriptedUpstream(LoopbackServer):
             await stream.aclose()
 
 
+class AnswersThenCloses(LoopbackServer):
+    """Reads a request head and answers 200 at once, without reading the
+    body, then closes: with ``reset``, abortively (SO_LINGER 0: a reset at
+    once), else plainly (the rest of the body then meets a reset).
+    ``closed`` counts the connections it is done with."""
+
+    def __init__(self, *, reset: bool) -> None:
+        self.reset = reset
+        self.closed = 0
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            await stream.send_all(OK)
+            if self.reset:
+                stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            await stream.aclose()
+            self.closed += 1
+
+
 @asynccontextmanager
 async def gateway(
     tmp_path: Path,
@@ -93,6 +123,7 @@ async def gateway(
     *,
     upstream_settings: dict[str, Any] | None = None,
     routes: list[dict[str, Any]] | None = None,
+    server: dict[str, Any] | None = None,
 ) -> AsyncIterator[Harness]:
     """The real server with an access log in ``tmp_path / "access.log"``."""
     config = harness_config(
@@ -100,6 +131,7 @@ async def gateway(
         target,
         plugins=plugins,
         routes=routes,
+        server=server,
         upstream_settings={"read_timeout_seconds": 0.5, **(upstream_settings or {})},
     )
     config = msgspec.structs.replace(config, log=LogConfig(access_log=str(tmp_path / "access.log")))
@@ -332,6 +364,66 @@ async def test_a_retried_request_is_charged_once(tmp_path: Path) -> None:
         doc = await usage(h, key_id)
         assert (doc["credits_remaining"], doc["requests"]) == (1, 1)
     assert [line["retries"] for line in access_lines(tmp_path)] == [2, 2, 2, 0, 1]
+
+
+# ---- (e) an upstream that answers before reading the body, then closes ------------------------
+
+
+@pytest.mark.parametrize("door", ["native", "hypercorn"])
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "close"])
+async def test_an_early_answer_then_a_close_is_forwarded_not_a_502(
+    tmp_path: Path, door: str, reset: bool
+) -> None:
+    """The upstream answers 200 on the head of a 200 kB POST and closes; the
+    rest of the body meets a reset (EPIPE/ECONNRESET while sending). Its
+    answer was already in the gateway's buffer: the client gets that 200,
+    not a 502, the request is charged, and the connection is closed after
+    (the body was never read whole)."""
+    up = AnswersThenCloses(reset=reset)
+    server = {"proxy_server": door}
+    async with serving(up), gateway(tmp_path, up.url, {"key-auth": {}}, server=server) as h:
+        _, key_id, key = await new_key(h, credits=3)
+        host, port = h.info.proxy_url.removeprefix("http://").rsplit(":", 1)
+        total, first = 200_000, 10_000
+        head = (
+            f"POST /r HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\n"
+            f"content-length: {total}\r\n\r\n"
+        ).encode()
+        got = b""
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(head + b"x" * first)
+            await until(lambda: up.closed == 1)  # answered and gone
+            async with trio.open_nursery() as nursery:
+
+                async def rest() -> None:
+                    for _ in range((total - first) // 10_000):
+                        try:
+                            await stream.send_all(b"x" * 10_000)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return  # the gateway answered and hung up
+
+                nursery.start_soon(rest)
+                for _ in range(POLLS):
+                    with trio.fail_after(10):
+                        try:
+                            chunk = await stream.receive_some(65536)
+                        except trio.BrokenResourceError:
+                            chunk = b""
+                    if not chunk:
+                        break
+                    got += chunk
+                else:
+                    raise AssertionError("the gateway kept the connection open")
+                nursery.cancel_scope.cancel()
+        status_line, _, rest_of_it = got.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 200 OK", got[:300]
+        assert rest_of_it.endswith(b"\r\n\r\nok"), got[:300]
+        await until(lambda: in_flight(h) == 0)
+        doc = await usage(h, key_id)
+        assert (doc["credits_remaining"], doc["requests"]) == (2, 1)
+        assert doc["by_status_class"]["2xx"] == 1
+    [line] = access_lines(tmp_path)
+    assert (line["status"], line["outcome"], line["key_id"]) == (200, "ok", key_id)
 
 
 # ---- requests the front door refuses by itself ----------------------------------------------

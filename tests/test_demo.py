@@ -24,7 +24,7 @@ import httpx
 import pytest
 import trio
 
-from tests.helpers_process import ServeProcess, clean_env, run_cli, triogate_command
+from tests.helpers_process import ServeProcess, clean_env, free_ports, run_cli, triogate_command
 from triogate.runtime.echo import EchoUpstream
 
 BANNER_END = "Ctrl-C stops the gateway and the echo upstream."
@@ -34,17 +34,6 @@ BASH = shutil.which("bash")
 
 
 # ---- running the demo -------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass

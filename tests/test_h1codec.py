@@ -272,6 +272,56 @@ def test_proxy_request_head_bytes() -> None:
     assert {b"te", b"host", b"x-key-id", b"forwarded", b"expect"} <= NOT_FORWARDED
 
 
+# What a client may not tell the upstream: only a proxy in front of it says
+# these, and upstreams build redirects, links, "is this HTTPS", the client's
+# address or even the routed path (X-Original-URL) from them.
+PROXY_ONLY = [
+    b"x-forwarded-port",
+    b"x-forwarded-prefix",
+    b"x-forwarded-server",
+    b"x-forwarded-ssl",
+    b"x-forwarded-scheme",
+    b"x-forwarded-protocol",
+    b"x-forwarded-",
+    b"x-real-ip",
+    b"x-original-url",
+    b"x-rewrite-url",
+]
+
+
+def test_proxy_only_headers_from_a_client_are_dropped() -> None:
+    kept = [
+        (b"x-forwarded", b"no dash after: not a forwarded header"),
+        (b"x-forwardedfor", b"2"),
+        (b"x-custom", b"3"),
+        (b"xforwarded-port", b"4"),
+        (b"accept", b"*/*"),
+    ]
+    raw = [*((name, b"evil") for name in PROXY_ONLY), *kept, (b"", b"empty name")]
+    head = proxy_request_head(
+        "GET",
+        "/",
+        "up",
+        Headers(raw),
+        client_ip="192.0.2.7",
+        scheme="http",
+        request_id="r",
+        key_id=None,
+        body_length=0,
+    )
+    assert head == (
+        b"GET / HTTP/1.1\r\n"
+        b"host: up\r\n"
+        + b"".join(b"%b: %b\r\n" % pair for pair in kept)
+        + b"x-forwarded-for: 192.0.2.7\r\n"
+        b"x-forwarded-proto: http\r\n"
+        b"x-request-id: r\r\n"
+        b"\r\n"
+    )
+    assert b"evil" not in head
+    assert {b"x-real-ip", b"x-original-url", b"x-rewrite-url"} <= NOT_FORWARDED
+
+
 @pytest.mark.parametrize(
     ("method", "length", "framing_line"),
     [

@@ -26,6 +26,11 @@ SHADOWS: Final = [
     b"x_forwarded_proto",
     b"x_forwarded_host",
     b"x_request_id",
+    b"x_forwarded_port",  # every x-forwarded-*, not only the gateway's three
+    b"x_forwarded_prefix",
+    b"x_real_ip",
+    b"x_original_url",
+    b"x-rewrite_url",
     b"content_length",
     b"transfer_encoding",
     b"host_",  # not a shadow ('host-'), kept when allowed: checked below
@@ -99,7 +104,10 @@ def test_connection_and_underscores_together() -> None:
 
 
 names = st.text(alphabet="abxyz-_", min_size=1, max_size=8).map(str.encode) | st.sampled_from(
-    sorted((GATEWAY_SET | {n.replace(b"-", b"_") for n in GATEWAY_SET}) - {b"connection"})
+    sorted(
+        (GATEWAY_SET | {n.replace(b"-", b"_") for n in GATEWAY_SET} | {b"x_forwarded_port"})
+        - {b"connection"}
+    )
 )
 
 
@@ -111,7 +119,12 @@ def test_what_is_kept(names: list[bytes], underscores: bool) -> None:
     expected = [
         (k, v)
         for k, v in raw
-        if b"_" not in k or (underscores and k.replace(b"_", b"-") not in GATEWAY_SET)
+        if b"_" not in k
+        or (
+            underscores
+            and k.replace(b"_", b"-") not in GATEWAY_SET
+            and not k.replace(b"_", b"-").startswith(b"x-forwarded-")
+        )
     ]
     assert kept == expected  # order kept, nothing else touched
 
@@ -151,3 +164,55 @@ async def test_the_upstream_never_sees_a_shadowing_header(
         assert seen.header("x-forwarded-for") == "127.0.0.1"
         assert seen.header("x-other") == "kept"
         assert seen.header("x_custom") == ("kept?" if underscores else None)
+
+
+@pytest.mark.parametrize("door", ["native", "hypercorn"])
+async def test_the_upstream_never_sees_what_only_a_proxy_may_say(tmp_path: Path, door: str) -> None:
+    """``X-Forwarded-Port/-Prefix/-Server`` (and every other
+    ``X-Forwarded-*``), ``X-Real-IP``, ``X-Original-URL`` and
+    ``X-Rewrite-URL`` from a client: the upstream builds redirects and
+    links, reads the client's address or even the path from them."""
+    upstream = FakeUpstream()
+    async with open_harness(
+        tmp_path,
+        upstream=upstream,
+        server={"proxy_server": door, "underscores_in_headers": True},
+    ) as h:
+        r = await h.client.get(
+            "/x",
+            headers=[
+                ("X-Forwarded-Port", "443"),
+                ("X-Forwarded-Prefix", "/admin"),
+                ("X-Forwarded-Server", "evil.example"),
+                ("X-Forwarded-Ssl", "on"),
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "evil.example"),
+                ("X-Real-IP", "10.0.0.1"),
+                ("X-Original-URL", "/private/data"),
+                ("X-Rewrite-URL", "/private/data"),
+                ("X_Forwarded_Port", "443"),
+                ("X_Real_IP", "10.0.0.1"),
+                ("X-Other", "kept"),
+            ],
+        )
+        assert r.status_code == 200, r.text
+        [seen] = upstream.requests
+        names = {k for k, _ in seen.headers}
+        assert (
+            not {
+                "x-forwarded-port",
+                "x-forwarded-prefix",
+                "x-forwarded-server",
+                "x-forwarded-ssl",
+                "x-real-ip",
+                "x-original-url",
+                "x-rewrite-url",
+                "x_forwarded_port",
+                "x_real_ip",
+            }
+            & names
+        )
+        assert seen.header("x-forwarded-proto") == "http"  # the gateway's own
+        assert seen.header("x-forwarded-host") != "evil.example"
+        assert seen.header("x-other") == "kept"
+        assert "evil.example" not in str(seen.headers)

@@ -10,7 +10,7 @@ from triogate.control.audit import Actor
 from triogate.control.crypto import HmacKeyring, ServerSecrets
 from triogate.control.keys import KeyService
 from triogate.control.models import CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest
-from triogate.errors import Conflict, NotFound, ValidationError
+from triogate.errors import Conflict, KeyVerdict, NotFound, ValidationError
 from triogate.runtime.gateway import Gateway
 from triogate.storage import Credits, MemoryStore, RateLimit, Table, codec
 
@@ -50,13 +50,21 @@ async def test_plaintext_never_stored(memory_gateway: Gateway) -> None:
 async def test_validate_codes(memory_gateway: Gateway, clock: FakeClock) -> None:
     keys = memory_gateway.keys
     created = await keys.create(req(expires_at=datetime.fromtimestamp(clock.now + 60, UTC)), ACTOR)
-    assert (await keys.validate("tg_garbage")).code == "INVALID_KEY"
-    assert (await keys.validate(keys.format.generate())).code == "INVALID_KEY"
+    assert (await keys.validate("tg_garbage")).code is KeyVerdict.INVALID_KEY
+    assert (await keys.validate(keys.format.generate())).code is KeyVerdict.INVALID_KEY
     scoped = await keys.validate(created.key, ["users:read", "orders:write"])
-    assert scoped.code == "INSUFFICIENT_SCOPE" and scoped.required_scopes == ["orders:write"]
+    assert scoped.code is KeyVerdict.INSUFFICIENT_SCOPE and scoped.required_scopes == [
+        "orders:write"
+    ]
     clock.advance(60)
-    assert (await keys.validate(created.key)).code == "KEY_EXPIRED"
+    expired = await keys.validate(created.key)
+    assert expired.code is KeyVerdict.KEY_EXPIRED
     assert keys.get(created.id).status == "expired"
+    # The admin API's JSON says the code as before: the verdict's value.
+    body = msgspec.json.decode(msgspec.json.encode(expired))
+    assert body["code"] == "KEY_EXPIRED" and body["valid"] is False
+    record, verdict, _ = keys.validate_nowait(keys.format.generate())
+    assert record is None and verdict is KeyVerdict.INVALID_KEY
 
 
 async def test_revoke_twice_conflicts(memory_gateway: Gateway) -> None:
@@ -66,7 +74,7 @@ async def test_revoke_twice_conflicts(memory_gateway: Gateway) -> None:
     assert result.status == "revoked"
     with pytest.raises(Conflict):
         await keys.revoke(created.id, ACTOR)
-    assert (await keys.validate(created.key)).code == "KEY_REVOKED"
+    assert (await keys.validate(created.key)).code is KeyVerdict.KEY_REVOKED
 
 
 async def test_unknown_and_malformed_ids(memory_gateway: Gateway) -> None:
@@ -103,7 +111,7 @@ async def test_rotate_with_grace(memory_gateway: Gateway, clock: FakeClock) -> N
     with pytest.raises(Conflict):
         await keys.rotate(old.id, RotateKeyRequest(), ACTOR)
     clock.advance(30)
-    assert (await keys.validate(old.key)).code == "KEY_ROTATED"
+    assert (await keys.validate(old.key)).code is KeyVerdict.KEY_ROTATED
     assert (await keys.validate(new.key)).valid
 
 
@@ -163,7 +171,7 @@ async def test_cleanup_expires_and_purges(memory_gateway: Gateway, clock: FakeCl
     assert keys.get(expiring.id).status == "expired"
     with pytest.raises(NotFound):
         keys.get(old.id)
-    assert (await keys.validate(old.key)).code == "INVALID_KEY"  # digest purged too
+    assert (await keys.validate(old.key)).code is KeyVerdict.INVALID_KEY  # digest purged too
     assert keys.get(rotated.new.id).status == "active"
     assert keys.get(keeper.id).status == "active"
     assert await keys.cleanup(ACTOR) == (0, 0)

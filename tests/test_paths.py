@@ -7,6 +7,12 @@ was decoded once by the gateway to ``/public/%2e%2e/private/data.txt``
 Now a ``%`` that does not start a two-hex-digit escape is a 400, and the
 normalised form is a fixed point. Unit and property tests on the function,
 then the attack through both real front doors to a fake upstream.
+
+The second attack: ``/private;x/data`` (or ``/private%3Bx/data``) matched
+the unprotected catch-all ``/{rest:path}`` (the segment is ``private;x``,
+not ``private``), and Tomcat or Jetty served it as ``/private/data``. Path
+parameters are now a 400; with ``server.allow_path_parameters`` they are
+kept for the upstream and the router matches each segment without them.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from triogate.errors import BadRequest
+from triogate.config import RouteConfig
+from triogate.errors import BadRequest, ConfigError
 from triogate.http import check_target
+from triogate.policy.router import Router
 from triogate.testing import FakeUpstream, Harness, open_harness
 
 UNRESERVED: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -97,7 +105,7 @@ def test_dot_segments_separators_and_fragments_are_refused(target: bytes) -> Non
         (b"/plain/path?x=1&y=%zz", "/plain/path", "x=1&y=%zz"),  # the query is not ours
         (b"/%61%62%63", "/abc", ""),  # unreserved decoded
         (b"/%7e%2D%5f%2e%2ex", "/~-_..x", ""),  # '..x' is a name, not a dot segment
-        (b"/a%3bb", "/a%3Bb", ""),  # reserved kept, hex upper-cased
+        (b"/a%3ab", "/a%3Ab", ""),  # reserved kept, hex upper-cased
         (b"/a%20b", "/a%20b", ""),
         (b"/100%25", "/100%25", ""),  # '%25' stays '%25'
         (b"/%2541", "/%2541", ""),  # ... and does not become 'A' on a second pass
@@ -106,13 +114,58 @@ def test_dot_segments_separators_and_fragments_are_refused(target: bytes) -> Non
         (b"/.well-known/x", "/.well-known/x", ""),
         (b"/a/.../b", "/a/.../b", ""),
         (b"/a/..b/.c", "/a/..b/.c", ""),
-        (b"/a;x=1/b", "/a;x=1/b", ""),
         (b"/%ff", "/%FF", ""),
+        (b"/a?x=;&y=%3b", "/a", "x=;&y=%3b"),  # ';' in the query is not a path parameter
     ],
 )
 def test_normalised_forms(target: bytes, path: str, query: str) -> None:
-    assert check_target(target) == (path, query)
-    assert check_target(_target(path, query)) == (path, query)
+    for allowed in (False, True):
+        assert check_target(target, allowed) == (path, query)
+        assert check_target(_target(path, query), allowed) == (path, query)
+
+
+PATH_PARAMETERS: Final = [
+    b"/private;x/data",
+    b"/private;/data",
+    b"/a;x=1/b",
+    b"/private/data;jsessionid=1",
+    b"/private%3bfoo/x",
+    b"/private%3Bfoo/x",
+    b"/%70rivate%3b/x",
+]
+
+
+@pytest.mark.parametrize("target", PATH_PARAMETERS)
+def test_path_parameters_are_refused_by_default(target: bytes) -> None:
+    with pytest.raises(BadRequest) as caught:
+        check_target(target)
+    assert caught.value.status == 400
+    assert "allow_path_parameters" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        (b"/private;x/data", "/private;x/data"),
+        (b"/a;x=1/b", "/a;x=1/b"),
+        (b"/private/data;jsessionid=1", "/private/data;jsessionid=1"),
+        (b"/private%3bfoo/x", "/private%3Bfoo/x"),
+        (b"/%70rivate%3b/x", "/private%3B/x"),
+    ],
+)
+def test_allowed_path_parameters_are_kept(target: bytes, path: str) -> None:
+    assert check_target(target, path_parameters=True) == (path, "")
+    assert check_target(path.encode(), path_parameters=True) == (path, "")
+
+
+@pytest.mark.parametrize(
+    "target", [b"/;x/private/data", b"/private/;x/data", b"/%3Bx/private", b"/a//;x", b"/a/%3b"]
+)
+def test_a_segment_of_nothing_but_parameters_is_refused(target: bytes) -> None:
+    # An upstream reads it as an empty segment and may merge it away
+    # ('/private//data' is '/private/data' to Tomcat).
+    with pytest.raises(BadRequest):
+        check_target(target, path_parameters=True)
 
 
 def _target(path: str, query: str) -> bytes:
@@ -184,17 +237,25 @@ def _assert_safe(path: str) -> None:
 
 
 @settings(max_examples=1500, deadline=None)
-@given(paths)
-@example(b"/public/%%32%65%%32%65/private/data.txt")
-@example(b"/public/%%32%66x")
-@example(b"/%25%32%65")
-def test_normalisation_is_a_fixed_point_and_safe(target: bytes) -> None:
+@given(paths, st.booleans())
+@example(b"/public/%%32%65%%32%65/private/data.txt", False)
+@example(b"/public/%%32%66x", False)
+@example(b"/%25%32%65", False)
+@example(b"/a//;x", True)
+@example(b"/a%3b%3B;/b", True)
+def test_normalisation_is_a_fixed_point_and_safe(target: bytes, parameters: bool) -> None:
     try:
-        path, query = check_target(target)
+        path, query = check_target(target, parameters)
     except BadRequest:
         return
-    assert check_target(_target(path, query)) == (path, query)
+    assert check_target(_target(path, query), parameters) == (path, query)
     _assert_safe(path)
+    if parameters:
+        # Every segment has something before its parameters: the router
+        # matches that, and the upstream reads no empty segment.
+        assert "/;" not in path and "/%3B" not in path
+    else:
+        assert ";" not in path and "%3B" not in path
     # Normalising changes the spelling, never what one decode reads (bar
     # merged slashes).
     original = target.partition(b"?")[0].partition(b"#")[0]
@@ -202,13 +263,73 @@ def test_normalisation_is_a_fixed_point_and_safe(target: bytes) -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(paths)
-def test_a_stray_percent_is_always_refused(target: bytes) -> None:
+@given(paths, st.booleans())
+def test_a_stray_percent_is_always_refused(target: bytes, parameters: bool) -> None:
     path = target.partition(b"?")[0]
     if path.count(b"%") == len(_VALID_ESCAPES.findall(path)):
         return
     with pytest.raises(BadRequest):
-        check_target(target)
+        check_target(target, parameters)
+
+
+# ---- the router, with path parameters allowed -------------------------------------
+
+
+def _router() -> Router:
+    return Router.compile(
+        [
+            RouteConfig(name="private", path="/private/{rest:path}", upstream="u"),
+            RouteConfig(name="item", path="/items/{id:int}.{ext}", upstream="u"),
+            RouteConfig(name="exact", path="/a/b", upstream="u"),
+            RouteConfig(name="root", path="/{rest:path}", upstream="u"),
+        ],
+        {},
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "params"),
+    [
+        ("/private;x/data", "private", {"rest": "data"}),
+        ("/private%3Bfoo/x;y", "private", {"rest": "x"}),
+        ("/private%3bfoo/x", "private", {"rest": "x"}),
+        ("/items/7.json;v=2", "item", {"id": "7", "ext": "json"}),
+        ("/a;x/b;y", "exact", {}),
+        ("/privat;e/data", "root", {"rest": "privat/data"}),
+    ],
+)
+def test_segments_are_routed_without_their_parameters(
+    path: str, name: str, params: dict[str, str]
+) -> None:
+    match = _router().match("GET", path)
+    assert (match.route.name, match.params) == (name, params)
+    assert match.path == path  # forwarded as it came
+
+
+def test_a_route_path_with_a_parameter_is_a_load_error() -> None:
+    for template in ("/a;v=1/b", "/a/{x}%3Bb", "/a/%3bb"):
+        with pytest.raises(ConfigError) as caught:
+            Router.compile([RouteConfig(name="r", path=template, upstream="u")], {})
+        assert "can never match" in str(caught.value.lines()), template
+    # A ';' inside a route regex is the regex's business.
+    Router.compile([RouteConfig(name="r", path="/a/{x:re:[a-z;]+}", upstream="u")], {})
+
+
+def test_the_documented_guard_for_case_insensitive_upstreams() -> None:
+    """docs/configuration.md: a case-insensitive regex segment with the
+    protected route's plugins takes every spelling before the catch-all."""
+    router = Router.compile(
+        [
+            RouteConfig(name="private", path="/private/{rest:path}", upstream="u"),
+            RouteConfig(name="PRIVATE", path="/{area:re:(?i)private}/{rest:path}", upstream="u"),
+            RouteConfig(name="root", path="/{rest:path}", upstream="u"),
+        ],
+        {},
+    )
+    assert router.match("GET", "/private/data").route.name == "private"
+    for path in ("/PRIVATE/data", "/PrIvAtE/a/b"):
+        assert router.match("GET", path).route.name == "PRIVATE"
+    assert router.match("GET", "/privates/data").route.name == "root"
 
 
 # ---- through the real front doors ----------------------------------------------
@@ -226,23 +347,33 @@ ROUTES: Final[list[dict[str, Any]]] = [
 
 
 @asynccontextmanager
-async def gateway(tmp_path: Path, door: str) -> AsyncIterator[Harness]:
+async def gateway(tmp_path: Path, door: str, **server: Any) -> AsyncIterator[Harness]:
     async with open_harness(
-        tmp_path, upstream=FakeUpstream(), routes=ROUTES, server={"proxy_server": door}
+        tmp_path,
+        upstream=FakeUpstream(),
+        routes=ROUTES,
+        server={"proxy_server": door, **server},
     ) as h:
         yield h
 
 
-async def raw_get(h: Harness, target: bytes) -> tuple[int, dict[str, Any] | None]:
+async def raw_get(
+    h: Harness, target: bytes, key: str | None = None
+) -> tuple[int, dict[str, Any] | None]:
     """Send ``target`` byte for byte (httpx would re-encode it); the status
     and the problem+json body, if any."""
     port = urlsplit(h.info.proxy_url).port
     assert port is not None
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     data = bytearray()
+    extra = b"" if key is None else b"X-API-Key: " + key.encode() + b"\r\n"
     async with stream:
         await stream.send_all(
-            b"GET " + target + b" HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n"
+            b"GET "
+            + target
+            + b" HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n"
+            + extra
+            + b"\r\n"
         )
         with trio.fail_after(5):
             while chunk := await stream.receive_some(65536):
@@ -294,6 +425,44 @@ async def test_double_encoded_paths_are_refused_and_never_forwarded(
         assert h.upstream.requests == [], [r.target for r in h.upstream.requests]
 
         # What is accepted reaches the upstream as it was routed.
-        status, _ = await raw_get(h, b"/public/%61%2541/x%3b")
+        status, _ = await raw_get(h, b"/public/%61%2541/x%3a")
         assert status == 200
-        assert [r.target for r in h.upstream.requests] == ["/public/a%2541/x%3B"]
+        assert [r.target for r in h.upstream.requests] == ["/public/a%2541/x%3A"]
+
+
+@pytest.mark.parametrize("door", ["native", "hypercorn"])
+async def test_path_parameters_cannot_reach_a_protected_path_through_the_catch_all(
+    tmp_path: Path, door: str
+) -> None:
+    """``/private;x/data`` is ``/private/data`` to Tomcat and Jetty: by
+    default a 400 that never reaches the upstream."""
+    async with gateway(tmp_path, door) as h:
+        for target in PATH_PARAMETERS:
+            status, problem = await raw_get(h, target)
+            assert status == 400, (target, status, problem)
+            assert problem is not None and problem["code"] == "BAD_REQUEST", problem
+        assert h.upstream.requests == [], [r.target for r in h.upstream.requests]
+
+
+@pytest.mark.parametrize("door", ["native", "hypercorn"])
+async def test_allowed_path_parameters_are_routed_without_them(tmp_path: Path, door: str) -> None:
+    """With ``allow_path_parameters`` the route is chosen by the segments
+    without their parameters (what a servlet container serves), and the
+    upstream gets the path as it came."""
+    async with gateway(tmp_path, door, allow_path_parameters=True) as h:
+        for target in [b"/private;x/data", b"/private%3bfoo/x", b"/private;/data;y"]:
+            status, problem = await raw_get(h, target)
+            assert status == 401, (target, status, problem)  # the protected route
+        for target in [b"/;x/private/data", b"/private/;x/data", b"/%3Bx/private/data"]:
+            status, problem = await raw_get(h, target)
+            assert status == 400, (target, status, problem)
+        assert h.upstream.requests == [], [r.target for r in h.upstream.requests]
+        key = await h.create_key()
+        assert (await raw_get(h, b"/private;x/data", key))[0] == 200
+        assert (await raw_get(h, b"/private%3bfoo/x", key))[0] == 200
+        assert (await raw_get(h, b"/public;jsessionid=1/a;b", key))[0] == 200
+        assert [r.target for r in h.upstream.requests] == [
+            "/private;x/data",
+            "/private%3Bfoo/x",
+            "/public;jsessionid=1/a;b",
+        ]

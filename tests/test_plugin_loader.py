@@ -14,6 +14,7 @@ import triogate.dataplane.plugin_loader as plugin_loader
 from triogate.dataplane.plugin_loader import (
     ENTRY_POINT_GROUP,
     Chain,
+    PluginSummary,
     _check_plugin,
     build_chain,
     discover,
@@ -421,13 +422,22 @@ def test_a_cycle_is_a_load_error() -> None:
 
 def test_describe() -> None:
     chain = _chain({"key-auth": {}, "cors": {}}, {"request-id": {}})
-    assert chain.describe() == [
+    described = chain.describe()
+    assert described == (
+        PluginSummary("request-id", 100000, ("response",)),
+        PluginSummary("cors", 2000, ("access", "response")),
+        PluginSummary("key-auth", 1250, ("access", "log")),
+    )
+    # What GET /routes shows of them (the admin API encodes the records as they are).
+    assert msgspec.json.decode(msgspec.json.encode(described)) == [
         {"name": "request-id", "priority": 100000, "phases": ["response"]},
         {"name": "cors", "priority": 2000, "phases": ["access", "response"]},
         {"name": "key-auth", "priority": 1250, "phases": ["access", "log"]},
     ]
+    with pytest.raises(AttributeError):
+        described[0].priority = 0  # type: ignore[misc]  # frozen records
     empty = _chain({})
-    assert empty.describe() == []
+    assert empty.describe() == ()
     assert repr(empty) == "<Chain (empty)>"
 
 

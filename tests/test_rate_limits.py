@@ -19,13 +19,12 @@ real HTTP (httpx) to it: ``open_harness`` for the in-process server, the real
 
 from __future__ import annotations
 
-import http.server
 import math
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,13 @@ import httpx
 import msgspec
 import trio
 
-from tests.helpers_process import ServeProcess, serving
+from tests.conftest import FakeClock
+from tests.helpers_gateway import assert_problem, bearer, create_key, setup_admin
+from tests.helpers_process import serving, threaded_upstream
 from triogate.config import RateLimitConfig
 from triogate.dataplane.actors import ActorSnapshot
 from triogate.testing import FakeResponse, FakeUpstream, Harness, harness_config, open_harness
 
-PROBLEM_JSON = "application/problem+json"
 SLACK = 0.05  # crash test: a flush's own duration and timer slack, in seconds
 POLICY_RE = re.compile(r'^"([A-Za-z0-9_.:-]+)";q=(\d+);w=(\d+)$')
 RATELIMIT_RE = re.compile(r'^"([A-Za-z0-9_.:-]+)";r=(\d+);t=(\d+)$')
@@ -55,10 +55,12 @@ async def gateway(
     upstream: FakeUpstream | None = None,
     storage: dict[str, Any] | None = None,
     default_rate_limit: dict[str, Any] | None = None,
+    clock: FakeClock | None = None,
     **harness_kw: Any,
 ) -> AsyncIterator[Harness]:
     """``open_harness`` with a config built by ``harness_config`` and, when
-    asked, its ``[storage]`` / ``[keys]`` sections replaced."""
+    asked, its ``[storage]`` / ``[keys]`` sections replaced and the services'
+    wall clock replaced by ``clock`` (windows and refills move only with it)."""
     upstream = upstream or FakeUpstream()
     async with trio.open_nursery() as nursery:
         await nursery.start(upstream.run)
@@ -74,28 +76,9 @@ async def gateway(
                     config.keys, default_rate_limit=RateLimitConfig(**default_rate_limit)
                 ),
             )
-        async with open_harness(data_dir, upstream=upstream, config=config) as h:
+        async with open_harness(data_dir, upstream=upstream, config=config, clock=clock) as h:
             yield h
         nursery.cancel_scope.cancel()
-
-
-async def setup_admin(h: Harness) -> dict[str, str]:
-    r = await h.admin.post("/setup", json={"name": "root", "email": "root@example.com"})
-    assert r.status_code == 201, r.text
-    return {"Authorization": f"Bearer {r.json()['key']}"}
-
-
-async def create_key(h: Harness, admin: dict[str, str], **fields: Any) -> tuple[str, str]:
-    """A key made through the admin API: (id, plaintext)."""
-    body = {"name": "k", "owner": "o", "scopes": [], **fields}
-    r = await h.admin.post("/keys", json=body, headers=admin)
-    assert r.status_code == 201, r.text
-    doc = r.json()
-    return doc["id"], doc["key"]
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def flush(h: Harness) -> None:
@@ -122,17 +105,6 @@ def inspect(h: Harness, key_id: str) -> ActorSnapshot:
     gw = h.server.gateway
     assert gw is not None
     return gw.actors.actor(key_id).snapshot()
-
-
-def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith(PROBLEM_JSON), r.headers
-    doc: dict[str, Any] = r.json()
-    assert doc["status"] == status
-    assert doc["code"] == code, doc
-    assert doc["type"] == "about:blank"
-    assert doc["title"] and doc["detail"] and doc["request_id"]
-    return doc
 
 
 def retry_after(r: httpx.Response) -> int:
@@ -243,10 +215,13 @@ async def test_two_keys_have_independent_limits(tmp_path: Path) -> None:
         assert seen.count("/a") == 10 and seen.count("/b") == 10
 
 
-async def test_several_named_limits_all_or_nothing_and_headers(tmp_path: Path) -> None:
+async def test_several_named_limits_all_or_nothing_and_headers(
+    tmp_path: Path, clock: FakeClock
+) -> None:
     """5 per second and 7 per minute on one key. The headers report the most
-    restrictive; a request one limit refuses takes nothing from the other."""
-    async with gateway(tmp_path / "data", plugins={"key-auth": {}}) as h:
+    restrictive; a request one limit refuses takes nothing from the other.
+    Time moves only when the test moves the gateway's clock."""
+    async with gateway(tmp_path / "data", plugins={"key-auth": {}}, clock=clock) as h:
         admin = await setup_admin(h)
         key_id, key = await create_key(
             h,
@@ -257,11 +232,11 @@ async def test_several_named_limits_all_or_nothing_and_headers(tmp_path: Path) -
             ],
         )
         auth = bearer(key)
-        start = time.monotonic()
-        first = [await h.client.get("/x", headers=auth)]
-        first_done = time.monotonic()
-        first += [await h.client.get("/x", headers=auth) for _ in range(4)]
-        assert time.monotonic() - start < 0.2, "the first five must fit in one burst interval"
+        start = clock.now
+        first = []
+        for _ in range(5):  # a millisecond apart, as real requests are
+            first.append(await h.client.get("/x", headers=auth))
+            clock.advance(0.001)
         for i, r in enumerate(first):
             assert r.status_code == 200, r.text
             assert policies(r) == {"burst": (5, 1), "minute": (7, 60)}
@@ -270,7 +245,7 @@ async def test_several_named_limits_all_or_nothing_and_headers(tmp_path: Path) -
             assert r.headers["x-ratelimit-limit"] == "5"
             assert "retry-after" not in r.headers
 
-        # The sixth right away: refused by "burst" (0.2 s away), "minute" untouched.
+        # The sixth at the same instant: refused by "burst" (0.2 s away), "minute" untouched.
         sixth = await h.client.get("/x", headers=auth)
         assert_problem(sixth, 429, "RATE_LIMITED")
         assert retry_after(sixth) == 1
@@ -279,7 +254,7 @@ async def test_several_named_limits_all_or_nothing_and_headers(tmp_path: Path) -
 
         # A second later "burst" is whole again; "minute" has exactly 2 left
         # (5 used: the refused sixth took nothing from it).
-        await trio.sleep(1.05)
+        clock.advance(1.0)
         r6 = await h.client.get("/x", headers=auth)
         assert r6.status_code == 200
         assert reported(r6)[:2] == ("minute", 1)
@@ -287,17 +262,12 @@ async def test_several_named_limits_all_or_nothing_and_headers(tmp_path: Path) -
         assert r7.status_code == 200
         assert reported(r7)[:2] == ("minute", 0)
         before = inspect(h, key_id).limits
-        sent = time.monotonic()
         r8 = await h.client.get("/x", headers=auth)
-        done = time.monotonic()
         assert_problem(r8, 429, "RATE_LIMITED")
         name, remaining, _ = reported(r8)
         assert (name, remaining) == ("minute", 0)
-        # 7 per 60 s is one every 60/7 s: the 8th fits 60/7 s after the first
-        # request (made between `start` and the first answer).
-        lowest = math.ceil(60 / 7 - (done - start) - 1e-6)
-        highest = math.ceil(60 / 7 - (sent - first_done) + 1e-6)
-        assert lowest <= retry_after(r8) <= highest, (lowest, retry_after(r8), highest)
+        # 7 per 60 s is one every 60/7 s: the 8th fits 60/7 s after the first request.
+        assert retry_after(r8) == math.ceil(60 / 7 - (clock.now - start))
         # Refused by "minute": "burst" took nothing either.
         assert inspect(h, key_id).limits == before
         assert len(h.upstream.requests) == 7
@@ -407,10 +377,9 @@ async def test_patch_credits_takes_effect_on_the_next_request(tmp_path: Path) ->
         assert_problem(await h.client.get("/x", headers=auth), 429, "QUOTA_EXCEEDED")
 
 
-async def test_refill_tops_up_after_the_interval(tmp_path: Path) -> None:
-    async with gateway(tmp_path / "data", plugins={"key-auth": {}}) as h:
+async def test_refill_tops_up_after_the_interval(tmp_path: Path, clock: FakeClock) -> None:
+    async with gateway(tmp_path / "data", plugins={"key-auth": {}}, clock=clock) as h:
         admin = await setup_admin(h)
-        created = time.monotonic()
         key_id, key = await create_key(
             h,
             admin,
@@ -419,10 +388,10 @@ async def test_refill_tops_up_after_the_interval(tmp_path: Path) -> None:
         auth = bearer(key)
         assert (await h.client.get("/x", headers=auth)).status_code == 200
         assert_problem(await h.client.get("/x", headers=auth), 429, "QUOTA_EXCEEDED")
-        await trio.sleep(max(0.0, created + 0.5 - time.monotonic()))
+        clock.advance(0.5)
         assert_problem(await h.client.get("/x", headers=auth), 429, "QUOTA_EXCEEDED")
         # One interval after the credits were set: topped up to 2.
-        await trio.sleep(max(0.0, created + 1.2 - time.monotonic()))
+        clock.advance(0.75)
         assert [(await h.client.get("/x", headers=auth)).status_code for _ in range(3)] == [
             200,
             200,
@@ -431,17 +400,19 @@ async def test_refill_tops_up_after_the_interval(tmp_path: Path) -> None:
         assert (await usage(h, admin, key_id))["credits_remaining"] == 0
 
 
-async def test_refill_counts_from_when_credits_were_set_not_first_use(tmp_path: Path) -> None:
+async def test_refill_counts_from_when_credits_were_set_not_first_use(
+    tmp_path: Path, clock: FakeClock
+) -> None:
     """A key created with 0 credits and a refill of 2 every second has 2
     credits a second after it was made, whether or not it was used before."""
-    async with gateway(tmp_path / "data", plugins={"key-auth": {}}) as h:
+    async with gateway(tmp_path / "data", plugins={"key-auth": {}}, clock=clock) as h:
         admin = await setup_admin(h)
         _, key = await create_key(
             h,
             admin,
             credits={"remaining": 0, "refill_amount": 2, "refill_interval_seconds": 1},
         )
-        await trio.sleep(1.2)
+        clock.advance(1.25)
         answers = [await h.client.get("/x", headers=bearer(key)) for _ in range(3)]
         assert [r.status_code for r in answers] == [200, 200, 429], [r.text for r in answers]
 
@@ -758,43 +729,6 @@ async def test_clean_shutdown_flushes_everything(tmp_path: Path) -> None:
 # ---- crash: SIGKILL under load --------------------------------------------------------
 
 
-class _Upstream(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def do_GET(self) -> None:
-        body = b"ok"
-        self.send_response(200)
-        self.send_header("content-type", "text/plain")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextmanager
-def threaded_upstream() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _proxy_url(sp: ServeProcess) -> str:
-    for line in sp.stdout_lines:
-        m = re.match(r"^triogate: proxy listening on (http://\S+)\s*$", line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no proxy line in {sp.stdout_lines}")
-
-
 def _crash_config(path: Path, data_dir: Path, upstream_url: str, flush_interval: float) -> Path:
     path.write_text(
         f"""
@@ -898,7 +832,7 @@ def test_sigkill_under_load_loses_at_most_one_flush_interval(tmp_path: Path) -> 
                 )
                 assert r.status_code == 201, r.text
                 key_id, key = r.json()["id"], r.json()["key"]
-            proxy = _proxy_url(sp)
+            proxy = sp.proxy_url
             load = _Load(proxy, key, threads)
             with load:
                 started = time.monotonic()
@@ -918,7 +852,7 @@ def test_sigkill_under_load_loses_at_most_one_flush_interval(tmp_path: Path) -> 
             counted = r.json()["requests"]
             assert r.json()["by_status_class"]["2xx"] == counted
             # The key still works after the crash.
-            with httpx.Client(base_url=_proxy_url(sp2), timeout=5) as proxy_client:
+            with httpx.Client(base_url=sp2.proxy_url, timeout=5) as proxy_client:
                 assert proxy_client.get("/x", headers=bearer(key)).status_code == 200
             sp2.stop()
 

@@ -348,7 +348,15 @@ def test_headers_for_a_denial_add_retry_after() -> None:
 
 @pytest.mark.parametrize(
     ("retry_after", "header"),
-    [(0.0, b"1"), (1e-6, b"1"), (1.0, b"1"), (1.0000001, b"2"), (2.5, b"3"), (59.2, b"60")],
+    [
+        (0.0, b"1"),
+        (1e-6, b"1"),
+        (1.0, b"1"),
+        (1.0000001, b"1"),
+        (1.00001, b"2"),
+        (2.5, b"3"),
+        (59.2, b"60"),
+    ],
 )
 def test_headers_for_retry_after_is_a_whole_number_of_seconds(
     retry_after: float, header: bytes
@@ -584,3 +592,20 @@ def test_limit_from_converts_the_config_and_the_storage_type_alike() -> None:
     assert routed.key == "route:r:x"
     # A period stored before the lower bound existed is clamped, as ever.
     assert limit_from(RateLimit("old", 1, 1e-300), "old").period == 0.001
+
+
+def test_a_reset_moved_by_float_rounding_is_not_a_whole_second_more() -> None:
+    now = 1_800_000_000.123  # epoch-sized: GCRA's sums round here
+    limit = Limit("burst", 5, 1.0)
+    state = LimitState()
+    for _ in range(5):
+        decisions, _ = acquire([(limit, state)], now)
+    headers = dict(headers_for(decisions))
+    assert headers[b"x-ratelimit-reset"] == b"1", decisions[0].reset
+
+
+def test_a_sub_second_period_is_advertised_as_its_rate_per_second() -> None:
+    fast = Limit("fast", 5, 0.1)
+    decisions, _ = acquire([(fast, LimitState())], 1_800_000_000.0)
+    policy = dict(headers_for(decisions))[b"ratelimit-policy"]
+    assert policy == b'"fast";q=50;w=1'

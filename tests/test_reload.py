@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,15 +20,13 @@ import httpx
 import pytest
 import trio
 
-from tests.helpers_process import ServeProcess, run_cli, serving, start_serve
+from tests.helpers_process import run_cli, serving, start_serve
 from triogate.config import load_config
 from triogate.control.audit import Actor
 from triogate.control.models import CreateKeyRequest
 from triogate.runtime.gateway import Gateway, open_gateway
 from triogate.runtime.server import Server, ServerInfo
 from triogate.testing import FakeResponse, FakeUpstream, RecordedRequest, open_harness
-
-PROXY_RE = re.compile(r"^triogate: proxy listening on (http://127\.0\.0\.1:\d+)\s*$")
 
 # ---- config files ------------------------------------------------------------------
 
@@ -744,14 +741,6 @@ def _cli_json(*args: str) -> dict[str, Any]:
     return body
 
 
-def _proxy_url(sp: ServeProcess) -> str:
-    for line in sp.stdout_lines:
-        m = PROXY_RE.match(line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no proxy line in {sp.stdout_lines}")
-
-
 def _poll_version(c: httpx.Client, headers: dict[str, str], old: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:
@@ -944,7 +933,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) 
         write_doc(cfg, config_doc(data, {"a": slow.url}, rs, storage=storage))
         sp = await trio.to_thread.run_sync(start_serve, cfg)
         try:
-            proxy_url = _proxy_url(sp)
+            proxy_url = sp.proxy_url
             results: list[httpx.Response] = []
 
             async def in_flight() -> None:

@@ -34,10 +34,9 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from tests.exceptions import config_error
+from tests.helpers_gateway import PROBLEM_JSON, assert_problem, refused_config, setup_admin
 from triogate.dataplane.sockio import TICK
 from triogate.dataplane.upstream import TargetPool, Upstream
-from triogate.errors import ConfigError
 from triogate.policy.breaker import Breaker
 from triogate.policy.retry_policy import backoff
 from triogate.testing import (
@@ -49,7 +48,6 @@ from triogate.testing import (
     open_harness,
 )
 
-PROBLEM_CT = "application/problem+json"
 ALMOST_ONE = 1.0 - 2**-52
 
 
@@ -107,20 +105,10 @@ class Switch:
         return FakeResponse(self.status, body=b"from upstream", delay=self.delay)
 
 
-def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """Assert ``r`` is the gateway's own problem+json error; return its body."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith(PROBLEM_CT), r.headers
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status
-    assert body["code"] == code
-    return body
-
-
 def upstream_answer(r: httpx.Response, status: int) -> None:
     """Assert ``r`` is the upstream's answer passed through, not the gateway's."""
     assert r.status_code == status, r.text
-    assert not r.headers.get("content-type", "").startswith(PROBLEM_CT), r.text
+    assert not r.headers.get("content-type", "").startswith(PROBLEM_JSON), r.text
 
 
 def plugin(h: Harness, name: str) -> Any:
@@ -213,12 +201,6 @@ async def until(condition: Callable[[], bool], step: float = 0.01) -> None:
     """Poll state owned by the product (no event to wait on)."""
     while not condition():  # noqa: ASYNC110
         await trio.sleep(step)
-
-
-async def setup_admin(h: Harness) -> dict[str, str]:
-    r = await h.admin.post("/setup", json={"name": "root", "email": "root@example.com"})
-    assert r.status_code == 201, r.text
-    return {"Authorization": f"Bearer {r.json()['key']}"}
 
 
 async def chunked(pieces: Sequence[bytes]) -> AsyncIterator[bytes]:
@@ -359,7 +341,7 @@ async def test_reset_on_every_try_gives_502(tmp_path: Path, autojump_clock: Mock
     up = FakeUpstream(handler=Timed(then=FakeResponse(drop=True)))
     async with open_harness(tmp_path, upstream=up, plugins=retry(attempts=3)) as h:
         r = await h.client.get("/r")
-        problem(r, 502, "BAD_GATEWAY")
+        assert_problem(r, 502, "BAD_GATEWAY")
         assert len(up.requests) == 3
 
 
@@ -400,7 +382,7 @@ async def test_connect_failure_on_the_only_target_gives_502(
         tmp_path, plugins=retry(attempts=3), upstream_settings={"targets": [dead_url()]}
     ) as h:
         r = await h.client.get("/r")
-        problem(r, 502, "BAD_GATEWAY")
+        assert_problem(r, 502, "BAD_GATEWAY")
         assert plugin(h, "retry").retries == 2
 
 
@@ -654,7 +636,7 @@ async def test_slow_upstream_gives_504_within_the_per_try_timeouts(
         pin_jitter(h, 0.0)
         t0 = trio.current_time()
         r = await h.client.get("/r")
-        problem(r, 504, "UPSTREAM_TIMEOUT")
+        assert_problem(r, 504, "UPSTREAM_TIMEOUT")
         assert trio.current_time() - t0 == pytest.approx(0.6, abs=1e-9)
         assert len(up.requests) == 3
 
@@ -687,7 +669,7 @@ async def test_timeouts_of_the_plugin_skip_requests_it_will_not_retry(
     ) as h:
         t0 = trio.current_time()
         r = await h.client.request(method, "/r")
-        problem(r, 504, "UPSTREAM_TIMEOUT")
+        assert_problem(r, 504, "UPSTREAM_TIMEOUT")
         assert 1.0 <= trio.current_time() - t0 <= 1.0 + TICK + 1e-9
         assert len(up.requests) == 1
 
@@ -699,7 +681,7 @@ async def test_overall_deadline_cuts_a_slow_try(tmp_path: Path, autojump_clock: 
         pin_jitter(h, 0.0)
         t0 = trio.current_time()
         r = await h.client.get("/r")
-        problem(r, 504, "UPSTREAM_TIMEOUT")
+        assert_problem(r, 504, "UPSTREAM_TIMEOUT")
         assert trio.current_time() - t0 == pytest.approx(0.5, abs=1e-9)
         assert len(up.requests) == 1
 
@@ -713,7 +695,7 @@ async def test_overall_deadline_with_per_try_timeouts(
         pin_jitter(h, 0.0)
         t0 = trio.current_time()
         r = await h.client.get("/r")
-        problem(r, 504, "UPSTREAM_TIMEOUT")
+        assert_problem(r, 504, "UPSTREAM_TIMEOUT")
         # 0.3 s for the first try, the second cut at the deadline
         assert trio.current_time() - t0 == pytest.approx(0.5, abs=1e-9)
         assert len(up.requests) == 2
@@ -861,7 +843,7 @@ async def test_breaker_opens_and_answers_at_once_without_the_upstream(tmp_path: 
             started = time.perf_counter()
             r = await h.client.get("/r")
             elapsed = time.perf_counter() - started
-            body = problem(r, 503, "UPSTREAM_UNAVAILABLE")
+            body = assert_problem(r, 503, "UPSTREAM_UNAVAILABLE")
             assert elapsed < 0.1, elapsed
             assert "detail" in body
             retry_after = int(r.headers["retry-after"])
@@ -880,7 +862,7 @@ async def test_breaker_retry_after_counts_down(tmp_path: Path, autojump_clock: M
         for at, expected in [(0, "10"), (3.5, "7"), (9.0, "1"), (9.99, "1")]:
             await trio.sleep_until(opened_at + at)
             r = await h.client.get("/r")
-            problem(r, 503, "UPSTREAM_UNAVAILABLE")
+            assert_problem(r, 503, "UPSTREAM_UNAVAILABLE")
             assert r.headers["retry-after"] == expected
         assert len(switch.traffic) == 1
 
@@ -897,7 +879,7 @@ async def test_half_open_probe_closes_on_success(tmp_path: Path, autojump_clock:
         assert b.state.value == "open"
         switch.status = 200
         await trio.sleep_until(until - 0.001)
-        problem(await h.client.get("/r"), 503, "UPSTREAM_UNAVAILABLE")
+        assert_problem(await h.client.get("/r"), 503, "UPSTREAM_UNAVAILABLE")
         assert len(switch.traffic) == 2
         await trio.sleep_until(until)
         r = await h.client.get("/r")  # the probe
@@ -920,7 +902,7 @@ async def test_failed_probe_reopens_with_growth(tmp_path: Path, autojump_clock: 
         for _ in range(3):
             until = b.open_until
             await trio.sleep_until(until - 0.001)
-            problem(await h.client.get("/r"), 503, "UPSTREAM_UNAVAILABLE")
+            assert_problem(await h.client.get("/r"), 503, "UPSTREAM_UNAVAILABLE")
             await trio.sleep_until(until)
             upstream_answer(await h.client.get("/r"), 500)  # the probe fails
             assert b.state.value == "open"
@@ -993,7 +975,7 @@ async def test_open_target_is_skipped_by_the_balancer(
         upstream_answer(await h.client.get("/r"), 500)
         assert breaker(h, 1).state.value == "open"
         r = await h.client.get("/r")
-        problem(r, 503, "UPSTREAM_UNAVAILABLE")
+        assert_problem(r, 503, "UPSTREAM_UNAVAILABLE")
         assert r.headers["retry-after"] == "6"  # the soonest target: a, 6 s left
         assert (len(a.traffic), len(b.traffic)) == (1, 7)
         # a comes back first (half-open), its probe succeeds
@@ -1039,7 +1021,7 @@ async def test_retrying_stops_when_the_last_target_opens(
     ) as h:
         r = await h.client.get("/r")
         # try 1 and try 2 fail and open the breaker; try 3 finds no target
-        r_body = problem(r, 503, "UPSTREAM_UNAVAILABLE")
+        r_body = assert_problem(r, 503, "UPSTREAM_UNAVAILABLE")
         assert "detail" in r_body
         assert r.headers["retry-after"] == "30"
         assert len(up.requests) == 2
@@ -1062,7 +1044,7 @@ async def test_error_rate_opens_the_breaker(tmp_path: Path, autojump_clock: Mock
         statuses = [(await h.client.get("/r")).status_code for _ in range(6)]
         assert statuses == [200, 500, 200, 500, 200, 500]
         # 3 of 6 failed: open
-        problem(await h.client.get("/r"), 503, "UPSTREAM_UNAVAILABLE")
+        assert_problem(await h.client.get("/r"), 503, "UPSTREAM_UNAVAILABLE")
         assert len(up.requests) == 6
 
 
@@ -1114,7 +1096,7 @@ async def test_what_counts_as_failure(
         assert len(up.requests) == 3
         r = await h.client.get("/r")
         if opens:
-            problem(r, 503, "UPSTREAM_UNAVAILABLE")
+            assert_problem(r, 503, "UPSTREAM_UNAVAILABLE")
             assert len(up.requests) == 3
         else:
             assert len(up.requests) == 4
@@ -1254,7 +1236,7 @@ async def test_every_target_unhealthy_gives_503(tmp_path: Path, autojump_clock: 
     async with open_harness(tmp_path, upstream=up, upstream_settings={"health_check": check}) as h:
         await until(lambda: not pools(h)[0].healthy)
         r = await h.client.get("/r")
-        problem(r, 503, "UPSTREAM_UNAVAILABLE")
+        assert_problem(r, 503, "UPSTREAM_UNAVAILABLE")
         assert int(r.headers["retry-after"]) >= 1
         assert a.traffic == []
 
@@ -1330,13 +1312,8 @@ async def test_health_check_timeout_counts_as_failure(
 async def test_config_errors_stop_start_up(
     tmp_path: Path, kw: dict[str, Any], path: str, words: str
 ) -> None:
-    up = FakeUpstream()
-    with pytest.raises((ConfigError, BaseExceptionGroup)) as info:
-        async with open_harness(tmp_path, upstream=up, **kw):
-            pytest.fail("the gateway started with an invalid config")
-    err = config_error(info.value)
+    err = await refused_config(tmp_path, **kw)
     paths = [e.path for e in err.errors]
     assert path in paths, err.lines()
     [line] = [e for e in err.errors if e.path == path]
     assert words in line.message, line
-    assert up.requests == []

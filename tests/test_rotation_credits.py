@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers_gateway import create_key
 from triogate.testing import Harness, open_harness
 
 HOURLY_10 = [{"name": "hourly", "limit": 10, "period_seconds": 3600}]
@@ -32,14 +33,6 @@ async def gateway(
         r = await h.admin.post("/setup", json={"name": "root", "email": "root@example.com"})
         assert r.status_code == 201, r.text
         yield h, {"Authorization": f"Bearer {r.json()['key']}"}
-
-
-async def create_key(h: Harness, admin: dict[str, str], **fields: Any) -> tuple[str, str]:
-    r = await h.admin.post(
-        "/keys", json={"name": "k", "owner": "o", "scopes": [], **fields}, headers=admin
-    )
-    assert r.status_code == 201, r.text
-    return r.json()["id"], r.json()["key"]
 
 
 async def rotate(h: Harness, admin: dict[str, str], key_id: str) -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""Route regexes (``{x:re:...}``) run on RE2: no pattern can make matching a
+"""Route regexes (``{x:re:...}``) and the router's own patterns for mixed
+segments (``{a}-{b}.json``) run on RE2: no pattern can make matching a
 crafted segment take more than linear time (ReDoS), ordinary patterns load
-and match as before, and what RE2 cannot do is a load error.
+and match as before (the same groups as Python's ``re``), and what RE2
+cannot do is a load error.
 
 Python's ``re`` needs seconds for ``(a+)+b`` against 26 ``a`` and a ``c``, and
 longer than the universe for the 5,000-character segments used here; a
@@ -11,16 +13,21 @@ comes or the test fails).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers_process import clean_env, serving, write_config
 from tests.test_router import build, compile_errors, rc
-from triogate.errors import InvalidPathParameter
+from triogate.errors import InvalidPathParameter, RouteNotFound
+from triogate.policy.routetemplate import MIXED, parse_path
+from triogate.policy.userregex import LinearPattern
 
 # Catastrophic for a backtracking engine: nested quantifiers, overlapping
 # alternation under a quantifier, quantified groups that can match the same
@@ -86,6 +93,95 @@ print("matched", router.match("GET", "/r0/aaab").params)
     ]
 
 
+# The router's own pattern for ``{a}-{b}-{c}-{d}.json`` is
+# ``([^/]+?)\\-([^/]+?)\\-([^/]+?)\\-([^/]+?)\\.json``: Python's ``re`` tries
+# every split of a run of '-' (n**4 of them: a second at n = 200, longer
+# than anyone waits at 30,000); two params take ~10 s at 30,000.
+MIXED_ROUTES = ("/f/{a}-{b}.json", "/f/{a}-{b}-{c}-{d}.json")
+DASHES = "-" * 30_000 + "x"
+
+
+def test_mixed_segments_match_in_linear_time() -> None:
+    code = f"""
+from triogate.config import RouteConfig
+from triogate.errors import RouteNotFound
+from triogate.policy.router import Router
+routes = [RouteConfig(name=p, path=p, upstream="u") for p in {MIXED_ROUTES!r}]
+router = Router.compile(routes, {{}})
+for path in ("/f/" + {DASHES!r}, "/f/" + {DASHES!r} + ".jso", "/f/x" + {DASHES!r} + "json"):
+    try:
+        router.match("GET", path)
+    except RouteNotFound:
+        print("404")
+print(router.match("GET", "/f/" + {DASHES!r} + ".json").route.name)
+"""
+    out = _run_child(code).splitlines()
+    assert out == ["404", "404", "404", "/f/{a}-{b}-{c}-{d}.json"]
+
+
+def test_mixed_segments_are_compiled_by_re2() -> None:
+    for template in (*MIXED_ROUTES, "/v{version:int}", "/x/{id:uuid}.{ext}", "/m/a{s:re:b+}c"):
+        segments, errors = parse_path(template)
+        assert errors == []
+        for segment in segments:
+            if segment.kind == MIXED:
+                assert isinstance(segment.pattern, LinearPattern)
+                assert isinstance(segment.shape, LinearPattern)
+
+
+def test_mixed_segments_still_split_as_before() -> None:
+    router = build(*(rc(p, name=p) for p in MIXED_ROUTES), rc("/n/{a:int}.{b}", name="int"))
+    assert router.match("GET", "/f/x-y.json").params == {"a": "x", "b": "y"}
+    # Leftmost params take as little as they can (lazy), as with ``re``.
+    assert router.match("GET", "/f/x-y-z.json").params == {"a": "x", "b": "y-z"}
+    assert router.match("GET", "/f/a-b-c-d-e.json").params == {
+        "a": "a",
+        "b": "b",
+        "c": "c",
+        "d": "d-e",
+    }
+    assert router.match("GET", "/f/---.json").params == {"a": "-", "b": "-"}
+    assert router.match("GET", "/n/-12.tar.gz").params == {"a": "-12", "b": "tar.gz"}
+    with pytest.raises(InvalidPathParameter):
+        router.match("GET", "/n/x.json")  # the shape fits, the int does not
+    with pytest.raises(RouteNotFound):
+        router.match("GET", "/f/x.json")
+
+
+# Mixed segments as templates: literal text and params of each type.
+_PART = st.sampled_from(["-", ".", "v", ".json", "_", "~", "a-", "%20", "{}", "{:int}", "{:uuid}"])
+_TEXT = st.text(alphabet="-._~v0123456789abcdefjsonx%2é", max_size=14)
+_UUID = "123e4567-e89b-12d3-a456-426614174000"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PART, min_size=2, max_size=5), _TEXT, _TEXT)
+@example(["{}", "-", "{}", ".json"], "x-y-z", ".json")
+@example(["{:uuid}", ".", "{}"], _UUID + ".a.b", "")
+@example(["{:int}", "{}"], "-1-2", "")
+def test_re2_groups_are_re_groups(parts: list[str], head: str, tail: str) -> None:
+    """What the RE2 patterns capture is what ``re`` captured before."""
+    names = iter(f"p{i}" for i in range(len(parts)))
+    template = "/" + "".join(p.replace("{", "{" + next(names)) if "{" in p else p for p in parts)
+    segments, errors = parse_path(template)
+    assert errors == []
+    [segment] = segments
+    if segment.kind != MIXED:
+        return  # one param alone, or no param: not a mixed segment
+    text = head + tail
+    assert segment.pattern is not None and segment.shape is not None
+    for linear in (segment.pattern, segment.shape):
+        assert isinstance(linear, LinearPattern)
+        old = re.compile(linear.pattern).fullmatch(text)
+        new = linear.fullmatch(text)
+        assert (old is None) == (new is None), (linear.pattern, text)
+        if old is not None and new is not None:
+            assert new.groups() == old.groups(), (linear.pattern, text)
+            assert [new.group(i) for i in range(old.re.groups + 1)] == [
+                old.group(i) for i in range(old.re.groups + 1)
+            ]
+
+
 def test_ordinary_patterns_still_load_and_match() -> None:
     router = build(
         rc("/d/{day:re:[0-9]{4}-[0-9]{2}}", name="month"),
@@ -130,6 +226,7 @@ def test_the_gateway_keeps_answering_an_evil_path(tmp_path: Path) -> None:
         f.write(
             '[upstreams.u]\ntargets = ["http://127.0.0.1:9"]\n'
             '[[routes]]\nname = "evil"\npath = "/r/{v:re:(a+)+b}"\nupstream = "u"\n'
+            '[[routes]]\nname = "mixed"\npath = "/f/{a}-{b}-{c}-{d}.json"\nupstream = "u"\n'
         )
     with serving(config) as serve:
         admin = serve.url
@@ -143,6 +240,8 @@ def test_the_gateway_keeps_answering_an_evil_path(tmp_path: Path) -> None:
         assert (r.status_code, r.json()["code"]) == (400, "INVALID_PATH_PARAMETER")
         r = httpx.get(f"{proxy}/r/{EVIL_SEGMENT[:-1]}c", timeout=timeout)
         assert (r.status_code, r.json()["code"]) == (400, "INVALID_PATH_PARAMETER")
+        r = httpx.get(f"{proxy}/f/{DASHES}", timeout=timeout)
+        assert (r.status_code, r.json()["code"]) == (404, "ROUTE_NOT_FOUND")
         assert httpx.get(f"{admin}/health", timeout=timeout).status_code == 200
         # A matching segment reaches the (absent) upstream: 502, not 400.
         assert httpx.get(f"{proxy}/r/aaab", timeout=timeout).status_code in (502, 503, 504)

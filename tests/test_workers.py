@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,38 +12,15 @@ import httpx
 import pytest
 import trio
 
-from tests.helpers_process import run_cli, serving
+from tests.helpers_process import free_ports, run_cli, serving, threaded_upstream
 from triogate.config import parse_config
 from triogate.runtime.gateway import open_gateway
 
 
-class _Echo(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = b"ok"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def upstream() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with threaded_upstream() as url:
+        yield url
 
 
 def _config(tmp_path: Path, upstream: str, port: int) -> Path:
@@ -75,7 +49,7 @@ key-auth = {{}}
 
 
 def test_two_workers_share_the_port_the_store_and_the_limit(tmp_path: Path, upstream: str) -> None:
-    port = _free_port()
+    (port,) = free_ports(1)
     config = _config(tmp_path, upstream, port)
     created = run_cli(
         "keys", "create", "--data-dir", str(tmp_path / "data"), "--name", "w",

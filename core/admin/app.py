@@ -35,6 +35,7 @@ from triogate.errors import (
     Unauthorized,
     ValidationError,
 )
+from triogate.http.netaddr import client_ip
 from triogate.validation import convert_all, decode_json_object
 
 __all__ = ["MAX_ADMIN_BODY_BYTES", "DrainUnreadBody", "create_admin_app"]
@@ -77,7 +78,10 @@ def _bearer() -> str | None:
 
 def _view(gw: AdminBackend, ep: Endpoint) -> Any:
     async def view(**params: str) -> Response:
-        actor = Actor("anonymous", request.remote_addr)
+        # An IPv4 client of a dual-stack ("[::]") admin listener is IPv4.
+        remote = request.remote_addr
+        source_ip = client_ip(remote) if remote else None
+        actor = Actor("anonymous", source_ip)
         permissions: tuple[str, ...] = ()
         if ep.permission is not None:
             principal = gw.admins.authenticate(_bearer())
@@ -85,7 +89,7 @@ def _view(gw: AdminBackend, ep: Endpoint) -> Any:
                 raise Forbidden(
                     f"this admin lacks {ep.permission}", required_permission=ep.permission
                 )
-            actor = Actor(principal.id, request.remote_addr)
+            actor = Actor(principal.id, source_ip)
             permissions = principal.permissions
         if ep.precheck is not None:
             ep.precheck(gw)

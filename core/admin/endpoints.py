@@ -42,6 +42,7 @@ from triogate.control.models import (
     ValidateResult,
 )
 from triogate.control.timeutil import utc_required
+from triogate.dataplane.plugin_loader import RouteSummary
 from triogate.errors import ConfigError, ValidationError
 
 __all__ = ["ENDPOINTS", "Call", "Endpoint", "Raw"]
@@ -75,24 +76,8 @@ class ConfigInfo(ConfigVersion):
     history: list[ConfigVersion]  # newest first, the active one included
 
 
-class PluginView(Struct):
-    name: str
-    priority: int
-    phases: list[str]
-
-
-class RouteView(Struct):
-    name: str
-    methods: list[str]
-    path: str
-    version: str | None
-    upstream: str
-    upstream_path: str | None
-    plugins: list[PluginView]  # the effective chain, in run order
-
-
 class RouteList(Struct):
-    items: list[RouteView]
+    items: list[RouteSummary]  # the data plane's own records, encoded as they are
 
 
 class BreakerView(Struct):
@@ -265,8 +250,7 @@ async def reload_config(gw: AdminBackend, call: Call) -> Struct:
 
 
 async def list_routes(gw: AdminBackend, call: Call) -> Struct:
-    routes = gw.pipeline.describe_routes()
-    return msgspec.convert({"items": routes}, RouteList)
+    return RouteList(gw.pipeline.describe_routes())
 
 
 async def list_upstreams(gw: AdminBackend, call: Call) -> Struct:

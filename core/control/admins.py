@@ -248,7 +248,7 @@ class AdminService:
         if not self.format.is_well_formed(plaintext):
             raise InvalidKey("malformed admin key")
         found = find_by_digest(
-            self._store, self._secrets.hmac, plaintext, Table.ADMIN_DIGESTS, Table.ADMINS
+            self._store, self._secrets, plaintext, Table.ADMIN_DIGESTS, Table.ADMINS
         )
         if found is not None:
             raw, digest, _ = found

@@ -14,6 +14,18 @@ Where they come from, in order:
 (an HMAC of a constant under each one): the store keeps them, so a start with
 the wrong secrets is caught before a single key fails to validate.
 
+A running process picks up versions another process added to the file
+(``triogate secrets rotate-hmac``) without a restart: ``refresh`` re-reads the
+file (a reload calls it), and ``refresh_if_changed`` does so when the file's
+inode, mtime or size changed, looking (one ``stat()``) at most once per
+``RECHECK_SECONDS``; a key lookup calls it on a digest miss, so a flood of
+unknown keys costs one ``stat()`` a second and never a read per request. The
+read is synchronous, on the event loop: the file is a few hundred bytes of
+JSON on a local disk, cheaper than handing it to a thread. A refresh only
+ever *adds* versions: a file that went missing, does not parse, dropped a
+version or holds other secrets is not taken (logged once per change of the
+file); nothing is ever generated again.
+
 The highest version is *current*: it digests new keys and seals new records.
 Older versions stay valid for validation and decryption, so adding a version
 never invalidates an existing key.
@@ -25,11 +37,14 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
+import math
 import os
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -37,14 +52,24 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from triogate.errors import SecretsError, SecretsMissing
 
 __all__ = [
+    "FileSignature",
     "HmacKeyring",
     "Sealer",
     "ServerSecrets",
+    "compare_fingerprints",
     "environment_complete",
+    "file_signature",
     "fingerprint",
     "load_secrets",
     "secrets_file",
 ]
+
+log = logging.getLogger("triogate.control.crypto")
+
+#: What tells a changed secrets file apart: (inode, mtime in ns, size).
+#: ``rotate-hmac`` replaces the file (a new inode), so even an edit within
+#: the file system's mtime granularity is seen.
+FileSignature = tuple[int, int, int]
 
 _SEAL_MAGIC = 1  # first byte of a sealed blob: format version
 # NUL bytes never occur in a key or an owner tag's input: a fingerprint can
@@ -56,6 +81,31 @@ def fingerprint(secret: bytes) -> str:
     """Names ``secret`` without revealing it: HMAC-SHA256 of a constant under
     it, 16 bytes in hex. Equal secrets, equal fingerprints."""
     return hmac.new(secret, _FINGERPRINT_INPUT, hashlib.sha256).hexdigest()[:32]
+
+
+def compare_fingerprints(
+    known: dict[str, dict[int, str]], given: dict[str, dict[int, str]]
+) -> str | None:
+    """Why ``given`` secrets are not the ``known`` ones, or None when they are
+    (every version both know agrees, and each kind shares one)."""
+    for kind, label in (("hmac", "HMAC secret"), ("encryption", "encryption key")):
+        mine, theirs = known.get(kind, {}), given.get(kind, {})
+        common = sorted(set(mine) & set(theirs))
+        for version in common:
+            if mine[version] != theirs[version]:
+                return f"{label} version {version} differs"
+        if mine and not common:
+            return f"no {label} version in common"
+    return None
+
+
+def file_signature(path: Path) -> FileSignature | None:
+    """``path``'s (inode, mtime, size), or None when it cannot be stat()ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class HmacKeyring:
@@ -123,10 +173,33 @@ class Sealer:
 
 
 class ServerSecrets:
-    def __init__(self, hmac_keys: HmacKeyring, sealer: Sealer, source: str) -> None:
+    """The keyrings in use, and where they were read from. ``hmac`` and
+    ``sealer`` are replaced (never mutated) by a refresh: whoever needs them
+    reads the attribute at each use."""
+
+    #: A digest miss looks at the secrets file at most this often.
+    RECHECK_SECONDS: ClassVar[float] = 1.0
+
+    def __init__(
+        self,
+        hmac_keys: HmacKeyring,
+        sealer: Sealer,
+        source: str,
+        *,
+        data_dir: Path | None = None,
+        signature: FileSignature | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.hmac = hmac_keys
         self.sealer = sealer
         self.source = source
+        # Where a refresh reads from; None when nothing came from a file
+        # (both secrets from the environment): nothing to pick up then.
+        self.data_dir = data_dir
+        self.signature = signature  # the file as last read (or looked at)
+        # Spaces the looks at the file (tests move it by hand).
+        self.monotonic = monotonic
+        self._next_check = -math.inf
 
     def __repr__(self) -> str:
         return f"<ServerSecrets from {self.source} {self.hmac!r} {self.sealer!r}>"
@@ -134,6 +207,61 @@ class ServerSecrets:
     def fingerprints(self) -> dict[str, dict[int, str]]:
         """Per kind (``hmac``, ``encryption``), version -> fingerprint."""
         return {"hmac": dict(self.hmac.fingerprints), "encryption": dict(self.sealer.fingerprints)}
+
+    def refresh_if_changed(self) -> bool:
+        """``refresh`` if the secrets file changed since it was last read,
+        looking at most once per ``RECHECK_SECONDS`` (one ``stat()``). True
+        when new versions were taken."""
+        if self.data_dir is None:
+            return False
+        now = self.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + self.RECHECK_SECONDS
+        if file_signature(secrets_file(self.data_dir)) == self.signature:
+            return False
+        return self.refresh()
+
+    def refresh(self) -> bool:
+        """Re-read the secrets and take the versions added since (``triogate
+        secrets rotate-hmac`` from another process): True when there were
+        any. Secrets that went missing, do not parse, lost a version or are
+        not these ones are not taken (logged); the ones in use stay, and the
+        next start refuses them (``core/control/datadir.py``)."""
+        if self.data_dir is None:
+            return False
+        try:
+            fresh = load_secrets(self.data_dir, create=False)
+        except SecretsError as exc:
+            # Looked at again once it changes, not at every miss.
+            self.signature = file_signature(secrets_file(self.data_dir))
+            log.error("keeping the secrets in use: %s", exc)
+            return False
+        # As looked at before the read: a change in between is seen next time.
+        self.signature = fresh.signature
+        mine, theirs = self.fingerprints(), fresh.fingerprints()
+        why = compare_fingerprints(mine, theirs)
+        if why is None:
+            lost = {k: sorted(set(mine[k]) - set(theirs[k])) for k in mine}
+            if any(lost.values()):
+                why = f"versions {lost} are gone"
+        if why is not None:
+            log.error(
+                "keeping the secrets in use: %s are not the same secrets (%s)", fresh.source, why
+            )
+            return False
+        if theirs == mine:
+            return False
+        self.hmac = fresh.hmac
+        self.sealer = fresh.sealer
+        log.info(
+            "secrets: HMAC versions %s (current %d), encryption versions %s (current %d)",
+            sorted(fresh.hmac.versions),
+            fresh.hmac.current,
+            sorted(fresh.sealer.fingerprints),
+            fresh.sealer.current,
+        )
+        return True
 
 
 def _parse_versioned(raw: str, *, what: str, decode: bool) -> dict[int, bytes]:
@@ -230,6 +358,7 @@ def load_secrets(
             raise SecretsMissing(f"the secrets file {path} is missing")
         data_dir.mkdir(parents=True, exist_ok=True)
         _generate_file(path)
+    signature = file_signature(path)  # before the read: a later change is seen
     file_hmac, file_enc = _read_file(path)
     hmac_keys = (
         _parse_versioned(hmac_raw, what="TRIOGATE_HMAC_SECRET", decode=False)
@@ -241,7 +370,13 @@ def load_secrets(
         if enc_raw
         else file_enc
     )
-    return ServerSecrets(HmacKeyring(hmac_keys), Sealer(enc_keys), str(path))
+    return ServerSecrets(
+        HmacKeyring(hmac_keys),
+        Sealer(enc_keys),
+        str(path),
+        data_dir=data_dir,
+        signature=signature,
+    )
 
 
 def add_hmac_version(data_dir: Path) -> int:

@@ -59,7 +59,12 @@ from typing import Any
 
 import msgspec
 
-from triogate.control.crypto import ServerSecrets, load_secrets, secrets_file
+from triogate.control.crypto import (
+    ServerSecrets,
+    compare_fingerprints,
+    load_secrets,
+    secrets_file,
+)
 from triogate.errors import DataDirError, SecretsError, SecretsMissing, StorageFull
 from triogate.storage import LmdbStore, Table, WriteTxn, codec, open_lmdb_store
 from triogate.storage.lmdb_file import DATA_FILE
@@ -159,22 +164,6 @@ def _wrong_secrets(data_dir: Path, source: str, what: str) -> DataDirError:
         f"({what}): use the right secrets file or environment; with these, no key would "
         "validate"
     )
-
-
-def compare_fingerprints(
-    known: dict[str, dict[int, str]], given: dict[str, dict[int, str]]
-) -> str | None:
-    """Why ``given`` secrets are not the ``known`` ones, or None when they are
-    (every version both know agrees, and each kind shares one)."""
-    for kind, label in (("hmac", "HMAC secret"), ("encryption", "encryption key")):
-        mine, theirs = known.get(kind, {}), given.get(kind, {})
-        common = sorted(set(mine) & set(theirs))
-        for version in common:
-            if mine[version] != theirs[version]:
-                return f"{label} version {version} differs"
-        if mine and not common:
-            return f"no {label} version in common"
-    return None
 
 
 def _has_records(txn: WriteTxn) -> bool:

@@ -5,25 +5,43 @@ admin keys and the rotation chains."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
-from triogate.control.crypto import HmacKeyring
+from triogate.control.crypto import ServerSecrets
 from triogate.control.permissions import scopes_missing
+from triogate.errors import KeyVerdict
 from triogate.storage import KeyRecord, Store, Table
 
 __all__ = ["effective_status", "find_by_digest", "key_decision"]
 
+# Bound once: the refusals below are module constants, not enum look-ups.
+_REVOKED: Final = KeyVerdict.KEY_REVOKED
+_ROTATED: Final = KeyVerdict.KEY_ROTATED
+_EXPIRED: Final = KeyVerdict.KEY_EXPIRED
+_SCOPE: Final = KeyVerdict.INSUFFICIENT_SCOPE
+
 
 def find_by_digest(
-    store: Store, keyring: HmacKeyring, plaintext: str, index: Table, table: Table
+    store: Store, secrets: ServerSecrets, plaintext: str, index: Table, table: Table
 ) -> tuple[bytes, bytes, int] | None:
     """The stored record whose digest of ``plaintext`` is in ``index``, trying
     the current HMAC version first, then older ones: (record bytes, digest,
-    version), or None. Shared by API keys and admin keys."""
+    version), or None. Shared by API keys and admin keys.
+
+    On a miss, HMAC versions another process added to the secrets file
+    (``triogate secrets rotate-hmac``, then a key made under it) are picked
+    up: ``refresh_if_changed`` looks at the file at most once a second, and
+    only when it changed is it read and the lookup tried again (once: the
+    next look is a second away). Read ``secrets.hmac`` again after this
+    call: it may be a newer keyring."""
+    keyring = secrets.hmac
     for version in keyring.versions:
         digest = keyring.digest(plaintext, version)
         raw = store.get_through(index, digest, table)
         if raw is not None:
             return raw, digest, version
+    if secrets.refresh_if_changed() and secrets.hmac is not keyring:
+        return find_by_digest(store, secrets, plaintext, index, table)
     return None
 
 
@@ -33,16 +51,18 @@ def effective_status(record: KeyRecord, now: float) -> str:
     return record.status
 
 
-def key_decision(record: KeyRecord, now: float, required_scopes: Sequence[str] = ()) -> str | None:
-    """None if the key may be used now for ``required_scopes``, else the error
-    code. Precedence: revoked, rotated past grace, expired, scopes."""
+def key_decision(
+    record: KeyRecord, now: float, required_scopes: Sequence[str] = ()
+) -> KeyVerdict | None:
+    """None if the key may be used now for ``required_scopes``, else why not.
+    Precedence: revoked, rotated past grace, expired, scopes."""
     status = record.status
     if status == "revoked":
-        return "KEY_REVOKED"
+        return _REVOKED
     if status == "rotated" and (record.grace_ends_at is None or now >= record.grace_ends_at):
-        return "KEY_ROTATED"
+        return _ROTATED
     if status == "expired" or (record.expires_at is not None and now >= record.expires_at):
-        return "KEY_EXPIRED"
+        return _EXPIRED
     if required_scopes and scopes_missing(record.scopes, required_scopes):
-        return "INSUFFICIENT_SCOPE"
+        return _SCOPE
     return None

@@ -10,9 +10,10 @@ sensitive fields (owner, metadata) sealed with AES-GCM. Listing by owner goes
 through a keyed blind index of the owner, never the plaintext owner.
 
 Validation (the hot path) is synchronous: checksum, digest, two LMDB gets,
-one msgpack decode and the pure ``key_decision``; no await, no lock, no write.
-When a key is found under an *older* HMAC secret version (after a secret
-rotation) the async ``validate`` also re-indexes it under the current one.
+one msgpack decode and the pure ``key_decision`` (a ``KeyVerdict`` or None);
+no await, no lock, no write. A key found under an *older* HMAC version is
+re-indexed by the async ``validate``; an unknown one may be made under a
+version another process added: ``find_by_digest`` picks that up.
 
 Every mutation is one storage write function that re-reads the record inside
 the transaction, decides, writes the record, its indexes and the audit entry
@@ -57,7 +58,7 @@ from triogate.control.models import (
 from triogate.control.paging import decode_cursor, take_page
 from triogate.control.permissions import scopes_missing
 from triogate.control.timeutil import Clock, epoch, system_clock, utc, utc_required
-from triogate.errors import Conflict, NotFound, StorageFull, ValidationError
+from triogate.errors import Conflict, KeyVerdict, NotFound, StorageFull, ValidationError
 from triogate.storage import KeyRecord, ReadTxn, Store, Table, WriteTxn, codec
 
 __all__ = ["KeyService", "effective_status", "find_by_digest", "key_decision"]
@@ -65,6 +66,7 @@ __all__ = ["KeyService", "effective_status", "find_by_digest", "key_decision"]
 _sealed_encoder = msgspec.msgpack.Encoder()
 _sealed_decoder = msgspec.msgpack.Decoder(tuple[str, dict[str, Any] | None])
 _OWNER_TAG = "owner"
+_INVALID = KeyVerdict.INVALID_KEY
 
 
 class KeyService:
@@ -210,10 +212,10 @@ class KeyService:
         found under an older HMAC version and so wants re-indexing."""
         if not self.format.is_well_formed(plaintext):
             return None, False
-        keyring = self._secrets.hmac
-        found = find_by_digest(self._store, keyring, plaintext, Table.KEY_DIGESTS, Table.KEYS)
+        found = find_by_digest(self._store, self._secrets, plaintext, Table.KEY_DIGESTS, Table.KEYS)
         if found is None:
             return None, False
+        keyring = self._secrets.hmac  # after the lookup: it may have refreshed it
         raw, digest, version = found
         record = codec.key.decode(raw)
         # The record's own digest decides, under the version it was made
@@ -226,30 +228,30 @@ class KeyService:
 
     def validate_nowait(
         self, plaintext: str, required_scopes: Sequence[str] = ()
-    ) -> tuple[KeyRecord | None, str | None, bool]:
-        """(record, error code or None, wants re-index). Pure reads only."""
+    ) -> tuple[KeyRecord | None, KeyVerdict | None, bool]:
+        """(record, why it is refused or None, wants re-index). Reads only."""
         record, stale = self.lookup_nowait(plaintext)
         if record is None:
-            return None, "INVALID_KEY", False
+            return None, _INVALID, False
         return record, key_decision(record, self._clock(), required_scopes), stale
 
     async def validate(self, plaintext: str, required_scopes: Sequence[str] = ()) -> ValidateResult:
-        record, code, stale = self.validate_nowait(plaintext, required_scopes)
+        record, verdict, stale = self.validate_nowait(plaintext, required_scopes)
         if record is None:
-            return ValidateResult(valid=False, code=code)
+            return ValidateResult(valid=False, code=verdict)
         if stale:
             await self.reindex(plaintext, record.id)
         owner, _ = self._unseal(record)
         result = ValidateResult(
-            valid=code is None,
-            code=code,
+            valid=verdict is None,
+            code=verdict,
             key_id=record.id,
             owner=owner,
             scopes=list(record.scopes),
             expires_at=utc(record.expires_at),
             grace_ends_at=utc(record.grace_ends_at),
         )
-        if code == "INSUFFICIENT_SCOPE":
+        if verdict is KeyVerdict.INSUFFICIENT_SCOPE:
             result.required_scopes = scopes_missing(record.scopes, required_scopes)
         return result
 

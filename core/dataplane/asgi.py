@@ -14,8 +14,11 @@ ASGI messages to ``Request``/``Response`` and back. Standalone
 flush before storage closes, so credits and usage spent here are kept.
 
 hypercorn parses the HTTP framing, so the native listener's protocol checks
-are hypercorn's here; the target checks (``check_target``) and the body size
-cap are applied the same way in both.
+are hypercorn's here; the target checks (``check_target``), the body size
+cap and the body timeouts are applied the same way in both: the next piece
+of a body within ``body_timeout_seconds``, the whole body within
+``body_deadline_seconds`` of the request's head, else 408
+``REQUEST_TIMEOUT``. ``max_connections`` is the native listener's only.
 """
 
 from __future__ import annotations
@@ -25,8 +28,17 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
+import trio
+
+from triogate.config import ServerConfig
 from triogate.dataplane.pipeline import Pipeline, new_request_id, problem_response
-from triogate.errors import ClientDisconnected, GatewayError, PayloadTooLarge
+from triogate.errors import (
+    ClientDisconnected,
+    GatewayError,
+    PayloadTooLarge,
+    RequestTimeout,
+    TriogateError,
+)
 from triogate.http import (
     Body,
     Headers,
@@ -93,11 +105,21 @@ class GatewayASGI:
             await send({"type": "lifespan.shutdown.complete"})
             return
         async with AsyncExitStack() as stack:
+            failure: str | None = None
             try:
                 get_pipeline = await stack.enter_async_context(self._opener())
+            except TriogateError as exc:
+                # Refused on purpose (a bad config, a damaged data directory):
+                # the message says what to do; a traceback would bury it.
+                log.error("triogate failed to start: %s", exc)
+                failure = str(exc)
             except Exception as exc:
-                log.exception("triogate failed to start")
-                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                log.exception("triogate failed to start")  # a bug: the traceback helps
+                failure = str(exc)
+            if failure is not None:
+                # Outside the except blocks: hypercorn raises from this send
+                # (LifespanFailureError), and its report must not chain ours.
+                await send({"type": "lifespan.startup.failed", "message": failure})
                 return
             self._get_pipeline = get_pipeline
             await send({"type": "lifespan.startup.complete"})
@@ -111,9 +133,7 @@ class GatewayASGI:
         method: str = scope["method"]
         version: str = scope.get("http_version", "1.1")
         try:
-            request = self._request(
-                scope, receive, pipeline.max_body, pipeline.config.server.underscores_in_headers
-            )
+            request = self._request(scope, receive, pipeline.config.server)
         except GatewayError as exc:
             refusal = problem_response(exc, new_request_id())
             client = scope.get("client") or ("0.0.0.0", 0)
@@ -130,15 +150,16 @@ class GatewayASGI:
             await pipeline.after(ctx, response)
 
     @staticmethod
-    def _request(
-        scope: Scope, receive: Receive, max_body: int, underscores: bool = False
-    ) -> Request:
+    def _request(scope: Scope, receive: Receive, server: ServerConfig) -> Request:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("ascii", "strict")
         query_bytes: bytes = scope.get("query_string", b"")
         # The same checks and normalisation as the native listener.
-        path, query = check_target(raw_path + (b"?" + query_bytes if query_bytes else b""))
+        path, query = check_target(
+            raw_path + (b"?" + query_bytes if query_bytes else b""), server.allow_path_parameters
+        )
         headers = Headers([(bytes(k).lower(), bytes(v)) for k, v in scope["headers"]])
-        strip_connection_headers(headers, underscores)
+        strip_connection_headers(headers, server.underscores_in_headers)
+        max_body = server.max_request_body_bytes
         length: int | None = None
         raw_length = headers.get_raw(b"content-length")
         if raw_length is not None and raw_length.isdigit():
@@ -148,12 +169,14 @@ class GatewayASGI:
         elif headers.get_raw(b"transfer-encoding") is None:
             length = 0
         client = scope.get("client") or ("0.0.0.0", 0)
+        # The whole body is due within body_deadline_seconds of the head.
+        deadline = trio.current_time() + server.body_deadline_seconds
         return Request(
             method=scope["method"],
             path=path,
             query=query,
             headers=headers,
-            body=Body(_body(receive, max_body), length),
+            body=Body(_body(receive, max_body, server.body_timeout_seconds, deadline), length),
             client_ip=client_ip(client[0]),
             scheme=scope.get("scheme", "http"),
             http_version=scope.get("http_version", "1.1"),
@@ -200,10 +223,22 @@ class GatewayASGI:
                 await body.aclose()  # give the upstream connection back either way
 
 
-async def _body(receive: Receive, max_body: int) -> AsyncIterator[bytes]:
+async def _body(
+    receive: Receive, max_body: int, per_read: float, deadline: float
+) -> AsyncIterator[bytes]:
+    """The request body from ASGI messages: each within ``per_read`` seconds
+    of asking, all before ``deadline`` (trio time), else ``RequestTimeout``
+    (the pipeline answers it 408: a body is read only before the answer
+    begins). hypercorn's ``receive`` is a channel: a cancelled wait loses no
+    message."""
     seen = 0
     while True:
-        message = await receive()
+        with trio.move_on_at(min(trio.current_time() + per_read, deadline)) as waited:
+            message = await receive()
+        if waited.cancelled_caught:
+            if trio.current_time() >= deadline:
+                raise RequestTimeout("the request body did not arrive within body_deadline_seconds")
+            raise RequestTimeout("the client was too slow")
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
         chunk: bytes = message.get("body", b"")

@@ -227,7 +227,7 @@ class Connection:
             # chunked body over the cap in the same packet): refuse, never
             # forward what is left of it.
             raise pending.error
-        path, query = check_target(pending.url)
+        path, query = check_target(pending.url, self.listener.config.allow_path_parameters)
         # Host, Content-Length, Transfer-Encoding and Expect as llhttp read
         # them, in one scan (keep-alive was read from llhttp already).
         length = pending.read_framing()

@@ -14,16 +14,28 @@ response carries ``content`` bytes and the connection is back in the pool
 before the gateway writes a byte, which lets the listener send head and body
 in one write.
 
+An upstream may answer before it has read the request body (a 413 or a 401
+on the head alone, a 200 that ignores the body) and then close: writing the
+rest of the body then fails (EPIPE or ECONNRESET). That answer is already
+in the socket's receive buffer (the reset came after it), so it is read
+from there and returned, not turned into a 502 (``_early_answer``). The
+rest of the request body is not sent on: the front door reads and drops a
+short rest, or closes the client's connection after answering.
+
 Errors: refused/reset/protocol garbage -> ``BadGateway``, no answer within
 the read timeout -> ``UpstreamTimeout``; a reused connection that died
 before any byte of the answer -> ``StaleConnection`` (the pool decides
 whether to try again on a fresh one).
+
+Charging: the exchange sets ``sent_upstream`` on its ``sink`` (the
+pipeline's ``Context``) once any byte of the request head is in the
+kernel's hands (CONTRACT §5); nothing is allocated for it per request.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import httptools
@@ -35,13 +47,23 @@ from triogate.http import Body, Headers, Response
 from triogate.http.h1client import ResponseParser
 from triogate.http.h1frame import LAST_CHUNK, encode_chunk
 
-__all__ = ["READ_SIZE", "ConnectionOwner", "StaleConnection", "UpstreamConnection"]
+__all__ = ["READ_SIZE", "ConnectionOwner", "SentSink", "StaleConnection", "UpstreamConnection"]
 
 READ_SIZE = 65536
+# Reads of an answer already buffered when sending failed: a socket's
+# receive buffer holds a few MB at most.
+EARLY_ANSWER_READS = 64
 
 
 class StaleConnection(Exception):
     """The connection died before any byte of the response: safe to retry."""
+
+
+class SentSink(Protocol):
+    """What learns that bytes of a request reached the upstream (the
+    pipeline's ``Context``): from then on the request is charged."""
+
+    sent_upstream: bool
 
 
 class ConnectionOwner(Protocol):
@@ -84,20 +106,52 @@ class UpstreamConnection:
             pass
         return await sockio.recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
 
-    async def _send_head(self, head: bytes, on_sent: Callable[[], None] | None) -> None:
-        """Write the head, telling ``on_sent`` once any byte of it is in the
+    async def _send_head(self, head: bytes, sink: SentSink | None) -> None:
+        """Write the head, telling ``sink`` once any byte of it is in the
         kernel's hands (one direct ``send`` first: only it can tell a
         partial write from none when the connection then fails)."""
         try:
             sent = self.sock.send(head)
         except BlockingIOError:
             sent = 0
-        if sent and on_sent is not None:
-            on_sent()
+        if sent and sink is not None:
+            sink.sent_upstream = True
         if sent < len(head):
             await self._send_all(memoryview(head)[sent:])
-            if on_sent is not None:
-                on_sent()
+            if sink is not None:
+                sink.sent_upstream = True
+
+    def _early_answer(self, method: str) -> Response | None:
+        """After writing the request failed: the complete answer the upstream
+        sent before it stopped reading and closed, if it is already in the
+        receive buffer (None when there is none, or only part of one). Never
+        waits: a failed write means the upstream reset the connection (all
+        it sent came before the reset) or stopped reading for
+        ``send_timeout`` (an answer it sent meanwhile is here)."""
+        parsed = ResponseParser(method == "HEAD")
+        ended = False  # the upstream's side is over: a close-delimited body is whole
+        try:
+            for _ in range(EARLY_ANSWER_READS):
+                try:
+                    data = self.sock.recv(READ_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    ended = True
+                    break
+                if not data:
+                    ended = True
+                    break
+                parsed.parser.feed_data(data)
+                if parsed.complete:
+                    break
+        except (httptools.HttpParserError, BadGateway):
+            return None
+        if not parsed.headers_done or parsed.status == 101:
+            return None
+        if not parsed.complete and not (ended and parsed.close_delimited()):
+            return None
+        return Response(parsed.status, Headers(parsed.headers), content=b"".join(parsed.body))
 
     async def exchange(
         self,
@@ -105,17 +159,18 @@ class UpstreamConnection:
         head: bytes,
         body: Body | None,
         read_timeout: float,
-        on_sent: Callable[[], None] | None = None,
+        sink: SentSink | None = None,
     ) -> Response:
         """Send one request and return the response (body still streaming).
         ``head`` frames ``body`` the way ``h1client`` decided: its length
-        as Content-Length, or chunked when the length is not known."""
+        as Content-Length, or chunked when the length is not known.
+        ``sink.sent_upstream`` turns true once bytes of it were written."""
         self.requests += 1
         generation = self.requests
         self.returned = False
         reused = self.requests > 1
         try:
-            await self._send_head(head, on_sent)
+            await self._send_head(head, sink)
             if body is not None and body.length != 0:
                 if body.length is not None:
                     async for chunk in body:
@@ -126,6 +181,11 @@ class UpstreamConnection:
                             await self._send_all(encode_chunk(chunk))
                     await self._send_all(LAST_CHUNK)
         except OSError as exc:
+            early = self._early_answer(method)
+            if early is not None:
+                # Answered before it read the whole request, then closed.
+                self._give_back(False)
+                return early
             self.close()
             if reused and (body is None or not body.consumed):
                 raise StaleConnection() from exc

@@ -24,7 +24,9 @@ whatever happens after: a 502, a 504, or a client that leaves mid-body. A
 client that leaves still gets its log phases (usage) and its access-log
 line, as status 499 with outcome ``client_closed`` (nginx's convention);
 ``handle`` then re-raises ``ClientDisconnected`` so the front door sends
-nothing and hangs up.
+nothing and hangs up. A request cancelled once the upstream had it (the
+shutdown grace period ended) is logged and counted the same way, as status
+503 with outcome ``shutdown``, and the cancellation goes on.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import trio
 
 from triogate.config import Config
 from triogate.dataplane.plan import PipelinePlan, plan_pipeline
-from triogate.dataplane.plugin_loader import Chain
+from triogate.dataplane.plugin_loader import Chain, RouteSummary
 from triogate.dataplane.upstream import TargetPool
 from triogate.errors import (
     BadGateway,
@@ -52,7 +54,7 @@ from triogate.errors import (
     Problem,
     UpstreamError,
 )
-from triogate.http import HOP_BY_HOP, Body, Headers, Request, Response
+from triogate.http import HOP_BY_HOP, Headers, Request, Response
 from triogate.http.h1client import proxy_request_head
 from triogate.plugins.contract import Context, Plugin, PluginEnv, RouteView
 from triogate.policy.ratelimit import headers_for
@@ -72,6 +74,13 @@ log = logging.getLogger("triogate.dataplane.pipeline")
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _problem_encoder = msgspec.json.Encoder()
 _PROBLEM_CT = (b"content-type", b"application/problem+json")
+
+# A request cancelled after the upstream had it (the shutdown grace period
+# ended): charged, so logged and counted as 503 with outcome ``shutdown``
+# (nothing is sent: the connection is closed). Its log phases get this long.
+SHUTDOWN_STATUS = 503
+SHUTDOWN_OUTCOME = "shutdown"
+RECORD_CANCELLED_SECONDS = 1.0
 
 
 # Request ids: a random per-process prefix and a counter. Unique without a
@@ -95,6 +104,12 @@ def problem_response(error: GatewayError, request_id: str) -> Response:
         from_gateway=True,
     )
     response.problem = Problem(error.code, request_id)
+    return response
+
+
+def _shutdown_response(request_id: str) -> Response:
+    response = Response(SHUTDOWN_STATUS, from_gateway=True)
+    response.problem = Problem(SHUTDOWN_OUTCOME, request_id)  # the record's outcome
     return response
 
 
@@ -172,22 +187,19 @@ class Pipeline:
         else:
             await trio.lowlevel.checkpoint()
 
-    def describe_routes(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for i, route in enumerate(self.config.routes):
-            methods: list[str] = list(route.methods) or ["*"]
-            out.append(
-                {
-                    "name": route.name,
-                    "methods": methods,
-                    "path": route.path,
-                    "version": route.version,
-                    "upstream": route.upstream,
-                    "upstream_path": route.upstream_path,
-                    "plugins": self.chains[i].describe(),
-                }
+    def describe_routes(self) -> list[RouteSummary]:
+        return [
+            RouteSummary(
+                name=route.name,
+                methods=tuple(route.methods) or ("*",),
+                path=route.path,
+                version=route.version,
+                upstream=route.upstream,
+                upstream_path=route.upstream_path,
+                plugins=self.chains[i].describe(),
             )
-        return out
+            for i, route in enumerate(self.config.routes)
+        ]
 
     def close(self) -> None:
         for upstream in self.upstreams.values():
@@ -202,7 +214,8 @@ class Pipeline:
         When the client goes away before it could be answered, the request
         is logged here (log phases and observers, as 499 ``client_closed``)
         and ``ClientDisconnected`` is re-raised: the front door then sends
-        nothing and must not call ``after``."""
+        nothing and must not call ``after``. Cancelled once the upstream had
+        it: logged here as 503 ``shutdown``, and the cancellation re-raised."""
         self.requests += 1
         self.in_flight += 1
         ctx = self._context(request)
@@ -214,10 +227,17 @@ class Pipeline:
             await self.after(ctx, Response(CLIENT_CLOSED, from_gateway=True))
             raise
         except BaseException:
-            # Cancelled (the shutdown grace period ended): the same rule.
+            # Cancelled (the shutdown grace period ended): the same rule. A
+            # request the upstream had is charged, so it is also counted and
+            # logged (503 ``shutdown``), in a shielded scope with a bound:
+            # the cancellation itself is never swallowed.
             if not ctx.sent_upstream:
                 self._undo(ctx)
-            self._done()
+                self._done()
+                raise
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + RECORD_CANCELLED_SECONDS
+                await self.after(ctx, _shutdown_response(ctx.request_id))
             raise
 
     def _done(self) -> None:
@@ -300,10 +320,12 @@ class Pipeline:
         if chain.upstream:
             assert ctx.route is not None
             ctx.upstream = self.upstreams[ctx.route.upstream]
-        call: Callable[[], Awaitable[Response]] = lambda: self._proxy(ctx)  # noqa: E731
-        for wrapper in reversed(chain.upstream):
-            call = _wrap(wrapper, ctx, call)
-        response = await call()
+            call: Callable[[], Awaitable[Response]] = lambda: self._proxy(ctx)  # noqa: E731
+            for wrapper in reversed(chain.upstream):
+                call = _wrap(wrapper, ctx, call)
+            response = await call()
+        else:  # no wrappers (the common case): no closures either
+            response = await self._proxy(ctx)
         if chain.buffering and not response.from_gateway:
             await self._buffer(ctx, chain, response)
         return response
@@ -410,40 +432,39 @@ class Pipeline:
         upstream = self.upstreams[route.upstream]
         request = ctx.request
         body = request.body
-        has_body = body.length is None or body.length > 0
         started = time.monotonic()
-
-        def sent() -> None:
-            ctx.sent_upstream = True  # charged from now on, whatever happens
-
         try:
+            # The exchange sets ctx.sent_upstream: charged from then on,
+            # whatever happens (CONTRACT §5).
             return await upstream.send(
                 request.method,
-                lambda pool: self._head(ctx, pool, body if has_body else None),
-                body if has_body else None,
+                _head,
+                body if body.length is None or body.length > 0 else None,
+                sink=ctx,
                 tried=ctx.tried_targets,
-                on_sent=sent,
             )
         finally:
             # Time to the answer's head, summed over tries (retries).
             so_far = ctx.upstream_seconds
             ctx.upstream_seconds = (so_far or 0.0) + time.monotonic() - started
 
-    def _head(self, ctx: Context, pool: TargetPool, body: Body | None) -> bytes:
-        request = ctx.request
-        path = pool.base_path + ctx.upstream_path
-        consumer = ctx.consumer
-        return proxy_request_head(
-            request.method,
-            f"{path}?{request.query}" if request.query else path,
-            pool.authority,
-            request.headers,
-            client_ip=request.client_ip,
-            scheme=request.scheme,
-            request_id=ctx.request_id,
-            key_id=consumer.id if consumer is not None else None,
-            body_length=body.length if body is not None else 0,
-        )
+
+def _head(ctx: Context, pool: TargetPool) -> bytes:
+    """The request head for ``pool`` (``Upstream.send``'s ``head_for``)."""
+    request = ctx.request
+    path = pool.base_path + ctx.upstream_path
+    consumer = ctx.consumer
+    return proxy_request_head(
+        request.method,
+        f"{path}?{request.query}" if request.query else path,
+        pool.authority,
+        request.headers,
+        client_ip=request.client_ip,
+        scheme=request.scheme,
+        request_id=ctx.request_id,
+        key_id=consumer.id if consumer is not None else None,
+        body_length=request.body.length,  # None: chunked; 0: no body
+    )
 
 
 def _wrap(

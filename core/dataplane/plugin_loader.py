@@ -33,10 +33,39 @@ from triogate.errors import FieldError, PluginLoadError, ValidationError
 from triogate.plugins.contract import Plugin, PluginEnv
 from triogate.validation import convert_all
 
-__all__ = ["ENTRY_POINT_GROUP", "Chain", "PluginLoadError", "build_chain", "discover"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Chain",
+    "PluginLoadError",
+    "PluginSummary",
+    "RouteSummary",
+    "build_chain",
+    "discover",
+]
 
 ENTRY_POINT_GROUP = "triogate.plugins"
 _ORDER_KEYS = ("before", "after")
+
+
+class PluginSummary(msgspec.Struct, frozen=True):
+    """One plugin of a chain as ``GET /routes`` lists it."""
+
+    name: str
+    priority: int
+    phases: tuple[str, ...]  # the phases it overrides (only those run)
+
+
+class RouteSummary(msgspec.Struct, frozen=True):
+    """One configured route as ``GET /routes`` lists it (the admin API encodes
+    these records as they are)."""
+
+    name: str
+    methods: tuple[str, ...]  # ("*",) for any method
+    path: str
+    version: str | None
+    upstream: str
+    upstream_path: str | None
+    plugins: tuple[PluginSummary, ...]  # the effective chain, in run order
 
 
 class Chain:
@@ -55,11 +84,8 @@ class Chain:
     def __repr__(self) -> str:
         return f"<Chain {' > '.join(p.name for p in self.plugins) or '(empty)'}>"
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [
-            {"name": p.name, "priority": p.priority, "phases": list(p.phases())}
-            for p in self.plugins
-        ]
+    def describe(self) -> tuple[PluginSummary, ...]:
+        return tuple(PluginSummary(p.name, p.priority, p.phases()) for p in self.plugins)
 
 
 def _check_plugin(ep_name: str, obj: object) -> list[str]:

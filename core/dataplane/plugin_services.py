@@ -20,12 +20,10 @@ from typing import TYPE_CHECKING
 
 from triogate.control.permissions import scopes_missing
 from triogate.errors import (
+    KEY_ERRORS,
     GatewayError,
     InsufficientScope,
-    InvalidKey,
-    KeyExpired,
-    KeyRevoked,
-    KeyRotated,
+    KeyVerdict,
     QuotaExceeded,
     RateLimited,
 )
@@ -39,22 +37,18 @@ if TYPE_CHECKING:
 
 __all__ = ["NO_REFILL_RETRY_AFTER", "ActorLimiter", "KeyValidation", "plugin_env"]
 
-#: The key store's verdicts (``key_decision``) as the errors that refuse
-#: the request, with what the client is told.
-_REFUSALS: dict[str, tuple[type[GatewayError], str]] = {
-    "KEY_REVOKED": (KeyRevoked, "the API key has been revoked"),
-    "KEY_EXPIRED": (KeyExpired, "the API key has expired"),
-    "KEY_ROTATED": (KeyRotated, "the API key was rotated and its grace period is over"),
-}
 
-
-def _refusal(code: str, record: KeyRecord, required: tuple[str, ...]) -> GatewayError:
-    if code == "INSUFFICIENT_SCOPE":
+def _refusal(
+    verdict: KeyVerdict, record: KeyRecord | None, required: tuple[str, ...]
+) -> GatewayError:
+    """The key store's verdict as the error that refuses the request
+    (``triogate.errors.KEY_ERRORS``); a scope refusal names what is missing."""
+    if verdict is KeyVerdict.INSUFFICIENT_SCOPE and record is not None:
         missing = scopes_missing(record.scopes, required)
         return InsufficientScope(
             f"the key lacks the scopes {', '.join(missing)}", required_scopes=missing
         )
-    cls, detail = _REFUSALS[code]
+    cls, detail = KEY_ERRORS[verdict]
     return cls(detail)
 
 
@@ -75,11 +69,9 @@ class KeyValidation:
         return "<KeyValidation>"
 
     def check_nowait(self, key: str, required_scopes: tuple[str, ...]) -> tuple[KeyRecord, bool]:
-        record, code, stale = self._validate(key, required_scopes)
-        if record is None:
-            raise InvalidKey("the API key is malformed or unknown")
-        if code is not None:
-            raise _refusal(code, record, required_scopes)
+        record, verdict, stale = self._validate(key, required_scopes)
+        if verdict is not None or record is None:
+            raise _refusal(verdict or KeyVerdict.INVALID_KEY, record, required_scopes)
         return record, stale
 
 

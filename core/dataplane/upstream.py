@@ -18,19 +18,20 @@ still meets a *stale* connection (nothing of the response arrived) is
 retried once on a fresh one when its method is idempotent and its body has
 not been streamed.
 
-``Upstream.send`` calls its ``on_sent`` callback as soon as any byte of the
-request head has been written to an upstream socket (a connection that was
-refused, or a breaker that refused the target, never calls it). From then on
-the upstream may act on the request, so the gateway charges it whatever
-happens next (CONTRACT §5). Bytes written to a keep-alive connection that
-turns out to be stale count as sent: the gateway cannot know that the
-upstream did not read them.
+``Upstream.send`` sets ``sent_upstream`` on its ``sink`` (the request's
+``Context``) as soon as any byte of the request head has been written to an
+upstream socket (a connection that was refused, or a breaker that refused
+the target, never sets it). From then on the upstream may act on the
+request, so the gateway charges it whatever happens next (CONTRACT §5).
+Bytes written to a keep-alive connection that turns out to be stale count
+as sent: the gateway cannot know that the upstream did not read them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -38,7 +39,7 @@ import trio
 
 from triogate.config import UpstreamConfig
 from triogate.dataplane import sockio
-from triogate.dataplane.exchange import StaleConnection, UpstreamConnection
+from triogate.dataplane.exchange import SentSink, StaleConnection, UpstreamConnection
 from triogate.errors import BadGateway, UpstreamTimeout, UpstreamUnavailable
 from triogate.http import Body, Response
 from triogate.policy.breaker import Breaker, BreakerSettings, BreakerSnapshot, FailurePolicy
@@ -53,6 +54,9 @@ __all__ = [
 LIVENESS_CHECK_AFTER = 1.0  # seconds idle before a pooled connection is checked
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_IDLE_PER_TARGET = 256
+
+#: What a request's head is made from (the pipeline's ``Context``).
+S = TypeVar("S", bound=SentSink)
 
 
 class TargetStatistics(msgspec.Struct, frozen=True):
@@ -267,21 +271,23 @@ class Upstream:
     async def send(
         self,
         method: str,
-        head_for: Callable[[TargetPool], bytes],
+        head_for: Callable[[S, TargetPool], bytes],
         body: Body | None,
         *,
+        sink: S,
         tried: set[str] | None = None,
-        on_sent: Callable[[], None] | None = None,
     ) -> Response:
-        """One try at one target. ``on_sent`` is called (maybe more than
-        once) when bytes of the request have been written to it."""
+        """One try at one target. The request head is ``head_for(sink,
+        pool)``; ``sink.sent_upstream`` turns true once bytes of the request
+        have been written to the target. (A plain function and the sink
+        itself: no closure is made per request.)"""
         now = trio.current_time()
         pool = self.pick(now, tried or frozenset())
         if tried is not None:
             tried.add(pool.url)
         self.in_flight += 1
         try:
-            response = await self._exchange(pool, method, head_for(pool), body, now, on_sent)
+            response = await self._exchange(pool, method, head_for(sink, pool), body, now, sink)
         except UpstreamTimeout:
             pool.record(trio.current_time(), error="timeout")
             raise
@@ -312,12 +318,12 @@ class Upstream:
         head: bytes,
         body: Body | None,
         now: float,
-        on_sent: Callable[[], None] | None,
+        sink: SentSink,
     ) -> Response:
         timeout = self.config.read_timeout_seconds
         conn = await pool.acquire(now=now)
         try:
-            return await conn.exchange(method, head, body, timeout, on_sent)
+            return await conn.exchange(method, head, body, timeout, sink)
         except StaleConnection:
             pool.discard(conn)
             if method not in IDEMPOTENT_METHODS:
@@ -332,7 +338,7 @@ class Upstream:
             raise
         conn = await pool.acquire(fresh=True)
         try:
-            return await conn.exchange(method, head, body, timeout, on_sent)
+            return await conn.exchange(method, head, body, timeout, sink)
         except StaleConnection:
             pool.discard(conn)
             raise BadGateway(f"upstream {pool.authority} closed the connection twice") from None

@@ -3,9 +3,11 @@ gateway writes and the llhttp (httptools) glue that reads their answers.
 
 ``proxy_request_head`` is a client's request as it goes upstream: the
 request line for the chosen target, ``host`` the target's authority, the
-client's headers without the hop-by-hop ones and those the gateway sets
-itself (``NOT_FORWARDED``), the ``x-forwarded-*``, ``x-request-id`` and
-``x-key-id`` headers, and the body's framing (``h1frame.request_framing``).
+client's headers without the hop-by-hop ones, those the gateway sets itself
+and those only a proxy may set (``NOT_FORWARDED``, and every
+``x-forwarded-*``), then the gateway's ``x-forwarded-for/-proto/-host``,
+``x-request-id`` and ``x-key-id``, and the body's framing
+(``h1frame.request_framing``).
 ``request_head`` is a request of the gateway's own (the health probe).
 
 ``ResponseParser`` collects one answer at a time on a keep-alive
@@ -24,7 +26,7 @@ import httptools
 
 from triogate.errors import BadGateway
 from triogate.http.h1frame import CHUNKED, CONTENT_LENGTH, NO_BODY, request_framing
-from triogate.http.message import GATEWAY_SET, Headers
+from triogate.http.message import FORWARDED_PREFIX, GATEWAY_SET, Headers
 
 __all__ = [
     "MAX_RESPONSE_HEAD_BYTES",
@@ -36,9 +38,10 @@ __all__ = [
 
 MAX_RESPONSE_HEAD_BYTES: Final = 65536
 
-# The client's headers that do not go upstream: the hop-by-hop ones and
-# those the gateway sets itself (one set with the one that guards them
-# against underscore shadows, ``message.GATEWAY_SET``).
+# The client's headers that do not go upstream: the hop-by-hop ones, those
+# the gateway sets itself and those only a proxy may set (one set with the
+# one that guards them against underscore shadows, ``message.GATEWAY_SET``),
+# and every other ``x-forwarded-*`` (``message.FORWARDED_PREFIX``).
 NOT_FORWARDED: Final = GATEWAY_SET
 
 
@@ -79,8 +82,10 @@ def proxy_request_head(
     forwarded_for: list[bytes] = []
     original_host = None
     for name, value in headers.raw:
-        if name not in drop:
-            lines.append(b"%b: %b\r\n" % (name, value))
+        if name not in drop:  # b"" is in it: name[0] exists
+            # 0x78 is 'x': the prefix test runs only for x- names.
+            if name[0] != 0x78 or not name.startswith(FORWARDED_PREFIX):
+                lines.append(b"%b: %b\r\n" % (name, value))
         elif name == b"x-forwarded-for":
             forwarded_for.append(value)
         elif name == b"host" and original_host is None:

@@ -17,6 +17,7 @@ from typing import Final
 from triogate.errors import BadRequest, Problem
 
 __all__ = [
+    "FORWARDED_PREFIX",
     "GATEWAY_SET",
     "HOP_BY_HOP",
     "Body",
@@ -68,8 +69,23 @@ GATEWAY_SET: Final = HOP_BY_HOP | frozenset(
         b"forwarded",
         b"content-length",
         b"expect",
+        # Not set by the gateway, but what only a proxy in front of the
+        # upstream may say, and upstreams act on it: the client's address
+        # (nginx realip, many frameworks' "client IP") and the URL before a
+        # rewrite (IIS, Symfony and Zend route on X-Original-URL and
+        # X-Rewrite-URL, which would let a client pick the path after the
+        # gateway authorised another). Never forwarded from a client.
+        b"x-real-ip",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"",  # no header at all (only a plugin could make one): never written
     }
 )
+# Every other ``x-forwarded-*`` (``-port``, ``-prefix``, ``-server``,
+# ``-ssl``, ``-scheme``, …) is dropped too: frameworks build redirects and
+# links, and decide "is this HTTPS", from them. A prefix test, so none is
+# missed; the builder runs it only for names that start with ``x``.
+FORWARDED_PREFIX: Final = b"x-forwarded-"
 
 
 def _normalize_escape(match: re.Match[str]) -> str:
@@ -85,15 +101,19 @@ def _normalize_escape(match: re.Match[str]) -> str:
 
 def _drops(name: bytes, underscores: bool) -> bool:
     # Only called for names with '_' (0x5F) in them.
-    return not underscores or name.replace(b"_", b"-") in GATEWAY_SET
+    if not underscores:
+        return True
+    name = name.replace(b"_", b"-")
+    return name in GATEWAY_SET or name.startswith(FORWARDED_PREFIX)
 
 
 def strip_connection_headers(headers: Headers, underscores: bool = False) -> None:
     """Remove ``Connection`` and every header it names, as a proxy must
     (RFC 9110 §7.6.1), and every header whose name contains ``_`` (as nginx
     does), unless ``underscores`` (``server.underscores_in_headers``) is on;
-    even then one that would read as a header the gateway sets
-    (``GATEWAY_SET``, with ``_`` for ``-``) is removed. Done by the front
+    even then one that would read as a header the gateway sets or never
+    forwards (``GATEWAY_SET`` or ``x-forwarded-*``, with ``_`` for ``-``) is
+    removed. Done by the front
     doors *before* any plugin runs, so a client cannot name (and so remove)
     a header a plugin adds upstream, nor smuggle ``X_Key_ID`` past one."""
     # One scan and no new list in the common case: nothing to drop. The int
@@ -120,7 +140,7 @@ def _dot_segment(segment: str) -> bool:
     return segment.split(";", 1)[0].split("%3B", 1)[0] in ("..", ".")
 
 
-def check_target(url: bytes) -> tuple[str, str]:
+def check_target(url: bytes, path_parameters: bool = False) -> tuple[str, str]:
     """Split an origin-form request target into (path, query) and normalise
     the path the way an upstream will read it, so that what is routed (and
     authorised) is what is forwarded: percent-encoded unreserved characters
@@ -131,6 +151,16 @@ def check_target(url: bytes) -> tuple[str, str]:
     §2.1), ``.``/``..`` segments (also encoded, also with ``;params``),
     encoded ``/``, backslashes, NUL, non-ASCII. Both front doors call this
     before routing.
+
+    Path parameters (``/private;x/data``, also ``%3B``): Tomcat, Jetty and
+    other servlet containers serve that as ``/private/data``, while a router
+    that matches segments as text sees ``private;x``, not ``private``, and
+    may send it through a less protected route. Refused unless
+    ``path_parameters`` (``server.allow_path_parameters``); then kept (the
+    upstream gets them), and the router matches each segment without its
+    ``;…`` (``router.routing_segments``), except that a segment that is
+    nothing but parameters (``/;x``, ``/a/%3Bx``) is still refused: an
+    upstream reads it as an empty segment, which it may merge away.
 
     The result is a fixed point: ``check_target`` of the normalised target
     gives it back unchanged. That holds because every ``%`` left in the path
@@ -148,16 +178,26 @@ def check_target(url: bytes) -> tuple[str, str]:
         raise BadRequest("a fragment ('#') is not part of a request target")
     path, _, query = target.partition("?")
     # Each step runs only when its trigger is present: the common path (no
-    # '%', no '//', no '/.') costs a few substring tests and no regex.
+    # '%', no '//', no '/.', no ';') costs a few substring tests and no regex.
+    parameters = ";" in path
     if "%" in path:
         escapes = path.count("%")
         path, decoded = _ESCAPE.subn(_normalize_escape, path)
         if decoded != escapes:
             raise BadRequest("'%' in the path must start an escape of two hex digits (RFC 3986)")
+        parameters = parameters or "%3B" in path  # upper-cased just now
     if "//" in path:
         path = _SLASHES.sub("/", path)
     if "\\" in path or "\x00" in path:
         raise BadRequest("invalid characters in the path")
+    if parameters:
+        if not path_parameters:
+            raise BadRequest(
+                "path parameters (';' or '%3B' in the path) are not accepted"
+                " (server.allow_path_parameters)"
+            )
+        if "/;" in path or "/%3B" in path:
+            raise BadRequest("a path segment must not start with ';' (nothing but parameters)")
     if "/." in path and any(_dot_segment(s) for s in path.split("/")):
         raise BadRequest("'.' and '..' path segments are not allowed")
     return path, query

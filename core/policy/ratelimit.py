@@ -279,7 +279,18 @@ def release(reservation: Reservation, now: float) -> None:
 
 
 def _seconds(value: float) -> int:
-    return max(0, math.ceil(value - 1e-9))
+    # GCRA's times are epoch-sized floats, exact only to about 2.4e-7 s: a
+    # reset of 1.00000024 s is 1 s that rounding moved, not 2 s.
+    return max(0, math.ceil(value - 1e-6))
+
+
+def _policy_item(limit: Limit) -> str:
+    """One ``RateLimit-Policy`` item. The window is whole seconds; a period
+    under a second is advertised as its rate per second (5 per 0.1 s is
+    ``q=50;w=1``), never as a window ten times stricter than it is."""
+    if limit.period < 1:
+        return f'"{limit.name}";q={int(limit.limit / limit.period)};w=1'
+    return f'"{limit.name}";q={limit.limit};w={_seconds(limit.period)}'
 
 
 def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
@@ -294,9 +305,7 @@ def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
     seen: dict[str, Limit] = {}
     for d in decisions:
         seen.setdefault(d.limit.name, d.limit)
-    policy = ", ".join(
-        f'"{lim.name}";q={lim.limit};w={_seconds(lim.period)}' for lim in seen.values()
-    )
+    policy = ", ".join(_policy_item(lim) for lim in seen.values())
     reset = _seconds(worst.reset)
     out = [
         (b"ratelimit-policy", policy.encode("latin-1")),

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Final
@@ -146,7 +145,7 @@ class Node:
     def __init__(self) -> None:
         self.static: dict[str, Node] = {}
         # (typed regex, param group numbers or None, child, shape regex)
-        self.mixed: tuple[tuple[Pattern, tuple[int, ...] | None, Node, re.Pattern[str]], ...] = ()
+        self.mixed: tuple[tuple[Pattern, tuple[int, ...] | None, Node, Pattern], ...] = ()
         self.params: tuple[tuple[Callable[[str], object] | None, Node], ...] = ()
         self.catchall: Node | None = None
         self.leaf: Leaf | None = None

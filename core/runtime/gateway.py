@@ -27,8 +27,8 @@ from typing import Any
 from triogate.config import Config, config_version
 from triogate.control.admins import AdminService
 from triogate.control.audit import AuditLog
-from triogate.control.crypto import ServerSecrets, load_secrets
-from triogate.control.datadir import compare_fingerprints, lmdb_path, open_data_dir
+from triogate.control.crypto import ServerSecrets
+from triogate.control.datadir import lmdb_path, open_data_dir
 from triogate.control.keys import KeyService
 from triogate.control.timeutil import Clock, system_clock
 from triogate.dataplane.actors import ActorRegistry, ActorStatistics
@@ -37,7 +37,6 @@ from triogate.dataplane.plan import PipelinePlan
 from triogate.dataplane.plugin_loader import discover
 from triogate.dataplane.plugin_services import plugin_env
 from triogate.dataplane.upstream import UpstreamStatistics
-from triogate.errors import SecretsError
 from triogate.plugins.contract import Plugin
 from triogate.policy.ratelimit import limit_from
 from triogate.runtime.reload import ActiveConfig, ConfigManager
@@ -87,20 +86,8 @@ class Services:
         added by another process (``triogate secrets rotate-hmac``) becomes
         known here, so keys created under it validate. Secrets that went
         missing or changed under the running gateway are not taken: the ones
-        in use stay, and the next start refuses (``core/datadir.py``)."""
-        try:
-            fresh = load_secrets(self.data_dir, create=False)
-        except SecretsError as exc:
-            log.error("keeping the secrets in use: %s", exc)
-            return
-        why = compare_fingerprints(self.secrets.fingerprints(), fresh.fingerprints())
-        if why is not None:
-            log.error(
-                "keeping the secrets in use: %s are not the same secrets (%s)", fresh.source, why
-            )
-            return
-        self.secrets.hmac = fresh.hmac
-        self.secrets.sealer = fresh.sealer
+        in use stay, and the next start refuses (``ServerSecrets.refresh``)."""
+        self.secrets.refresh()
 
 
 class Gateway(Services):

@@ -111,6 +111,7 @@ RELOAD_TABLE: Final[Mapping[str, Applies]] = {
     "server.body_deadline_seconds": Applies.LISTENER,
     "server.max_connections": Applies.LISTENER,
     "server.underscores_in_headers": Applies.LISTENER,
+    "server.allow_path_parameters": Applies.LISTENER,
     "keys.prefix": Applies.RESTART,
     "keys.default_rate_limit": Applies.PIPELINE,  # lent to the plugins (PluginEnv)
     "storage.map_size_mb": Applies.RESTART,

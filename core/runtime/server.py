@@ -34,6 +34,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from triogate.admin.app import DrainUnreadBody, create_admin_app
 from triogate.config import Config
 from triogate.control.audit import Actor
+from triogate.control.timeutil import Clock, system_clock
 from triogate.dataplane.asgi import GatewayASGI
 from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.listener import ProxyListener
@@ -41,6 +42,7 @@ from triogate.dataplane.pipeline import Pipeline
 from triogate.errors import ConfigError, GatewayError
 from triogate.plugins.contract import Plugin
 from triogate.runtime.gateway import Gateway, open_gateway
+from triogate.runtime.reasons import install_reason_phrases
 from triogate.runtime.reload import Applies, ConfigManager, Swap
 
 __all__ = ["Server", "ServerInfo"]
@@ -101,8 +103,10 @@ class Server:
         handle_signals: bool = False,
         extra_plugins: Sequence[type[Plugin[Any]]] = (),
         worker: tuple[int, int] = (0, 1),
+        clock: Clock = system_clock,
     ) -> None:
         self.config = config
+        self.clock = clock  # the services' wall clock (tests move it by hand)
         self.worker = worker
         self.source = source
         self.handle_signals = handle_signals
@@ -179,17 +183,21 @@ class Server:
     async def run(
         self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        install_reason_phrases()  # hypercorn answers "200 OK", not "200 "
         # The pipeline is built before anything listens: a bad route or
         # plugin stops start-up with every error listed (ConfigError).
         async with open_gateway(
-            self.config, source=self.source, extra_plugins=self.extra_plugins
+            self.config, source=self.source, clock=self.clock, extra_plugins=self.extra_plugins
         ) as gw:
             self.gateway = gw
             gw.actors.set_worker(*self.worker)
             app = DrainUnreadBody(create_admin_app(gw))
-            self.proxy = ProxyListener(
-                self.config.server, gw.current_pipeline, reuse_port=self.worker[1] > 1
-            )
+            if self.config.server.proxy_server == "native":
+                # Its connection cap (and the line saying it was lowered) is
+                # the native listener's: hypercorn has none.
+                self.proxy = ProxyListener(
+                    self.config.server, gw.current_pipeline, reuse_port=self.worker[1] > 1
+                )
             try:
                 async with trio.open_nursery() as tasks:
                     # The actors (and these config-bound tasks) outlive the
@@ -212,16 +220,16 @@ class Server:
         self.stopped.set()
 
     async def _serve(self, app: Any, task_status: trio.TaskStatus[ServerInfo]) -> None:
-        assert self.proxy is not None
+        assert self.gateway is not None
         async with trio.open_nursery() as outer:
             if self.handle_signals:
                 await outer.start(self._watch_signals)
             async with trio.open_nursery() as listeners:
-                if self.config.server.proxy_server == "hypercorn":
+                if self.proxy is None:  # proxy_server = "hypercorn"
                     proxy_binds = await listeners.start(
                         partial(
                             hypercorn_serve,
-                            GatewayASGI(self.proxy.get_pipeline),
+                            GatewayASGI(self.gateway.current_pipeline),
                             _hypercorn_config(self.config, self.config.server.proxy_listen),
                             shutdown_trigger=self._shutdown.wait,
                         )
@@ -250,7 +258,8 @@ class Server:
                     announce(f"triogate: admin listening on {info.admin_url}")
                 task_status.started(info)
                 await self._shutdown.wait()
-                self.proxy.shutdown()
+                if self.proxy is not None:
+                    self.proxy.shutdown()
                 # In-flight requests get the grace period, then are cancelled.
                 grace = self.config.server.shutdown_grace_seconds
                 listeners.cancel_scope.deadline = trio.current_time() + grace

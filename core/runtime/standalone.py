@@ -22,6 +22,7 @@ from triogate.dataplane.asgi import GatewayASGI
 from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.pipeline import Pipeline
 from triogate.runtime.gateway import Gateway, open_gateway
+from triogate.runtime.reasons import install_reason_phrases
 
 __all__ = ["app", "open_standalone", "run_services"]
 
@@ -48,6 +49,7 @@ async def run_services(
 async def open_standalone() -> AsyncIterator[Callable[[], Pipeline]]:
     """The gateway from ``TRIOGATE_CONFIG`` and its services, running; gives
     the getter of its current pipeline."""
+    install_reason_phrases()  # hypercorn answers "200 OK", not "200 "
     path = os.environ.get("TRIOGATE_CONFIG")
     config = load_config(Path(path) if path else None)
     async with open_gateway(config, source=path) as gw, trio.open_nursery() as services:
