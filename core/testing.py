@@ -43,6 +43,8 @@ import msgspec
 import trio
 
 from triogate.config import Config, parse_config
+from triogate.dataplane.plugin_loader import ENTRY_POINT_GROUP, build_chain, discover
+from triogate.errors import PluginLoadError
 from triogate.http import Headers, Request, body_from_bytes
 from triogate.plugins.contract import Context, Plugin, RouteView
 from triogate.storage import KeyRecord
@@ -53,11 +55,15 @@ if TYPE_CHECKING:
     from triogate.runtime.server import Server, ServerInfo
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "FakeResponse",
     "FakeUpstream",
     "Harness",
     "LoopbackServer",
+    "PluginLoadError",
     "RecordedRequest",
+    "build_chain",
+    "discover",
     "harness_config",
     "key_record",
     "make_context",

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 from triogate_header_stamp import HeaderStamp
 
-from triogate.dataplane.plugin_loader import PluginLoadError, build_chain
 from triogate.plugins import PluginEnv
-from triogate.testing import FakeResponse, FakeUpstream, open_harness
+from triogate.testing import FakeResponse, FakeUpstream, PluginLoadError, build_chain, open_harness
 
 PLUGINS = [HeaderStamp]
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from triogate_header_stamp import HeaderStamp
 
-from triogate.dataplane.plugin_loader import ENTRY_POINT_GROUP, discover
-from triogate.testing import open_harness
+from triogate.testing import ENTRY_POINT_GROUP, discover, open_harness
 
 
 def test_registered_as_an_entry_point() -> None:
@@ -31,6 +30,6 @@ async def test_used_by_name_only(tmp_path: Path) -> None:
         assert r.headers["x-gateway-stamp"] == "route=test; key=-"
         assert h.server.gateway is not None
         (route,) = h.server.gateway.current_pipeline().describe_routes()
-        assert route["plugins"] == [
-            {"name": "header-stamp", "priority": 850, "phases": ["access", "response"]}
+        assert [(p.name, p.priority, p.phases) for p in route.plugins] == [
+            ("header-stamp", 850, ("access", "response"))
         ]
