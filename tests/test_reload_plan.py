@@ -278,3 +278,26 @@ def test_a_restart_only_change_is_listed_and_others_say_who_applies_them(tmp_pat
     assert [e.path for e in restart_errors(old, new)] == ["server.workers"]
     assert changed_settings(old, new) == {Applies.RESTART, Applies.LISTENER, Applies.LOGGING}
     assert changed_settings(old, old) == frozenset()
+
+
+class BreaksInBind(Plugin[NoConfig]):
+    """A plugin with a bug in ``bind`` (not a ValueError)."""
+
+    name = "breaks-in-bind"
+    priority = 400
+
+    def bind(self, route: Any, upstream: Any) -> None:
+        route.methods.append("POST")  # RouteView.methods is a tuple or None
+
+
+def test_a_plugin_bug_in_bind_is_a_load_error_naming_it(tmp_path: Path) -> None:
+    registry = {**REGISTRY, BreaksInBind.name: BreaksInBind}
+    raw = config_raw(
+        tmp_path,
+        [{"name": "a", "path": "/a", "upstream": "a", "plugins": {"breaks-in-bind": {}}}],
+    )
+    with pytest.raises(ConfigError) as info:
+        Pipeline.plan(parse_config(raw, environ={}), registry, PluginEnv())
+    (error,) = info.value.errors
+    assert error.path == "routes[0].plugins.breaks-in-bind"
+    assert error.message.startswith("bind failed: AttributeError")

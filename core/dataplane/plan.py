@@ -28,6 +28,7 @@ settings; the targets of an upstream no route asks for lose their breaker.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ from triogate.policy.breaker import BreakerSettings, FailurePolicy, breaker_for
 from triogate.policy.router import Router
 
 __all__ = ["BreakerBinding", "PipelinePlan", "UpstreamBinder", "UpstreamsPlan", "plan_pipeline"]
+
+log = logging.getLogger("triogate.dataplane.plan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +82,16 @@ class UpstreamBinder:
 
     # The retry budget is per request; a config being planned has none.
     def begin_retry(self, ratio: float, minimum: int) -> bool:
-        raise RuntimeError("the retry budget is not available in bind")
+        raise RuntimeError(
+            "the retry budget is not available in bind: this stand-in is only valid "
+            "during bind; at request time use ctx.upstream"
+        )
 
     def end_retry(self) -> None:
-        raise RuntimeError("the retry budget is not available in bind")
+        raise RuntimeError(
+            "the retry budget is not available in bind: this stand-in is only valid "
+            "during bind; at request time use ctx.upstream"
+        )
 
 
 @dataclass(frozen=True, repr=False)
@@ -193,6 +202,17 @@ def plan_pipeline(
                     plugin.bind(view, binder)
                 except ValueError as exc:
                     errors.append(FieldError(f"routes[{i}].plugins.{plugin.name}", str(exc)))
+                except Exception as exc:
+                    # A plugin's bug, not the operator's: still a load error
+                    # naming the plugin (never a 500 from /config/reload or a
+                    # traceback at start), with the traceback in the log.
+                    log.exception("plugin %r failed in bind for routes[%d]", plugin.name, i)
+                    errors.append(
+                        FieldError(
+                            f"routes[{i}].plugins.{plugin.name}",
+                            f"bind failed: {type(exc).__name__}: {exc}",
+                        )
+                    )
     if errors or router is None:
         raise ConfigError(errors, "config")
     return PipelinePlan(
