@@ -1,7 +1,7 @@
 """End-to-end proxy throughput: wrk against nginx, nginx as a proxy, a bare
-trio proxy, and triogate.
+trio proxy, the Python gateways a team could write instead, and triogate.
 
-Six targets in one run, each loaded the same way (wrk, one thread, N
+Nine targets in one run, each loaded the same way (wrk, one thread, N
 keep-alive connections, after a short warm-up):
 
   direct          wrk -> nginx serving a fixed 20-byte body (the upstream)
@@ -12,6 +12,13 @@ keep-alive connections, after a short warm-up):
                   httptools can do on this machine; triogate's ratio to it
                   shows how much of its cost is the language and runtime and
                   how much is triogate's own
+  aiohttp         wrk -> ``benchmarks/peers/aiohttp_proxy.py``: a hand-written
+                  aiohttp + uvloop reverse proxy, ~40 lines (the peers run
+                  from their own venv, benchmarks/.peers-venv)
+  aiohttp+key     the same as a minimal DIY gateway: X-API-Key looked up in a
+                  dict (401 without it) and a request counter per key
+  starlette       ``benchmarks/peers/starlette_proxy.py``: Starlette + httpx on
+                  uvicorn (uvloop, httptools), the usual FastAPI-style gateway
   triogate        wrk -> ``triogate serve``, a route without plugins -> upstream
   triogate+key    the same with ``key-auth`` on the route (X-API-Key header)
   triogate+limit  ``key-auth`` and ``rate-limit`` (by key) on the route, and a
@@ -23,17 +30,25 @@ keep-alive connections, after a short warm-up):
                   key's usage (admin API) must have grown by at least the
                   requests wrk counted.
 
-Every server under test (both nginx instances, the bare proxy and triogate)
-is pinned to one core and wrk to another, so the servers share one core the
+Targets are loaded in interleaved rounds (``--rounds N``: every target
+once, then every target again, ...) so drift over the run hits all alike; the
+figures are the median per target over its rounds. Progress goes to stderr.
+``--report DIR`` writes results.json, results.md and a PNG bar chart (with
+matplotlib from the peers' venv or ``triogate[bench]``).
+
+Every server under test (both nginx instances, the bare proxy, the peers and
+triogate) is pinned to one core and wrk to another, so the servers share one core the
 way they would share a small machine, and the load generator does not steal
 from them. Before loading a target the benchmark checks that it answers 200
 with the expected body (and, for the rate-limited route, the RateLimit
 headers); wrk's socket errors and non-2xx/3xx answers are reported, and a run
 with any of them is flagged (exit status 1).
 
-Needs nginx and wrk: ``bash benchmarks/setup.sh`` installs them from Debian's
-packages. Only loopback traffic; every process started here is stopped on
-the way out, on errors and Ctrl-C too.
+Needs nginx and wrk, and the peers' venv: ``bash benchmarks/setup.sh``
+installs nginx and wrk from Debian's packages and the peers from PyPI into
+benchmarks/.peers-venv (``--no-peers`` runs without them). Only loopback
+traffic; every process started here is stopped on the way out, on errors and
+Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -58,6 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from . import proxy_report
 from .machine import describe
 
 BODY = b"triogate-bench-body\n"  # 20 bytes, what the upstream answers
@@ -81,6 +97,10 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|G
 DIRECT = "direct (nginx)"
 NGINX_PROXY = "nginx as proxy"
 BARE = "bare trio + httptools proxy (floor)"
+AIOHTTP = "aiohttp + uvloop proxy (hand-written)"
+AIOHTTP_KEY = "aiohttp + uvloop, API-key dict + counter"
+STARLETTE = "Starlette + httpx on uvicorn"
+PEER_KEY = "bench-peer-key-0123456789abcdef"  # the DIY gateway's one known key
 NOKEY = "triogate, no plugins"
 KEY = "triogate, key-auth"
 LIMITED = "triogate, key-auth + rate-limit + usage"
@@ -445,6 +465,28 @@ def _start_bare(
     )
 
 
+# --- the peers: what a Python team could write instead --------------------------
+
+
+def _start_peer(
+    stack: contextlib.ExitStack,
+    tmp: Path,
+    name: str,
+    script: str,
+    port: int,
+    upstream_port: int,
+    core: int | None,
+    extra: Sequence[str] = (),
+) -> Managed:
+    """A peer script run by the peers' venv (never the product's)."""
+    argv = [str(proxy_report.PEERS_PYTHON), str(proxy_report.PEERS / script)]
+    argv += ["--listen", f"{HOST}:{port}", "--upstream", f"{HOST}:{upstream_port}", *extra]
+    slug = script.removesuffix(".py") + ("-key" if extra else "")
+    return _start(
+        stack, name, argv, core=core, stdout=tmp / f"{slug}.out", stderr=tmp / f"{slug}.err"
+    )
+
+
 # --- checking and loading ----------------------------------------------------
 
 
@@ -688,7 +730,7 @@ def _pinning(server_core: int | None, load_core: int | None) -> str:
     load = "not pinned" if load_core is None else f"pinned to core {load_core}"
     shared = " (SAME core as the servers)" if server_core == load_core is not None else ""
     return (
-        f"servers (nginx upstream, nginx proxy, bare trio proxy, triogate) {servers}; "
+        f"servers (nginx upstream, nginx proxy, bare trio proxy, peers, triogate) {servers}; "
         f"wrk {load}{shared}"
     )
 
@@ -698,9 +740,37 @@ def _tree_affinity(server: Managed) -> str:
     return ",".join(sorted({_cpus_allowed(pid) for pid in pids}))
 
 
+def _round_of(result: WrkResult) -> proxy_report.Round:
+    return proxy_report.Round(
+        requests_per_second=result.requests_per_second,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        cpu_us_per_request=result.cpu_us_per_request,
+        requests=result.requests,
+        non_2xx_3xx=result.non_2xx_3xx,
+        socket_errors=dict(result.socket_errors),
+    )
+
+
+def _progress(round_no: int, rounds: int, index: int, total: int, name: str, left: float) -> None:
+    minutes, seconds = divmod(max(0, round(left)), 60)
+    print(
+        f"[round {round_no}/{rounds}] target {index}/{total}: {name} "
+        f"(about {minutes}:{seconds:02d} left)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     nginx = _find("nginx")
     wrk = _find("wrk")
+    peers = not args.no_peers
+    if peers and not proxy_report.PEERS_PYTHON.exists():
+        _fail(
+            f"the peers' venv {proxy_report.PEERS_PYTHON.parent.parent} is missing: run "
+            "'bash benchmarks/setup.sh' first (or pass --no-peers)"
+        )
     server_core = _core(args.server_core, "server")
     load_core = _core(args.load_core, "load")
 
@@ -726,6 +796,25 @@ def run(args: argparse.Namespace) -> int:
             server_core,
         )
         bare = _start_bare(stack, tmp, bare_port, upstream_port, server_core)
+        peer_servers: list[tuple[Managed, int, Target]] = []
+        if peers:
+            for name, script, extra, path, headers in (
+                (AIOHTTP, "aiohttp_proxy.py", (), "nokey", ()),
+                (
+                    AIOHTTP_KEY,
+                    "aiohttp_proxy.py",
+                    ("--api-key", PEER_KEY),
+                    "key",
+                    (("X-API-Key", PEER_KEY),),
+                ),
+                (STARLETTE, "starlette_proxy.py", (), "nokey", ()),
+            ):
+                port = _free_port()
+                server = _start_peer(
+                    stack, tmp, name, script, port, upstream_port, server_core, extra
+                )
+                target = Target(name, f"http://{HOST}:{port}/{path}/{REQUEST_PATH}", headers)
+                peer_servers.append((server, port, target))
         data_dir = tmp / "data"
         data_dir.mkdir()
         key = _create_key(data_dir, "bench")
@@ -742,11 +831,14 @@ def run(args: argparse.Namespace) -> int:
         _wait_port(upstream, upstream_port)
         _wait_port(proxy, proxy_port)
         _wait_port(bare, bare_port)
+        for server, port, _ in peer_servers:
+            _wait_port(server, port)
 
         targets = [
             Target(DIRECT, f"http://{HOST}:{upstream_port}/nokey/{REQUEST_PATH}"),
             Target(NGINX_PROXY, f"http://{HOST}:{proxy_port}/nokey/{REQUEST_PATH}"),
             Target(BARE, f"http://{HOST}:{bare_port}/nokey/{REQUEST_PATH}"),
+            *(target for _, _, target in peer_servers),
             Target(NOKEY, f"{gateway_url}/nokey/{REQUEST_PATH}"),
             Target(KEY, f"{gateway_url}/key/{REQUEST_PATH}", (("X-API-Key", key.key),)),
             Target(
@@ -766,12 +858,12 @@ def run(args: argparse.Namespace) -> int:
         for target in targets:
             policy = _verify(target).get("RateLimit-Policy", policy)
         # And key-auth is really on: no key, no entry.
-        for name in (KEY, LIMITED):
+        for name in (KEY, LIMITED, AIOHTTP_KEY) if peers else (KEY, LIMITED):
             status, _ = _get(by_name[name].url, ())
             if status != 401:
-                _fail(f"triogate's {name!r} route answered {status} without a key; expected 401")
+                _fail(f"{name!r} answered {status} without a key; expected 401")
 
-        servers = (upstream, proxy, bare, gateway)
+        servers = (upstream, proxy, bare, *(s for s, _, _ in peer_servers), gateway)
         # CPU spent per request by the process answering wrk (not the
         # upstream): steady under load from other programs, where req/s
         # is not.
@@ -779,6 +871,7 @@ def run(args: argparse.Namespace) -> int:
             DIRECT: upstream,
             NGINX_PROXY: proxy,
             BARE: bare,
+            **{target.name: server for server, _, target in peer_servers},
             NOKEY: gateway,
             KEY: gateway,
             LIMITED: gateway,
@@ -798,16 +891,32 @@ def run(args: argparse.Namespace) -> int:
             f"{CREDITS:,} credits (nothing is refused: the checks are measured)"
         )
         print(FLOOR_PURPOSE)
+        print(
+            f"rounds: {args.rounds}, interleaved (every target once per round); "
+            "figures are the median per target over its rounds"
+        )
         print()
 
         load_before = os.getloadavg()[0]
-        results: dict[str, WrkResult] = {}
-        warmups: dict[str, WrkResult] = {}
+        rounds: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
+        warm_rounds: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
         usage_before = None
-        for target in targets:
+        answered = 0  # the rate-limited key's requests, warm-ups included
+        order = proxy_report.interleave([t.name for t in targets], args.rounds)
+        per_load = args.warmup + args.seconds + 0.5  # wrk's start-up and the checks
+        for done, (round_no, name) in enumerate(order):
+            target = by_name[name]
+            _progress(
+                round_no,
+                args.rounds,
+                targets.index(target) + 1,
+                len(targets),
+                name,
+                (len(order) - done) * per_load,
+            )
             for server in servers:
                 server.check_alive()
-            if target.name == LIMITED:
+            if target.name == LIMITED and usage_before is None:
                 usage_before = _usage(admin_url, admin_key, limited_key.id)
             if args.warmup > 0:
                 output = _wrk(
@@ -818,7 +927,10 @@ def run(args: argparse.Namespace) -> int:
                     core=load_core,
                     latency=False,
                 )
-                warmups[target.name] = parse_wrk(output, latency=False)
+                warm = parse_wrk(output, latency=False)
+                warm_rounds[name].append(warm)
+                if name == LIMITED:
+                    answered += warm.requests
             cpu_before = _cpu_seconds(answering[target.name].proc.pid)
             measured = parse_wrk(
                 _wrk(
@@ -835,13 +947,24 @@ def run(args: argparse.Namespace) -> int:
                 measured = dataclasses.replace(
                     measured, cpu_us_per_request=cpu / measured.requests * 1e6
                 )
-            results[target.name] = measured
+            rounds[name].append(measured)
+            if name == LIMITED:
+                answered += measured.requests
             for server in servers:
                 server.check_alive()
             _verify(target)  # still healthy after the load
+        print("all rounds done", file=sys.stderr, flush=True)
+        rows = [
+            proxy_report.median_row(
+                t.name,
+                [_round_of(r) for r in rounds[t.name]],
+                [_round_of(r) for r in warm_rounds[t.name]],
+            )
+            for t in targets
+        ]
+        results = {row.target: _median_result(row) for row in rows}
+        warmups = {name: _merged(found) for name, found in warm_rounds.items() if found}
         assert usage_before is not None
-        warm = warmups.get(LIMITED)
-        answered = results[LIMITED].requests + (warm.requests if warm is not None else 0)
         usage_after, waited = _await_usage(
             admin_url, admin_key, limited_key.id, usage_before, answered
         )
@@ -851,11 +974,60 @@ def run(args: argparse.Namespace) -> int:
         load_after = os.getloadavg()[0]
 
     code = _report(targets, results, warmups, triogate_log, bare_log, usage)
-    print(
-        f"machine load (1-min average) before/after: {load_before:.2f}/{load_after:.2f}; "
-        "anything else running on the servers' core skews these figures"
-    )
+    load_text = f"1-min load average {load_before:.2f} before, {load_after:.2f} after"
+    print(f"machine {load_text}; anything else running on the servers' core skews these figures")
+    if args.report is not None:
+        meta: dict[str, object] = {
+            "command": "python -m benchmarks proxy " + " ".join(args.argv),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": describe(_pinning(server_core, load_core)).removeprefix("machine: "),
+            "load": load_text,
+            "rounds": args.rounds,
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "connections": args.connections,
+            "flagged": code != 0,
+        }
+        for line in proxy_report.write_report(Path(args.report), rows, meta):
+            print(f"report: {line}")
     return code
+
+
+def _median_result(row: proxy_report.Row) -> WrkResult:
+    """A target's median figures as a WrkResult, its errors summed over the
+    measured rounds (warm-ups are reported apart)."""
+    measured = row.rounds
+    sockets: dict[str, int] = {}
+    for r in measured:
+        for kind, n in r.socket_errors.items():
+            sockets[kind] = sockets.get(kind, 0) + n
+    return WrkResult(
+        requests_per_second=row.requests_per_second,
+        p50_ms=row.p50_ms,
+        p99_ms=row.p99_ms,
+        requests=row.requests,
+        non_2xx_3xx=sum(r.non_2xx_3xx for r in measured),
+        socket_errors=sockets,
+        output="",
+        cpu_us_per_request=row.cpu_us_per_request,
+    )
+
+
+def _merged(found: list[WrkResult]) -> WrkResult:
+    """Warm-ups of one target over the rounds, requests and errors summed."""
+    sockets: dict[str, int] = {}
+    for r in found:
+        for kind, n in r.socket_errors.items():
+            sockets[kind] = sockets.get(kind, 0) + n
+    return WrkResult(
+        requests_per_second=math.nan,
+        p50_ms=math.nan,
+        p99_ms=math.nan,
+        requests=sum(r.requests for r in found),
+        non_2xx_3xx=sum(r.non_2xx_3xx for r in found),
+        socket_errors=sockets,
+        output="",
+    )
 
 
 def _stderr_text(path: Path, tail: int = 25) -> str:
@@ -966,6 +1138,13 @@ def _report(
             f"target: {name} >= {target_ratio:.2f} x nginx as proxy req/s: {vs_nginx:.2f} x, "
             f"{verdict} ({ratio(name, floor):.2f} x the bare trio floor)"
         )
+    if AIOHTTP_KEY in results:
+        vs_diy = ratio(LIMITED, results[AIOHTTP_KEY].requests_per_second)
+        verdict = "meets" if vs_diy >= 1.5 else "BELOW"
+        print(
+            f"target (issue 11): {LIMITED} >= 1.50 x {AIOHTTP_KEY!r} req/s: "
+            f"{vs_diy:.2f} x, {verdict}"
+        )
     print()
     print(f"{LIMITED}: answered with RateLimit-Policy: {usage.policy}")
     print(usage.describe())
@@ -1001,9 +1180,19 @@ def main(argv: list[str] | None = None) -> int:
         "--server-core", type=int, default=0, help="core for every server under test (-1: none)"
     )
     parser.add_argument("--load-core", type=int, default=1, help="core for wrk (-1: none)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds; the median per target"
+    )
+    parser.add_argument(
+        "--report", metavar="DIR", help="write results.json, results.md and proxy.png there"
+    )
+    parser.add_argument(
+        "--no-peers", action="store_true", help="without the aiohttp and Starlette peers"
+    )
     args = parser.parse_args(argv)
-    if args.seconds < 1 or args.warmup < 0 or args.connections < 1:
-        parser.error("--seconds and --connections must be >= 1, --warmup >= 0")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.seconds < 1 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
+        parser.error("--seconds, --connections and --rounds must be >= 1, --warmup >= 0")
 
     def terminate(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)

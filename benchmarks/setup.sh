@@ -1,18 +1,41 @@
 #!/bin/sh
-# Installs what `python -m benchmarks proxy` needs from Debian's own packages:
-# nginx (the fast upstream, and the proxy we compare against) and wrk (the
-# load generator). Idempotent: does nothing when both are already there;
-# runs `apt-get update` only when the package lists do not know them yet.
-# Run as root (or with sudo) on Debian or a derivative.
+# Installs what `python -m benchmarks proxy` needs:
+# - from Debian's own packages: nginx (the fast upstream, and the proxy we
+#   compare against) and wrk (the load generator). Does nothing when they are
+#   already there; runs `apt-get update` only when the package lists do not
+#   know them yet. Needs root (or sudo) on Debian or a derivative.
+# - from PyPI, into their OWN virtual environment benchmarks/.peers-venv
+#   (never the product's): the peer proxies' packages (aiohttp, uvloop,
+#   Starlette, httpx, uvicorn) and matplotlib for the report's chart, listed in
+#   benchmarks/peers/requirements.txt. PEERS_PYTHON picks the interpreter
+#   (default: python3).
+# Idempotent: run it again and it only checks.
 set -eu
 PATH="$PATH:/usr/sbin:/sbin"  # nginx lives in /usr/sbin
+here=$(cd "$(dirname "$0")" && pwd)
+
+peers_venv() {
+    venv="$here/.peers-venv"
+    reqs="$here/peers/requirements.txt"
+    stamp="$venv/.requirements"
+    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && cmp -s "$reqs" "$stamp"; then
+        echo "setup: peers venv $venv is up to date"
+        return 0
+    fi
+    echo "setup: peers venv $venv (pip install -r $reqs)"
+    "${PEERS_PYTHON:-python3}" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet -r "$reqs"
+    cp "$reqs" "$stamp"
+}
 
 missing=""
 command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
 command -v taskset >/dev/null 2>&1 || missing="$missing util-linux"
 if [ -z "$missing" ]; then
-    echo "setup: nginx, wrk and taskset are installed; nothing to do"
+    echo "setup: nginx, wrk and taskset are installed"
+    peers_venv
     exit 0
 fi
 
@@ -75,4 +98,5 @@ if ! $SUDO apt-get install -y --no-install-recommends $missing; then
 fi
 
 command -v nginx >/dev/null && command -v wrk >/dev/null && command -v taskset >/dev/null
+peers_venv
 echo "setup: done ($(nginx -v 2>&1), $(wrk -v 2>&1 | head -n 1 | awk '{print $1, $2}'))"
