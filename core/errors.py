@@ -473,5 +473,7 @@ KEY_ERRORS: Final[Mapping[KeyVerdict, tuple[type[GatewayError], str]]] = {
     KeyVerdict.KEY_REVOKED: (KeyRevoked, "the API key has been revoked"),
     KeyVerdict.KEY_EXPIRED: (KeyExpired, "the API key has expired"),
     KeyVerdict.KEY_ROTATED: (KeyRotated, "the API key was rotated and its grace period is over"),
-    KeyVerdict.INSUFFICIENT_SCOPE: (InsufficientScope, ""),  # its own detail names the scopes
+    # Without the record the missing scopes are unknown: the class's title,
+    # as before the verdicts were typed.
+    KeyVerdict.INSUFFICIENT_SCOPE: (InsufficientScope, InsufficientScope.title),
 }

@@ -62,6 +62,7 @@ class RateLimit(Plugin[RouteLimitConfig]):
         # Set by ``bind`` (one instance serves one route).
         self._route = "-"
         self._route_subject = "route:-"
+        self._ip_prefix = "ip:-:"  # + the client's address: its subject
         self._limit = self._policy("-")
 
     def _policy(self, route: str) -> Limit:
@@ -72,6 +73,7 @@ class RateLimit(Plugin[RouteLimitConfig]):
     def bind(self, route: RouteView, upstream: UpstreamView) -> None:
         self._route = route.name
         self._route_subject = f"route:{route.name}"
+        self._ip_prefix = f"ip:{route.name}:"
         self._limit = self._policy(route.name)
 
     async def access(self, ctx: Context) -> Response | None:
@@ -82,5 +84,5 @@ class RateLimit(Plugin[RouteLimitConfig]):
             # A rotated key and its successor count as one key.
             self._admit(ctx, ctx.consumer.state_key, self._limit, self.cost, key=True)
         else:
-            self._admit(ctx, f"ip:{self._route}:{ctx.client_ip}", self._limit, self.cost, key=False)
+            self._admit(ctx, self._ip_prefix + ctx.client_ip, self._limit, self.cost, key=False)
         return None

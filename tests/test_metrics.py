@@ -139,9 +139,10 @@ async def test_children_are_cached_per_label_tuple(memory_gateway: Gateway) -> N
         metrics.observe(record())
         metrics.observe(record(status=204))  # same status class, another key
         metrics.observe(record(status=502, outcome="BAD_GATEWAY"))
-    assert len(metrics._children) == 3
-    assert len(metrics._upstream_children) == 1
-    assert len(metrics._error_children) == 1
+    # One slot per (route, status, outcome); statuses of one class merge at scrape.
+    assert len(metrics._requests) == 3
+    assert len(metrics._upstreams) == 1
+    assert len(metrics._errors) == 1
     got = render(metrics)
     assert (
         value(got, "triogate_requests_total", route="users", status_class="2xx", outcome="ok") == 6

@@ -243,7 +243,7 @@ class Connection:
             pending.expect_continue = True
         self._continue_sent = False
         if pending.complete and not pending.chunks:
-            body = Body(_empty(), length if length is not None else 0)
+            body = Body(_NO_CHUNKS, length if length is not None else 0)
         else:
             # The whole body is due within body_deadline_seconds of now: a
             # client dripping bytes just inside body_timeout_seconds cannot
@@ -386,6 +386,18 @@ class Connection:
         return keep_alive
 
 
-async def _empty() -> AsyncIterator[bytes]:
-    return
-    yield b""  # pragma: no cover
+class _NoChunks:
+    """The chunks of a request without a body: none. Stateless, so one
+    object serves every such request (an async generator was made for each;
+    most requests have no body)."""
+
+    __slots__ = ()
+
+    def __aiter__(self) -> _NoChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+
+_NO_CHUNKS: AsyncIterator[bytes] = _NoChunks()

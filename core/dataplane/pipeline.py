@@ -31,6 +31,7 @@ shutdown grace period ended) is logged and counted the same way, as status
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -118,6 +119,13 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     if value is None:
         return frozenset()
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+@functools.lru_cache(maxsize=256)
+def _deprecation_raw(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """A version's deprecation headers as they go out: encoded once per
+    version (the router shares one tuple per version), not per request."""
+    return tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
 
 
 def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
@@ -412,17 +420,17 @@ class Pipeline:
         raw = headers.raw
         if raw:
             drop = _drop_set(headers, HOP_BY_HOP)
-            if any(k in drop for k, _ in raw):
-                headers.raw = raw = [(k, v) for k, v in raw if k not in drop]
+            # A plain loop, not any(<generator>): no generator per request.
+            for name, _ in raw:
+                if name in drop:
+                    headers.raw = raw = [(k, v) for k, v in raw if k not in drop]
+                    break
         if ctx.response_headers:
             raw.extend(ctx.response_headers)
         if ctx.rate_limits:
             raw.extend(headers_for(ctx.rate_limits))
         if match is not None and match.deprecation_headers:
-            raw.extend(
-                (k.lower().encode("latin-1"), v.encode("latin-1"))
-                for k, v in match.deprecation_headers
-            )
+            raw.extend(_deprecation_raw(match.deprecation_headers))
 
     # ---- the innermost call: the upstream ------------------------------------
 

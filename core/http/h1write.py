@@ -63,10 +63,10 @@ def response_head(
     response: Response, method: str, version: str, keep_alive: bool
 ) -> tuple[list[bytes], Body | None, Framing, bool]:
     """The head of ``response`` as a list of byte strings (the caller joins
-    them; ``content`` is appended when there is any to send), the body
-    still to stream (None when none is to be sent: the caller closes an
-    unsent ``response.body``), how that body is framed, and whether the
-    connection may be kept."""
+    them; an item is a piece, not a line; ``content`` is appended when
+    there is any to send), the body still to stream (None when none is to
+    be sent: the caller closes an unsent ``response.body``), how that body
+    is framed, and whether the connection may be kept."""
     status = response.status
     head = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
     head_request = method == "HEAD"
@@ -76,7 +76,9 @@ def response_head(
             continue
         if name == b"date":
             has_date = True
-        head.append(b"%b: %b\r\n" % (name, value))
+        # Four pieces for the caller's join, not one formatted line each:
+        # no intermediate bytes object per header.
+        head += (name, b": ", value, b"\r\n")
     if not has_date:
         head.append(http_date())
     content = response.content

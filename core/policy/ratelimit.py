@@ -252,7 +252,7 @@ def acquire(
         else:
             decision = _sliding(limit, state, now, cost)
         decisions.append(decision)
-    decisions.sort(key=lambda d: (d.allowed, d.remaining, -d.retry_after))
+    decisions.sort(key=_severity)
     if decisions and not decisions[0].allowed:
         return decisions, None
     for limit, state in items:
@@ -293,6 +293,44 @@ def _policy_item(limit: Limit) -> str:
     return f'"{limit.name}";q={limit.limit};w={_seconds(limit.period)}'
 
 
+def _severity(d: Decision) -> tuple[bool, int, float]:
+    # The most restrictive decision sorts first: denied, fewest left, longest wait.
+    return (d.allowed, d.remaining, -d.retry_after)
+
+
+#: The parts of the RateLimit headers that depend only on the limits, not on
+#: the decision: formatted once per limit (or set of limits) and reused, since
+#: a route's and a key's limits are the same objects request after request.
+#: Bounded: cleared when full (limits change only with config or key edits).
+_CACHE_SIZE = 4096
+_policy_cache: dict[tuple[Limit, ...], bytes] = {}
+_limit_cache: dict[Limit, tuple[str, bytes]] = {}
+
+
+def _policy_value(limits: tuple[Limit, ...]) -> bytes:
+    value = _policy_cache.get(limits)
+    if value is None:
+        seen: dict[str, Limit] = {}
+        for lim in limits:
+            seen.setdefault(lim.name, lim)
+        value = ", ".join(_policy_item(lim) for lim in seen.values()).encode("latin-1")
+        if len(_policy_cache) >= _CACHE_SIZE:
+            _policy_cache.clear()
+        _policy_cache[limits] = value
+    return value
+
+
+def _limit_parts(limit: Limit) -> tuple[str, bytes]:
+    """The ``RateLimit`` item's quoted name and the ``X-RateLimit-Limit`` value."""
+    parts = _limit_cache.get(limit)
+    if parts is None:
+        parts = (f'"{limit.name}";r=', str(limit.limit).encode())
+        if len(_limit_cache) >= _CACHE_SIZE:
+            _limit_cache.clear()
+        _limit_cache[limit] = parts
+    return parts
+
+
 def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
     """The response headers for every limit a request met: ``RateLimit-Policy``
     lists each policy and ``RateLimit`` reports the most restrictive (IETF
@@ -301,25 +339,21 @@ def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
     (whole seconds, at least 1)."""
     if not decisions:
         return []
-    worst = min(decisions, key=lambda d: (d.allowed, d.remaining, -d.retry_after))
-    seen: dict[str, Limit] = {}
-    for d in decisions:
-        seen.setdefault(d.limit.name, d.limit)
-    policy = ", ".join(_policy_item(lim) for lim in seen.values())
-    reset = _seconds(worst.reset)
+    worst = min(decisions, key=_severity)
+    limit = worst.limit
+    name_part, limit_value = _limit_parts(limit)
+    remaining = str(worst.remaining)
+    reset = str(_seconds(worst.reset))
     out = [
-        (b"ratelimit-policy", policy.encode("latin-1")),
-        (
-            b"ratelimit",
-            f'"{worst.limit.name}";r={worst.remaining};t={reset}'.encode("latin-1"),
-        ),
-        (b"x-ratelimit-limit", str(worst.limit.limit).encode()),
-        (b"x-ratelimit-remaining", str(worst.remaining).encode()),
-        (b"x-ratelimit-reset", str(reset).encode()),
+        (b"ratelimit-policy", _policy_value(tuple(d.limit for d in decisions))),
+        (b"ratelimit", f"{name_part}{remaining};t={reset}".encode("latin-1")),
+        (b"x-ratelimit-limit", limit_value),
+        (b"x-ratelimit-remaining", remaining.encode()),
+        (b"x-ratelimit-reset", reset.encode()),
     ]
     if not worst.allowed:
         # A request that can never pass (cost above the limit) still gets a
         # finite answer: come back after a whole period.
-        wait = worst.retry_after if math.isfinite(worst.retry_after) else worst.limit.period
+        wait = worst.retry_after if math.isfinite(worst.retry_after) else limit.period
         out.append((b"retry-after", str(max(1, _seconds(wait))).encode()))
     return out

@@ -2,10 +2,11 @@
 
 Two kinds, kept apart by when they cost something:
 
-- **Per request** (``observe``, a telemetry observer): counters and
-  histograms updated from each ``RequestRecord``. This is on the request
-  path, so the labelled children are looked up once per label tuple and
-  cached in plain dicts (``.labels()`` costs several microseconds).
+- **Per request** (``observe``, a telemetry observer): plain counts and
+  bucket counts in dicts, updated from each ``RequestRecord``. This is on
+  the request path, so it does no more than a few dict lookups and a
+  bisection; the Prometheus counters and histograms are built from those
+  numbers at scrape time (``_RequestCollector``).
 - **At scrape time** (``_GatewayCollector``): gauges read from the services'
   ``statistics()``: actors, flushes, storage, upstream targets and their
   breakers, the access log. Nothing is maintained for them between scrapes.
@@ -18,18 +19,21 @@ shows that worker's requests and the shared storage.
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from triogate import __version__
 from triogate.policy.breaker import BreakerSnapshot
@@ -143,107 +147,190 @@ class ScrapeSources(Protocol):
     def upstream_statistics(self) -> Iterable[UpstreamCounts]: ...
 
 
-class _RequestChildren:
-    """The children one (route, status, outcome) updates, resolved once."""
+class _Histogram:
+    """One labelled histogram's state: a count per bucket (not cumulative:
+    the observation adds one to one slot, found by bisection) and the sum.
+    Made cumulative, with ``+Inf``, only when scraped."""
 
-    __slots__ = ("duration", "overhead", "requests", "retries")
+    __slots__ = ("counts", "created", "total")
 
-    def __init__(self, metrics: Metrics, route: str, status: int, outcome: str) -> None:
-        self.requests = metrics.requests.labels(route, f"{status // 100}xx", outcome)
-        self.duration = metrics.request_duration.labels(route)
-        self.overhead = metrics.overhead.labels(route)
-        self.retries = metrics.retries.labels(route)
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * (size + 1)  # the last slot is above every bound
+        self.total = 0.0
+        self.created = time.time()
+
+
+class _RouteStats:
+    """What one route's requests update, found with one dict lookup."""
+
+    __slots__ = ("created", "duration", "overhead", "retries")
+
+    def __init__(self) -> None:
+        self.duration = _Histogram(len(DURATION_BUCKETS))
+        self.overhead = _Histogram(len(OVERHEAD_BUCKETS))
+        self.retries = 0
+        self.created = time.time()
 
 
 class Metrics:
     """The gateway's metrics. ``observe`` is its telemetry observer;
-    ``render`` answers a scrape."""
+    ``render`` answers a scrape.
+
+    ``observe`` runs once per request, so it only bumps plain ints and floats
+    in dicts (a prometheus_client ``Histogram.observe`` takes a lock and walks
+    the bounds, several microseconds for the three histograms); the
+    Prometheus families are built from those numbers when scraped."""
 
     def __init__(self, sources: ScrapeSources, *, access_log: AccessLog | None = None) -> None:
         self.sources = sources
         self.access_log = access_log
         self.started_at = sources.clock()
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "triogate_requests",
-            "Answered requests by route, status class and outcome "
-            "(ok, upstream_error, or the gateway's error code)",
-            ["route", "status_class", "outcome"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "triogate_request_duration_seconds",
-            "Whole requests as the gateway saw them, upstream included",
-            ["route"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.overhead = Histogram(
-            "triogate_gateway_overhead_seconds",
-            "The gateway's own time per request: duration less upstream time",
-            ["route"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "triogate_upstream_duration_seconds",
-            "Waiting for the upstream's answer head, summed over retries",
-            ["upstream"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.upstream_errors = Counter(
-            "triogate_upstream_errors",
-            "Requests answered with an upstream error by the gateway",
-            ["upstream", "code"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "triogate_retries", "Upstream retries (the retry plugin)", ["route"], registry=r
-        )
-        r.register(_GatewayCollector(self))
-        self._children: dict[tuple[str, int, str], _RequestChildren] = {}
-        self._upstream_children: dict[str, Histogram] = {}
-        self._error_children: dict[tuple[str, str], Counter] = {}
+        # Keyed by (route, status, outcome): the status class is derived at
+        # scrape time, so the hot path formats no string.
+        self._requests: dict[tuple[str, int, str], int] = {}
+        self._requests_created: dict[tuple[str, int, str], float] = {}
+        self._routes: dict[str, _RouteStats] = {}
+        self._upstreams: dict[str, _Histogram] = {}
+        self._errors: dict[tuple[str, str], int] = {}
+        self._errors_created: dict[tuple[str, str], float] = {}
+        self.registry.register(_RequestCollector(self))
+        self.registry.register(_GatewayCollector(self))
 
     def __repr__(self) -> str:
-        return f"<Metrics {len(self._children)} label sets>"
+        return f"<Metrics {len(self._requests)} label sets>"
 
     def observe(self, record: RequestRecord) -> None:
         route = record.route or NO_ROUTE
         outcome = record.outcome
         key = (route, record.status, outcome)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = _RequestChildren(self, *key)
-        children.requests.inc()
-        duration = record.duration_seconds
-        children.duration.observe(duration)
-        upstream_seconds = record.upstream_seconds
-        if upstream_seconds is None:
-            children.overhead.observe(duration)
+        requests = self._requests
+        if key in requests:
+            requests[key] += 1
         else:
-            children.overhead.observe(max(0.0, duration - upstream_seconds))
+            requests[key] = 1
+            self._requests_created[key] = time.time()
+        stats = self._routes.get(route)
+        if stats is None:
+            stats = self._routes[route] = _RouteStats()
+        duration = record.duration_seconds
+        h = stats.duration
+        h.counts[bisect_left(DURATION_BUCKETS, duration)] += 1
+        h.total += duration
+        upstream_seconds = record.upstream_seconds
+        overhead = duration if upstream_seconds is None else max(0.0, duration - upstream_seconds)
+        h = stats.overhead
+        h.counts[bisect_left(OVERHEAD_BUCKETS, overhead)] += 1
+        h.total += overhead
+        if upstream_seconds is not None:
             upstream = record.upstream or NO_ROUTE
-            histogram = self._upstream_children.get(upstream)
-            if histogram is None:
-                histogram = self._upstream_children[upstream] = self.upstream_duration.labels(
-                    upstream
-                )
-            histogram.observe(upstream_seconds)
+            h2 = self._upstreams.get(upstream)
+            if h2 is None:
+                h2 = self._upstreams[upstream] = _Histogram(len(DURATION_BUCKETS))
+            h2.counts[bisect_left(DURATION_BUCKETS, upstream_seconds)] += 1
+            h2.total += upstream_seconds
         if record.retries:
-            children.retries.inc(record.retries)
+            stats.retries += record.retries
         if outcome in UPSTREAM_ERRORS:
             error_key = (record.upstream or NO_ROUTE, outcome)
-            counter = self._error_children.get(error_key)
-            if counter is None:
-                counter = self._error_children[error_key] = self.upstream_errors.labels(*error_key)
-            counter.inc()
+            errors = self._errors
+            if error_key in errors:
+                errors[error_key] += 1
+            else:
+                errors[error_key] = 1
+                self._errors_created[error_key] = time.time()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition (Prometheus text format) and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _histogram(
+    name: str,
+    documentation: str,
+    label: str,
+    bounds: Sequence[float],
+    states: Iterable[tuple[str, _Histogram]],
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    # prometheus_client's own formatting of a bound (it is untyped).
+    les = [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
+    for value, h in states:
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for le, count in zip(les, h.counts, strict=True):
+            running += count
+            buckets.append((le, running))
+        family.add_metric([value], buckets, h.total)
+        # What prometheus_client's own Histogram exposes too.
+        family.samples.append(Sample(f"{name}_created", {label: value}, h.created))
+    return family
+
+
+class _RequestCollector(Collector):
+    """The per-request counters and histograms, from ``Metrics``' plain
+    numbers, in the shape prometheus_client's Counter and Histogram had."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "triogate_requests",
+            "Answered requests by route, status class and outcome "
+            "(ok, upstream_error, or the gateway's error code)",
+            labels=["route", "status_class", "outcome"],
+        )
+        # Several statuses share a class: merge them (first seen gives created).
+        merged: dict[tuple[str, str, str], tuple[int, float]] = {}
+        for request_key, count in list(m._requests.items()):
+            route, status, outcome = request_key
+            labels = (route, f"{status // 100}xx", outcome)
+            created = m._requests_created[request_key]
+            slot = merged.get(labels)
+            if slot is not None:
+                count, created = count + slot[0], min(created, slot[1])
+            merged[labels] = (count, created)
+        for labels, (count, created) in merged.items():
+            requests.add_metric(labels, count, created=created)
+        yield requests
+        routes = list(m._routes.items())
+        yield _histogram(
+            "triogate_request_duration_seconds",
+            "Whole requests as the gateway saw them, upstream included",
+            "route",
+            DURATION_BUCKETS,
+            ((route, s.duration) for route, s in routes),
+        )
+        yield _histogram(
+            "triogate_gateway_overhead_seconds",
+            "The gateway's own time per request: duration less upstream time",
+            "route",
+            OVERHEAD_BUCKETS,
+            ((route, s.overhead) for route, s in routes),
+        )
+        yield _histogram(
+            "triogate_upstream_duration_seconds",
+            "Waiting for the upstream's answer head, summed over retries",
+            "upstream",
+            DURATION_BUCKETS,
+            list(m._upstreams.items()),
+        )
+        errors = CounterMetricFamily(
+            "triogate_upstream_errors",
+            "Requests answered with an upstream error by the gateway",
+            labels=["upstream", "code"],
+        )
+        for key, count in list(m._errors.items()):
+            errors.add_metric(key, count, created=m._errors_created[key])
+        yield errors
+        retries = CounterMetricFamily(
+            "triogate_retries", "Upstream retries (the retry plugin)", labels=["route"]
+        )
+        for route, s in routes:
+            retries.add_metric([route], s.retries, created=s.created)
+        yield retries
 
 
 class _GatewayCollector(Collector):
