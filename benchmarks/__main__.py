@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from . import actors, proxy, soak, validate
+from . import actors, proxy, scaling, soak, validate
 
 BENCHMARKS = {
     "validate": validate.main,
     "proxy": proxy.main,
     "actors": actors.main,
     "soak": soak.main,
+    "scaling": scaling.main,
 }
 
 
