@@ -22,6 +22,8 @@ from urllib.parse import parse_qs
 import h11
 import trio
 
+from triogate.runtime.echo import read_request
+
 __all__ = ["MARK", "Answer", "Connection", "SoakUpstream", "TransportError", "fetch"]
 
 MARK = "x-soak-upstream"
@@ -55,21 +57,10 @@ class SoakUpstream:
             await stream.aclose()
 
     async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
-        head: h11.Request | None = None
-        received = 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(_RECEIVE))
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                received += len(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                return False
-        assert head is not None
+        request = await read_request(conn, stream)
+        if request is None:
+            return False
+        head, received = request
         path, _, query = head.target.decode("latin-1").partition("?")
         params = {k: v[-1] for k, v in parse_qs(query).items()}
         status = 200

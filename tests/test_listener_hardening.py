@@ -33,7 +33,16 @@ import pytest
 import trio
 
 from tests.helpers_process import ServeProcess, clean_env, triogate_command, write_config
-from tests.test_listener import Wire, echoed, gateway, get, nothing_upstream, proxy_port, wire
+from tests.test_listener import (
+    Wire,
+    WireResponse,
+    echoed,
+    gateway,
+    get,
+    nothing_upstream,
+    proxy_port,
+    wire,
+)
 from triogate.config import LogConfig, load_config
 from triogate.control.audit import Actor
 from triogate.dataplane.listener import connection_cap
@@ -301,25 +310,32 @@ def test_idle_connections_cannot_take_every_descriptor(tmp_path: Path) -> None:
 # ---- 3. the whole-body deadline ---------------------------------------------------------
 
 
+async def drip_until_answered(w: Wire, length: int) -> tuple[WireResponse, int]:
+    """Drip a declared body a byte every 0.3 s until the gateway answers;
+    the answer and how many bytes went out before it."""
+    sent = 0
+    async with trio.open_nursery() as nursery:
+
+        async def drip() -> None:
+            nonlocal sent
+            for _ in range(length):
+                if not await w.try_send(b"x"):
+                    return
+                sent += 1
+                await trio.sleep(0.3)
+
+        nursery.start_soon(drip)
+        r = await w.response("POST", within=20)
+        nursery.cancel_scope.cancel()
+    return r, sent
+
+
 async def test_a_dripped_body_is_cut_off_by_the_body_deadline(tmp_path: Path) -> None:
     server = {"body_timeout_seconds": 1, "body_deadline_seconds": 1.5}
     async with gateway(tmp_path, server=server) as h, wire(h) as w:
         length = 40  # dripped at 0.3 s a byte: 12 s, far past the deadline
         await w.send(b"POST /drip HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % length)
-        sent = 0
-        async with trio.open_nursery() as nursery:
-
-            async def drip() -> None:
-                nonlocal sent
-                for _ in range(length):
-                    if not await w.try_send(b"x"):
-                        return
-                    sent += 1
-                    await trio.sleep(0.3)
-
-            nursery.start_soon(drip)
-            r = await w.response("POST", within=20)
-            nursery.cancel_scope.cancel()
+        r, sent = await drip_until_answered(w, length)
         assert r.status == 408
         assert r.code == "REQUEST_TIMEOUT"
         assert "body_deadline_seconds" in r.json()["detail"]
@@ -343,20 +359,7 @@ async def test_a_dripped_body_after_an_early_answer_is_cut_off(tmp_path: Path) -
     async with gateway(tmp_path, server=server, plugins=plugins) as h, wire(h) as w:
         length = 40
         await w.send(b"POST /drip HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % length)
-        sent = 0
-        async with trio.open_nursery() as nursery:
-
-            async def drip() -> None:
-                nonlocal sent
-                for _ in range(length):
-                    if not await w.try_send(b"x"):
-                        return
-                    sent += 1
-                    await trio.sleep(0.3)
-
-            nursery.start_soon(drip)
-            r = await w.response("POST", within=20)
-            nursery.cancel_scope.cancel()
+        r, sent = await drip_until_answered(w, length)
         assert r.status == 403
         assert r.header("connection") == "close"
         assert sent < length

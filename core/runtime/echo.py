@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import h11
 import trio
 
-__all__ = ["EchoUpstream", "describe"]
+__all__ = ["EchoUpstream", "describe", "read_request"]
 
 MAX_HEAD_BYTES = 65536
 _RECEIVE = 65536
@@ -43,6 +43,28 @@ def describe(
         "body_bytes": body_bytes,
     }
     return json.dumps(doc, indent=2).encode() + b"\n"
+
+
+async def read_request(
+    conn: h11.Connection, stream: trio.SocketStream
+) -> tuple[h11.Request, int] | None:
+    """One whole request off ``stream`` (its head and how many body bytes
+    came), or None when the peer closed the connection instead."""
+    head: h11.Request | None = None
+    body_bytes = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(_RECEIVE))
+        elif isinstance(event, h11.Request):
+            head = event
+        elif isinstance(event, h11.Data):
+            body_bytes += len(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            return head, body_bytes
+        else:  # ConnectionClosed (or PAUSED, which a server never sees here)
+            return None
 
 
 class EchoUpstream:
@@ -83,21 +105,10 @@ class EchoUpstream:
 
     async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
         """One request and its answer; False when the connection is done."""
-        head: h11.Request | None = None
-        body_bytes = 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(_RECEIVE))
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                body_bytes += len(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:  # ConnectionClosed (or PAUSED, which a server never sees here)
-                return False
-        assert head is not None
+        request = await read_request(conn, stream)
+        if request is None:
+            return False
+        head, body_bytes = request
         method = head.method.decode("ascii")
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
         body = describe(method, head.target.decode("latin-1"), headers, body_bytes)
