@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import actors, proxy, scaling, soak, validate
+from . import actors, profile, proxy, scaling, soak, validate
 
 BENCHMARKS = {
     "validate": validate.main,
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "actors": actors.main,
     "soak": soak.main,
     "scaling": scaling.main,
+    "profile": profile.main,
 }
 
 

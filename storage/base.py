@@ -56,6 +56,14 @@ class Table(enum.Enum):
     ADMIN_DIGESTS = b"admin_digests"  # HMAC digest -> admin id
     AUDIT = b"audit"  # audit id (time-ordered) -> AuditRecord
     META = b"meta"  # small singletons, e.g. b"setup" -> first admin id
+    # Issue 12 (customers). Index keys join ids with b"\x00" (ids never hold it).
+    IDENTITIES = b"identities"  # identity id -> IdentityRecord
+    IDENTITY_EXTERNAL_IDS = b"identity_external_ids"  # external_id (utf-8) -> identity id
+    IDENTITY_KEYS = b"identity_keys"  # identity id + 0 + key id -> b""
+    PLANS = b"plans"  # plan id -> PlanRecord
+    PLAN_MEMBERS = b"plan_members"  # plan id + 0 + key or identity id -> b""
+    ROLES = b"roles"  # role id -> RoleRecord
+    ROLE_NAMES = b"role_names"  # role name (utf-8) -> role id
 
 
 class ReadTxn(Protocol):

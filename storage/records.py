@@ -24,8 +24,11 @@ __all__ = [
     "AdminRecord",
     "AuditRecord",
     "Credits",
+    "IdentityRecord",
     "KeyRecord",
+    "PlanRecord",
     "RateLimit",
+    "RoleRecord",
     "UsageRecord",
     "codec",
 ]
@@ -47,6 +50,13 @@ class RateLimit(Struct, frozen=True, forbid_unknown_fields=True):
         Literal["gcra", "sliding_window"],
         Meta(description="gcra (exact, the default) or sliding_window"),
     ] = "gcra"
+    # Route-bound: the limit applies only on these routes (by route name);
+    # empty applies on every route (Tyk's per-API limits, Unkey's named
+    # limits without autoApply).
+    routes: Annotated[
+        tuple[Annotated[str, Meta(min_length=1, max_length=128)], ...],
+        Meta(max_length=64, description="route names this limit applies on; empty: all"),
+    ] = ()
 
 
 class Credits(Struct, frozen=True, forbid_unknown_fields=True):
@@ -95,11 +105,71 @@ class KeyRecord(Struct, array_like=True, frozen=True):
     # successors spend one balance and one limiter state.
     state_id: str | None = None
 
+    # Issue 12 (customers): appended, so older records decode unchanged.
+    # The identity (``idn_…``) whose shared pool this key also draws from.
+    identity_id: str | None = None
+    # The plan (``pln_…``) whose settings apply where the key has none.
+    plan_id: str | None = None
+    # False: suspended (403 KEY_DISABLED), reversible, unlike revocation.
+    enabled: bool = True
+    # Role names (``RoleRecord.name``): their scopes add to the key's own.
+    roles: tuple[str, ...] = ()
+    # The keyspace (config ``[keyspaces.NAME]``) the key was made in.
+    keyspace: str = "default"
+
     @property
     def state_key(self) -> str:
         """The id whose actor (and usage record) holds this key's credit
         balance and rate-limiter state."""
         return self.state_id or self.id
+
+
+class IdentityRecord(Struct, array_like=True, frozen=True):
+    """A customer behind several keys (Unkey's identity, Kong's consumer):
+    its ``rate_limits`` and ``credits`` are one pool all its keys draw from.
+    Its limiter state and credit balance live under its id in ``USAGE``,
+    as a key's do under its ``state_key``."""
+
+    id: str  # idn_…
+    external_id: str  # the customer's id in the user's own system; unique
+    name: str
+    metadata: dict[str, Any]
+    created_at: float
+    updated_at: float
+    rate_limits: tuple[RateLimit, ...] = ()
+    credits: Credits | None = None
+    credits_version: int = 0
+    credits_set_at: float | None = None
+    plan_id: str | None = None
+    enabled: bool = True
+
+
+class PlanRecord(Struct, array_like=True, frozen=True):
+    """Settings many keys (or identities) share: what the plan says applies
+    to each member where the member sets nothing of its own (field by
+    field). ``version`` is bumped on every change, so a cache of effective
+    settings can tell a stale plan from the live one."""
+
+    id: str  # pln_…
+    name: str
+    created_at: float
+    updated_at: float
+    version: int = 1
+    rate_limits: tuple[RateLimit, ...] = ()
+    credits: Credits | None = None
+    scopes: tuple[str, ...] = ()
+
+
+class RoleRecord(Struct, array_like=True, frozen=True):
+    """A named bundle of scopes (Unkey's roles, Kong's ACL groups). Keys
+    name roles; a key's effective scopes are its own plus its roles'."""
+
+    id: str  # rol_…
+    name: str  # unique; what keys and ``deny_roles`` refer to
+    scopes: tuple[str, ...]
+    created_at: float
+    updated_at: float
+    description: str = ""
 
 
 class UsageRecord(Struct, array_like=True, frozen=True):
@@ -153,6 +223,9 @@ class _Codec:
         self.usage = msgspec.msgpack.Decoder(UsageRecord)
         self.admin = msgspec.msgpack.Decoder(AdminRecord)
         self.audit = msgspec.msgpack.Decoder(AuditRecord)
+        self.identity = msgspec.msgpack.Decoder(IdentityRecord)
+        self.plan = msgspec.msgpack.Decoder(PlanRecord)
+        self.role = msgspec.msgpack.Decoder(RoleRecord)
 
     def encode(self, record: Struct) -> bytes:
         return self._encoder.encode(record)
