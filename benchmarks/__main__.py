@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import actors, profile, proxy, scaling, soak, validate
+from . import actors, instructions, profile, proxy, scaling, sharedlimits, soak, validate
 
 BENCHMARKS = {
     "validate": validate.main,
@@ -13,6 +13,8 @@ BENCHMARKS = {
     "soak": soak.main,
     "scaling": scaling.main,
     "profile": profile.main,
+    "instructions": instructions.main,
+    "sharedlimits": sharedlimits.main,
 }
 
 

@@ -5,6 +5,11 @@ checksum check, the HMAC-SHA256 digest, the digest -> id and id -> record
 LMDB lookups, the msgpack decode, and the status, expiry and scope checks.
 No HTTP. Keys are drawn at random from the population so lookups are not
 all served from one warm page.
+
+A second figure is the data plane's own check (``KeyValidation``, what
+key-auth calls) on keys that have a plan and an identity (issue 12): those
+cost one more read snapshot (the key again, its plan, its identity) and the
+effective settings.
 """
 
 from __future__ import annotations
@@ -19,18 +24,38 @@ import trio
 
 from triogate.config import parse_config
 from triogate.control.audit import Actor
+from triogate.control.customer_models import CreateIdentityRequest, CreatePlanRequest
+from triogate.control.keyresolve import KeyAccess, KeyResolver
 from triogate.control.models import CreateKeyRequest
+from triogate.dataplane.plugin_services import KeyValidation
 from triogate.errors import KeyVerdict
 from triogate.runtime.gateway import open_gateway
 
 from .machine import describe, pin
 
 
-async def _populate(data_dir: Path, n_keys: int) -> list[str]:
+async def _populate(data_dir: Path, n_keys: int) -> tuple[list[str], list[str]]:
     config = parse_config({"server": {"data_dir": str(data_dir)}}, environ={})
     plaintexts: list[str] = []
+    customers: list[str] = []
     async with open_gateway(config) as gw:
         req = CreateKeyRequest(name="bench", owner="bench", scopes=["users:*", "orders:read"])
+        # Keys with a plan (its scopes) and an identity: 1,000 of them over 100 identities.
+        plan = await gw.plans.create(
+            CreatePlanRequest(name="bench", scopes=["users:*", "orders:read"]), Actor("bench")
+        )
+        for i in range(100):
+            identity = await gw.identities.create(
+                CreateIdentityRequest(external_id=f"bench-{i}"), Actor("bench")
+            )
+            for _ in range(10):
+                created = await gw.keys.create(
+                    CreateKeyRequest(
+                        name="bench", owner="bench", plan_id=plan.id, identity_id=identity.id
+                    ),
+                    Actor("bench"),
+                )
+                customers.append(created.key)
         async with trio.open_nursery() as nursery:
             # Concurrent creates share group commits: quick to populate.
             async def make(count: int) -> None:
@@ -40,10 +65,26 @@ async def _populate(data_dir: Path, n_keys: int) -> list[str]:
 
             for _ in range(50):
                 nursery.start_soon(make, n_keys // 50)
-    return plaintexts
+    return plaintexts, customers
 
 
-async def _measure(data_dir: Path, keys: list[str], seconds: float) -> dict[str, float]:
+def _rate(check: object, sample: list[str], seconds: float) -> float:
+    """Calls per second of ``check(key, scopes)`` over ``sample``."""
+    assert callable(check)
+    scopes = ("users:read",)
+    done = 0
+    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < deadline:
+        for key in sample:
+            check(key, scopes)
+        done += len(sample)
+    return done / (time.perf_counter() - start)
+
+
+async def _measure(
+    data_dir: Path, keys: list[str], customers: list[str], seconds: float
+) -> dict[str, float]:
     config = parse_config({"server": {"data_dir": str(data_dir)}}, environ={})
     async with open_gateway(config) as gw:
         service = gw.keys
@@ -77,7 +118,17 @@ async def _measure(data_dir: Path, keys: list[str], seconds: float) -> dict[str,
         for key in sample[:n]:
             service.lookup_nowait(key)
         t3 = time.perf_counter()
+
+        # The data plane's check: plain keys, then keys with a plan and an identity.
+        validation = KeyValidation(service, KeyResolver(gw.store))
+        consumer, _ = validation.check_nowait(customers[0], ("users:read",))
+        assert isinstance(consumer, KeyAccess) and consumer.identity is not None
+        plain_rate = _rate(validation.check_nowait, sample[:10_000], seconds)
+        customer_sample = [random.choice(customers) for _ in range(10_000)]
+        customer_rate = _rate(validation.check_nowait, customer_sample, seconds)
     return {
+        "dataplane_plain_per_second": plain_rate,
+        "dataplane_customer_per_second": customer_rate,
         "validations_per_second": done / elapsed,
         "us_per_validation": elapsed / done * 1e6,
         "us_checksum": (t1 - t0) / n * 1e6,
@@ -96,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         t = time.perf_counter()
-        keys = trio.run(_populate, data_dir, args.keys)
+        keys, customers = trio.run(_populate, data_dir, args.keys)
         populate_s = time.perf_counter() - t
-        result = trio.run(_measure, data_dir, keys, args.seconds)
+        result = trio.run(_measure, data_dir, keys, customers, args.seconds)
     print("benchmark: key validation, in process (checksum, HMAC digest, LMDB lookup, decision)")
     print(describe(pinning))
     print(f"population: {len(keys)} keys in LMDB (created in {populate_s:.1f} s)")
@@ -110,7 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         f"  of which: checksum {r['us_checksum']:.2f} µs, digest {r['us_digest']:.2f} µs, "
         f"checksum+digest+lookup+decode {r['us_lookup_incl_checksum_digest']:.2f} µs"
     )
+    print(
+        f"data plane check (key-auth's): {r['dataplane_plain_per_second']:,.0f}/s plain keys, "
+        f"{r['dataplane_customer_per_second']:,.0f}/s keys with a plan and an identity "
+        f"({len(customers)} such keys)"
+    )
     target = 100_000
-    verdict = "meets" if result["validations_per_second"] >= target else "BELOW"
-    print(f"target: >= {target:,}/s on one core: {verdict}")
+    for label, figure in (
+        ("validations", result["validations_per_second"]),
+        ("plan+identity keys", result["dataplane_customer_per_second"]),
+    ):
+        verdict = "meets" if figure >= target else "BELOW"
+        print(f"target: >= {target:,}/s on one core ({label}): {verdict}")
     return 0

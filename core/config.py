@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from datetime import datetime
@@ -32,6 +33,7 @@ __all__ = [
     "Config",
     "HealthCheckConfig",
     "KeysConfig",
+    "KeyspaceConfig",
     "LogConfig",
     "RateLimitConfig",
     "RouteConfig",
@@ -134,12 +136,27 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     ] = False
 
 
+# One underscore, at the end: no prefix can then start another one, and the
+# data plane finds a key's prefix with one ``find("_")``.
+KeyPrefix = Annotated[
+    str, Meta(pattern=r"^[a-z][a-z0-9]{0,15}_$", description="API key prefix, e.g. tg_")
+]
+#: The keyspace ``[keys] prefix`` names; a ``[keyspaces.default]`` table is refused.
+DEFAULT_KEYSPACE = "default"
+#: Admin keys' prefix (``control.admins``): an API keyspace may not take it.
+RESERVED_PREFIXES = frozenset({"tgadm_"})
+MAX_KEYSPACES = 64
+
+
 class KeysConfig(Struct, frozen=True, forbid_unknown_fields=True):
-    prefix: Annotated[
-        str,
-        Meta(pattern=r"^[a-z][a-z0-9]{0,15}_$", description="API key prefix, e.g. tg_"),
-    ] = "tg_"
+    prefix: KeyPrefix = "tg_"
     default_rate_limit: RateLimitConfig | None = None
+
+
+class KeyspaceConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """``[keyspaces.NAME]``: keys made in it start with ``prefix``."""
+
+    prefix: Annotated[KeyPrefix, Meta(description="this keyspace's key prefix, e.g. test_")]
 
 
 class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -246,10 +263,19 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     upstreams: dict[str, UpstreamConfig] = {}
     routes: list[RouteConfig] = []
     api_versions: dict[str, ApiVersionConfig] = {}
+    keyspaces: dict[str, KeyspaceConfig] = {}
 
     @property
     def data_dir(self) -> Path:
         return Path(self.server.data_dir)
+
+    @property
+    def keyspace_prefixes(self) -> dict[str, str]:
+        """Every keyspace's prefix by name, ``default`` (``[keys] prefix``)
+        first. A new dict per call: read it once, not per request."""
+        prefixes = {DEFAULT_KEYSPACE: self.keys.prefix}
+        prefixes.update((name, ks.prefix) for name, ks in self.keyspaces.items())
+        return prefixes
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -293,6 +319,52 @@ def _cross_checks(config: Config) -> list[FieldError]:
                 )
             )
         seen.setdefault(route.name, i)
+    errors.extend(_keyspace_checks(config))
+    return errors
+
+
+_KEYSPACE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def _keyspace_checks(config: Config) -> list[FieldError]:
+    """Names are identifiers, ``default`` is ``[keys] prefix``'s, and no
+    prefix equals or starts another (a key must name its keyspace alone)."""
+    errors: list[FieldError] = []
+    if len(config.keyspaces) > MAX_KEYSPACES:
+        errors.append(FieldError("keyspaces", f"at most {MAX_KEYSPACES} keyspaces"))
+        return errors
+    owners = {config.keys.prefix: f"keyspace {DEFAULT_KEYSPACE!r} ([keys] prefix)"}
+    for name, keyspace in config.keyspaces.items():
+        path = f"keyspaces.{name}"
+        if name == DEFAULT_KEYSPACE:
+            errors.append(
+                FieldError(path, "the keyspace 'default' is [keys] prefix: set the prefix there")
+            )
+            continue
+        if not _KEYSPACE_NAME_RE.match(name):
+            errors.append(
+                FieldError(
+                    path,
+                    "a keyspace name is a letter then up to 63 letters, digits, '_' or '-'",
+                )
+            )
+        prefix = keyspace.prefix
+        if prefix in RESERVED_PREFIXES:
+            errors.append(FieldError(f"{path}.prefix", f"{prefix!r} is the admin keys' prefix"))
+            continue
+        for other, owner in owners.items():
+            if prefix == other:
+                errors.append(
+                    FieldError(f"{path}.prefix", f"{prefix!r} is already the prefix of {owner}")
+                )
+            elif prefix.startswith(other) or other.startswith(prefix):
+                errors.append(
+                    FieldError(
+                        f"{path}.prefix",
+                        f"{prefix!r} and the prefix {other!r} of {owner}: one starts the other",
+                    )
+                )
+        owners.setdefault(prefix, f"keyspace {name!r}")
     return errors
 
 

@@ -32,9 +32,10 @@ The tree::
         ├── 400 ValidationError (VALIDATION_ERROR, with ``errors``), BadRequest,
         │       InvalidPathParameter
         ├── 401 Unauthorized (family: MissingKey, InvalidKey, KeyRevoked, KeyExpired, KeyRotated)
-        ├── 403 InsufficientScope, Forbidden
+        ├── 403 InsufficientScope, KeyDisabled, RoleDenied, Forbidden
         ├── 404 RouteNotFound, NotFound        405 MethodNotAllowed
-        ├── 408 RequestTimeout                 409 Conflict
+        ├── 408 RequestTimeout                 409 Conflict (IdentityHasKeys, PlanInUse,
+        │                                          RoleInUse are Conflicts too)
         ├── 411 LengthRequired (a PayloadTooLarge)
         ├── 413 PayloadTooLarge                417 ExpectationFailed
         ├── 429 RateLimited, QuotaExceeded     431 HeadersTooLarge
@@ -81,10 +82,12 @@ __all__ = [
     "Forbidden",
     "GatewayError",
     "HeadersTooLarge",
+    "IdentityHasKeys",
     "InsufficientScope",
     "InternalError",
     "InvalidKey",
     "InvalidPathParameter",
+    "KeyDisabled",
     "KeyExpired",
     "KeyRevoked",
     "KeyRotated",
@@ -94,11 +97,14 @@ __all__ = [
     "MissingKey",
     "NotFound",
     "PayloadTooLarge",
+    "PlanInUse",
     "PluginLoadError",
     "Problem",
     "QuotaExceeded",
     "RateLimited",
     "RequestTimeout",
+    "RoleDenied",
+    "RoleInUse",
     "RouteNotFound",
     "SecretsError",
     "SecretsMissing",
@@ -310,6 +316,23 @@ class InsufficientScope(GatewayError):
     title = "Forbidden"
 
 
+class KeyDisabled(GatewayError):
+    """The key, or its identity, is disabled (``enabled: false``): reversible,
+    unlike revocation, so a 403 and not a 401 (the key is known and valid)."""
+
+    status = 403
+    code = "KEY_DISABLED"
+    title = "Forbidden"
+
+
+class RoleDenied(GatewayError):
+    """The key has a role the route's key-auth lists in ``deny_roles``."""
+
+    status = 403
+    code = "ROLE_DENIED"
+    title = "Forbidden"
+
+
 class Forbidden(GatewayError):
     status = 403
     code = "FORBIDDEN"
@@ -350,6 +373,24 @@ class Conflict(GatewayError):
     status = 409
     code = "CONFLICT"
     title = "Conflict"
+
+
+class IdentityHasKeys(Conflict):
+    """Deleting an identity that still has live keys (without ``revoke_keys``)."""
+
+    code = "IDENTITY_HAS_KEYS"
+
+
+class PlanInUse(Conflict):
+    """Deleting a plan some key or identity is still on."""
+
+    code = "PLAN_IN_USE"
+
+
+class RoleInUse(Conflict):
+    """Deleting (or renaming) a role some key still names."""
+
+    code = "ROLE_IN_USE"
 
 
 class PayloadTooLarge(GatewayError):
@@ -463,6 +504,8 @@ class KeyVerdict(StrEnum):
     KEY_EXPIRED = "KEY_EXPIRED"
     KEY_ROTATED = "KEY_ROTATED"
     INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
+    KEY_DISABLED = "KEY_DISABLED"
+    ROLE_DENIED = "ROLE_DENIED"
 
 
 #: The one table from a key verdict to the error that refuses the request,
@@ -476,4 +519,6 @@ KEY_ERRORS: Final[Mapping[KeyVerdict, tuple[type[GatewayError], str]]] = {
     # Without the record the missing scopes are unknown: the class's title,
     # as before the verdicts were typed.
     KeyVerdict.INSUFFICIENT_SCOPE: (InsufficientScope, InsufficientScope.title),
+    KeyVerdict.KEY_DISABLED: (KeyDisabled, "the API key is disabled"),
+    KeyVerdict.ROLE_DENIED: (RoleDenied, "a role of the API key is denied on this route"),
 }

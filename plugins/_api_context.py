@@ -81,6 +81,12 @@ class Consumer(Protocol):
         key of its rotation chain (a rotated key and its successor are one)."""
         ...
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The key's role names (sent upstream as ``X-Key-Roles``); ``()``
+        for none."""
+        ...
+
 
 class UpstreamView(Protocol):
     """The upstream a route sends to (``bind``'s second argument, and

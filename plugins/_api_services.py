@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from triogate.errors import InternalError
 from triogate.plugins._api_context import Consumer, Context
+from triogate.policy.keyaccess import KeyRule
 from triogate.policy.ratelimit import Limit
 
 __all__ = ["KeyValidator", "Limiter", "PluginEnv"]
@@ -37,6 +38,14 @@ class KeyValidator(Protocol):
         ``InvalidKey`` (malformed or unknown), ``KeyRevoked``, ``KeyExpired``,
         ``KeyRotated`` (401), or ``InsufficientScope`` (403, naming the
         missing scopes) from ``triogate.errors``. Reads only."""
+        ...
+
+    def authorize_nowait(self, key: str, rule: KeyRule) -> tuple[Consumer, bool]:
+        """``check_nowait`` for a route's whole ``KeyRule``: besides its
+        ``scopes``, one of ``any_scopes``, none of ``deny_roles``
+        (``RoleDenied``, 403) and its ``keyspace`` (a key of another is
+        ``InvalidKey``). The gateway's also refuses a disabled key
+        (``KeyDisabled``, 403)."""
         ...
 
     async def reindex(self, key: str, key_id: str) -> None:
@@ -78,6 +87,9 @@ class _NoKeys:
     def check_nowait(self, key: str, required_scopes: tuple[str, ...]) -> tuple[Consumer, bool]:
         raise InternalError("no key store: key checks need the gateway's services")
 
+    def authorize_nowait(self, key: str, rule: KeyRule) -> tuple[Consumer, bool]:
+        raise InternalError("no key store: key checks need the gateway's services")
+
     async def reindex(self, key: str, key_id: str) -> None:
         return None
 
@@ -114,6 +126,9 @@ class PluginEnv:
     limiter: Limiter = NO_LIMITS
     #: Wall-clock seconds (the gateway's clock; tests may fake it).
     clock: Callable[[], float] = _no_clock
+    #: The configured keyspaces' names (``[keyspaces.NAME]`` and ``default``),
+    #: for a plugin to refuse a setting naming another; None: not known here.
+    keyspaces: frozenset[str] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("triogate.plugins"))
     #: Anything else an embedding application wants to hand its own plugins.
     extras: dict[str, Any] = field(default_factory=dict)

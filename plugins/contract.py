@@ -39,6 +39,18 @@ Phases, in the order a request meets them:
     After the response has been sent; it never delays the response. Errors
     raised here are logged and swallowed.
 
+**Synchronous forms.** A phase whose work never waits (most: checking a
+header, counting, adding a header) may be written as a plain method named
+``access_nowait(ctx)``, ``response_nowait(ctx, response)`` or
+``log_nowait(ctx, response)`` instead of (or besides) the ``async`` one: the
+gateway then calls it directly, without making and awaiting a coroutine per
+request, and ``await plugin.access(ctx)`` still works (the default
+``access`` runs ``access_nowait``). Such a method returns what the async
+phase would (``access_nowait``: a ``Response`` or ``None``), or, when it must
+wait after all (rarely: key-auth moving a key to a rotated secret), an
+awaitable that the gateway awaits. ``settle(value)`` awaits a value that may
+be either.
+
 Besides the phases, ``bind(route, upstream)`` is called once per route when
 a config is loaded, with the route's ``RouteView`` and its ``UpstreamView``:
 the place to check settings that depend on the route, to precompute per
@@ -79,8 +91,9 @@ rest is validated against the plugin's ``Config``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import msgspec
 
@@ -90,6 +103,7 @@ from triogate.http import Body, Headers, Request, Response
 from triogate.plugins._api_context import Consumer, Context, RouteView, UpstreamView
 from triogate.plugins._api_services import KeyValidator, Limiter, PluginEnv
 from triogate.policy.breaker import BreakerSettings, FailurePolicy
+from triogate.policy.keyaccess import KeyRule
 from triogate.policy.ratelimit import Decision, Limit
 
 __all__ = [
@@ -103,6 +117,7 @@ __all__ = [
     "FailurePolicy",
     "GatewayError",
     "Headers",
+    "KeyRule",
     "KeyValidator",
     "Limit",
     "Limiter",
@@ -114,6 +129,7 @@ __all__ = [
     "Response",
     "RouteView",
     "UpstreamView",
+    "settle",
 ]
 
 PHASES = ("access", "upstream", "response", "log")
@@ -147,16 +163,23 @@ class Plugin(Generic[C]):
         return f"<{type(self).__name__} {self.name!r} priority={self.priority}>"
 
     async def access(self, ctx: Context) -> Response | None:
-        return None
+        nowait = getattr(self, "access_nowait", None)
+        if nowait is None:
+            return None
+        return await settle(cast("Response | Awaitable[Response | None] | None", nowait(ctx)))
 
     async def upstream(self, ctx: Context, call_next: CallNext) -> Response:
         return await call_next()
 
     async def response(self, ctx: Context, response: Response) -> None:
-        return None
+        nowait = getattr(self, "response_nowait", None)
+        if nowait is not None:
+            await settle(cast("Awaitable[None] | None", nowait(ctx, response)))
 
     async def log(self, ctx: Context, response: Response) -> None:
-        return None
+        nowait = getattr(self, "log_nowait", None)
+        if nowait is not None:
+            await settle(cast("Awaitable[None] | None", nowait(ctx, response)))
 
     def wants_body(self, ctx: Context, response: Response) -> bool:
         """With ``buffers_response``: should this response's body be
@@ -174,5 +197,27 @@ class Plugin(Generic[C]):
 
     @classmethod
     def phases(cls) -> tuple[str, ...]:
-        """The phases this plugin overrides (only those are run)."""
-        return tuple(p for p in PHASES if getattr(cls, p) is not getattr(Plugin, p))
+        """The phases this plugin overrides, in either form (only those
+        are run)."""
+        return tuple(
+            p
+            for p in PHASES
+            if getattr(cls, p) is not getattr(Plugin, p) or hasattr(cls, f"{p}_nowait")
+        )
+
+    def phase(self, name: str) -> Callable[..., Any]:
+        """What the gateway calls for phase ``name``: the synchronous form
+        when there is one, else the async method."""
+        nowait: Callable[..., Any] | None = getattr(self, f"{name}_nowait", None)
+        return nowait if nowait is not None else cast("Callable[..., Any]", getattr(self, name))
+
+
+T = TypeVar("T")
+
+
+async def settle(value: T | Awaitable[T]) -> T:
+    """``value``, awaited if it is awaitable: what a synchronous phase form
+    returned, for a test or a wrapper that calls one directly."""
+    if inspect.isawaitable(value):
+        return await value
+    return value

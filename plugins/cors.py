@@ -67,7 +67,7 @@ class Cors(Plugin[CorsConfig]):
             return b"*"
         return origin if origin in self.origins else None
 
-    async def access(self, ctx: Context) -> Response | None:
+    def access_nowait(self, ctx: Context) -> Response | None:
         request = ctx.request
         if request.method != "OPTIONS":
             return None
@@ -90,7 +90,7 @@ class Cors(Plugin[CorsConfig]):
         ctx.state["cors_preflight"] = True
         return Response(204, Headers(raw), content=b"")
 
-    async def response(self, ctx: Context, response: Response) -> None:
+    def response_nowait(self, ctx: Context, response: Response) -> None:
         origin = ctx.request.headers.get_raw(b"origin")
         if origin is None:
             return  # not a CORS request (checked first: most requests stop here)

@@ -65,7 +65,7 @@ class IpRestriction(Plugin[IpRestrictionConfig]):
                 self._cache[client_ip] = verdict
         return verdict
 
-    async def access(self, ctx: Context) -> Response | None:
+    def access_nowait(self, ctx: Context) -> Response | None:
         if not self.allowed(ctx.client_ip):
             raise Forbidden("your IP address is not allowed here")
         return None

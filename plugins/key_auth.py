@@ -7,6 +7,14 @@ The key never reaches the upstream; the upstream gets ``X-Key-ID`` instead
 (the gateway sets it from ``ctx.consumer``, and drops any ``X-Key-ID`` a
 client sends, on every route).
 
+What a route asks of a key is a ``KeyRule``: all of ``scopes``, one of
+``any_scopes``, none of the roles in ``deny_roles`` (403 ``ROLE_DENIED``),
+and a key of ``keyspace`` (a key of another is refused as unknown: 401
+``INVALID_KEY``). Scopes are the key's effective ones: its own (else its
+plan's) plus its roles'. A disabled key, or one whose identity is disabled,
+is 403 ``KEY_DISABLED``. The upstream gets the key's roles in
+``X-Key-Roles`` (comma-separated), and never a client's own.
+
 The plugin only says what to check; the gateway's services (``env.keys``,
 ``env.limiter``) do it. A key's credits and limits are decided in the state
 of its *state key* (the first key of its rotation chain): a rotated key in
@@ -16,13 +24,14 @@ is counted under the key's own id, so each key reports its own requests.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from triogate.errors import MissingKey
-from triogate.plugins.contract import Context, Plugin, PluginEnv, Response
+from triogate.plugins.contract import Consumer, Context, KeyRule, Plugin, PluginEnv, Response
 
 __all__ = ["KeyAuth"]
 
@@ -30,12 +39,36 @@ _AUTHORIZATION = b"authorization"
 _X_API_KEY = b"x-api-key"
 _STRIP = frozenset({_AUTHORIZATION, _X_API_KEY})
 
+Scope = Annotated[str, Meta(min_length=1, max_length=100)]
+RoleName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+
 
 class KeyAuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scopes: Annotated[
         list[Annotated[str, Meta(min_length=1, max_length=100)]],
         Meta(description="scopes the key must grant (all of them); key scopes 'x:*' match 'x:...'"),
     ] = []
+    any_scopes: Annotated[
+        list[Scope],
+        Meta(
+            max_length=100,
+            description="scopes of which the key must grant at least one (with scopes: both)",
+        ),
+    ] = []
+    deny_roles: Annotated[
+        list[RoleName],
+        Meta(
+            max_length=100,
+            description="role names: a key with any of them is refused (403 ROLE_DENIED)",
+        ),
+    ] = []
+    keyspace: Annotated[
+        str | None,
+        Meta(
+            description="accept only keys of this keyspace ([keyspaces.NAME], or default); "
+            "a key of another is 401 INVALID_KEY"
+        ),
+    ] = None
     hide_credentials: Annotated[
         bool, Meta(description="remove the key headers before the request goes upstream")
     ] = True
@@ -63,32 +96,56 @@ class KeyAuth(Plugin[KeyAuthConfig]):
     def __init__(self, config: KeyAuthConfig, env: PluginEnv) -> None:
         super().__init__(config, env)
         self.required = tuple(config.scopes)
+        self.rule = KeyRule(
+            scopes=self.required,
+            any_scopes=tuple(config.any_scopes),
+            deny_roles=frozenset(config.deny_roles),
+            keyspace=config.keyspace,
+        )
+        keyspace = config.keyspace
+        if keyspace is not None and env.keyspaces is not None and keyspace not in env.keyspaces:
+            known = ", ".join(sorted(env.keyspaces))
+            raise ValueError(f"keyspace {keyspace!r} is not configured (configured: {known})")
         self.cost = config.cost
         # Bound once: the hot path calls the gateway's services directly.
+        # Scopes alone: the validator's check_nowait, as any validator has.
+        self._plain = self.rule.plain
         self._check = env.keys.check_nowait
+        # A third party's validator may predate the whole rule: it then
+        # serves routes that ask scopes only.
+        self._authorize: Callable[[str, KeyRule], tuple[Consumer, bool]] | None = getattr(
+            env.keys, "authorize_nowait", None
+        )
+        if self._authorize is None and not self._plain:
+            raise ValueError("the key validator decides scopes only (not any_scopes, ...)")
         self._reindex = env.keys.reindex
         self._admit = env.limiter.admit_key_nowait
         self._record = env.limiter.record_nowait
 
-    async def access(self, ctx: Context) -> Response | None:
+    def access_nowait(self, ctx: Context) -> Awaitable[None] | None:
         headers = ctx.request.headers
         raw_key = _extract(headers.raw)
         if raw_key is None:
             raise MissingKey("send the API key as 'Authorization: Bearer <key>' or 'X-API-Key'")
         key = raw_key.decode("latin-1")
-        consumer, stale = self._check(key, self.required)  # raises the refusal
-        if stale:
-            # Found under an older HMAC secret: move it to the current one
-            # (once per key after a secret rotation).
-            await self._reindex(key, consumer.id)
+        # Raises the refusal.
+        if self._plain:
+            consumer, stale = self._check(key, self.required)
+        else:
+            assert self._authorize is not None  # checked in __init__
+            consumer, stale = self._authorize(key, self.rule)
         ctx.consumer = consumer
         # The key's own limits and credits, all-or-nothing, in the state of
         # its rotation chain.
         self._admit(ctx, consumer, self.cost)
         if self.config.hide_credentials:
             headers.raw = [(k, v) for k, v in headers.raw if k not in _STRIP]
+        if stale:
+            # Found under an older HMAC secret: move it to the current one
+            # (once per key after a secret rotation), the one wait here.
+            return self._reindex(key, consumer.id)
         return None
 
-    async def log(self, ctx: Context, response: Response) -> None:
+    def log_nowait(self, ctx: Context, response: Response) -> None:
         if ctx.consumer is not None:
             self._record(ctx.consumer, response.status)

@@ -76,7 +76,7 @@ class RateLimit(Plugin[RouteLimitConfig]):
         self._ip_prefix = f"ip:{route.name}:"
         self._limit = self._policy(route.name)
 
-    async def access(self, ctx: Context) -> Response | None:
+    def access_nowait(self, ctx: Context) -> Response | None:
         by = self.config.by
         if by == "route":
             self._admit(ctx, self._route_subject, self._limit, self.cost, key=False)

@@ -34,6 +34,6 @@ class RequestId(Plugin[RequestIdConfig]):
         super().__init__(config, env)
         self.header = config.header_name.lower().encode("ascii")
 
-    async def response(self, ctx: Context, response: Response) -> None:
+    def response_nowait(self, ctx: Context, response: Response) -> None:
         response.headers.remove_raw(self.header)
         response.headers.raw.append((self.header, ctx.request_id.encode("ascii")))

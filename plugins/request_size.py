@@ -36,7 +36,7 @@ class RequestSizeLimiting(Plugin[RequestSizeConfig]):
         super().__init__(config, env)
         self.limit = config.allowed_payload_bytes
 
-    async def access(self, ctx: Context) -> Response | None:
+    def access_nowait(self, ctx: Context) -> Response | None:
         body = ctx.request.body
         if body.length is not None:
             if body.length > self.limit:

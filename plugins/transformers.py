@@ -168,7 +168,7 @@ class ResponseTransformer(Plugin[ResponseTransformerConfig]):
     def wants_body(self, ctx: Context, response: Response) -> bool:
         return _is_json(response.headers)
 
-    async def response(self, ctx: Context, response: Response) -> None:
+    def response_nowait(self, ctx: Context, response: Response) -> None:
         _edit_headers(self.config, response.headers)
         if (
             self.json_ops

@@ -48,6 +48,10 @@ T = TypeVar("T")
 class Table(enum.Enum):
     """The named tables. The value is the sub-database name on disk."""
 
+    # Members are singletons: identity hashing, in C. Enum's own __hash__ is
+    # a Python function, and every store read looks its table up in a dict.
+    __hash__ = object.__hash__
+
     KEYS = b"keys"  # key id -> KeyRecord
     KEY_DIGESTS = b"key_digests"  # HMAC digest -> key id
     KEY_OWNERS = b"key_owners"  # owner tag + key id -> b""
@@ -64,6 +68,7 @@ class Table(enum.Enum):
     PLAN_MEMBERS = b"plan_members"  # plan id + 0 + key or identity id -> b""
     ROLES = b"roles"  # role id -> RoleRecord
     ROLE_NAMES = b"role_names"  # role name (utf-8) -> role id
+    ROLE_MEMBERS = b"role_members"  # role name + 0 + key id -> b"" (keys naming it)
 
 
 class ReadTxn(Protocol):

@@ -158,6 +158,10 @@ class PlanRecord(Struct, array_like=True, frozen=True):
     rate_limits: tuple[RateLimit, ...] = ()
     credits: Credits | None = None
     scopes: tuple[str, ...] = ()
+    # Bumped when ``credits`` are set (not by other changes): the members'
+    # balances that follow the plan's credits reset when it changes.
+    credits_version: int = 0
+    credits_set_at: float | None = None
 
 
 class RoleRecord(Struct, array_like=True, frozen=True):

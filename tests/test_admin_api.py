@@ -166,7 +166,9 @@ async def test_create_returns_plaintext_once_and_reads_never_do(
     assert created["scopes"] == ["users:read", "orders:*"]
     assert created["status"] == "active"
     assert created["metadata"] == body["metadata"]
-    assert created["rate_limits"] == [{**r, "algorithm": "gcra"} for r in body["rate_limits"]]
+    assert created["rate_limits"] == [
+        {**r, "algorithm": "gcra", "routes": []} for r in body["rate_limits"]
+    ]
     assert created["credits"] == body["credits"]
     assert created["revoked_at"] is None
     assert created["rotated_to"] is None and created["rotated_from"] is None
@@ -257,7 +259,7 @@ async def test_patch_changes_only_given_fields_and_null_clears(
     assert p["scopes"] == ["b:write", "users:*"]
     assert p["metadata"] == {"v": 2, "tags": ["x"]}
     assert abs(rfc3339_utc(p["expires_at"]) - rfc3339_utc(new_expiry)) < timedelta(milliseconds=1)
-    assert p["rate_limits"] == [{**r, "algorithm": "gcra"} for r in new_limits]
+    assert p["rate_limits"] == [{**r, "algorithm": "gcra", "routes": []} for r in new_limits]
     assert p["credits"] == {"remaining": 50, "refill_amount": 5, "refill_interval_seconds": 60}
     # Untouchable fields stay.
     assert p["owner"] == "carol" and p["id"] == k["id"] and p["status"] == "active"
@@ -277,10 +279,8 @@ async def test_patch_changes_only_given_fields_and_null_clears(
     assert q["metadata"] is None and q["credits"] is not None
     q = await patch({"credits": None})
     assert q["credits"] is None
-    assert q["rate_limits"] == [{**r, "algorithm": "gcra"} for r in new_limits] and q["scopes"] == [
-        "b:write",
-        "users:*",
-    ]
+    assert q["rate_limits"] == [{**r, "algorithm": "gcra", "routes": []} for r in new_limits]
+    assert q["scopes"] == ["b:write", "users:*"]
     q = await patch({"rate_limits": [], "scopes": []})
     assert q["rate_limits"] == [] and q["scopes"] == []
 
@@ -467,7 +467,7 @@ async def test_usage_shape(running: Running, root: Admin) -> None:
     assert u["requests"] == 0
     assert u["last_used_at"] is None
     assert u["credits_remaining"] == 42
-    assert u["rate_limits"] == [{**r, "algorithm": "gcra"} for r in limits]
+    assert u["rate_limits"] == [{**r, "algorithm": "gcra", "routes": []} for r in limits]
     assert_no_secrets(u, k["key"])
 
     # A PATCH of credits sets the balance.
@@ -895,7 +895,60 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
     async def b_reload() -> Request:
         return "POST", "/config/reload", None
 
+    made = iter(range(10_000))
+
+    async def fresh(path: str, body: dict[str, Any]) -> str:
+        r = await c.post(path, json=body, headers=root.headers)
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    async def fresh_identity() -> str:
+        return await fresh("/identities", {"external_id": f"cus_{next(made)}"})
+
+    async def fresh_plan() -> str:
+        return await fresh("/plans", {"name": f"plan{next(made)}"})
+
+    async def fresh_role() -> str:
+        return await fresh("/roles", {"name": f"role{next(made)}", "scopes": ["a:read"]})
+
+    def customer_builders(
+        path: str, make: Callable[[], Awaitable[str]], create: Callable[[], dict[str, Any]]
+    ) -> dict[tuple[str, str], Builder]:
+        async def b_create() -> Request:
+            return "POST", path, create()
+
+        async def b_list() -> Request:
+            return "GET", path, None
+
+        async def b_get() -> Request:
+            return "GET", f"{path}/{await make()}", None
+
+        async def b_patch() -> Request:
+            return "PATCH", f"{path}/{await make()}", {"name": f"n{next(made)}"}
+
+        async def b_delete() -> Request:
+            return "DELETE", f"{path}/{await make()}", None
+
+        return {
+            ("POST", path): b_create,
+            ("GET", path): b_list,
+            ("GET", f"{path}/{{id}}"): b_get,
+            ("PATCH", f"{path}/{{id}}"): b_patch,
+            ("DELETE", f"{path}/{{id}}"): b_delete,
+        }
+
+    async def b_identity_usage() -> Request:
+        return "GET", f"/identities/{await fresh_identity()}/usage", None
+
     builders: dict[tuple[str, str], Builder] = {
+        **customer_builders(
+            "/identities", fresh_identity, lambda: {"external_id": f"cus_{next(made)}"}
+        ),
+        ("GET", "/identities/{id}/usage"): b_identity_usage,
+        **customer_builders("/plans", fresh_plan, lambda: {"name": f"plan{next(made)}"}),
+        **customer_builders(
+            "/roles", fresh_role, lambda: {"name": f"role{next(made)}", "scopes": ["a:read"]}
+        ),
         ("POST", "/keys"): b_create,
         ("GET", "/keys"): b_list,
         ("POST", "/keys/validate"): b_validate,
@@ -942,6 +995,11 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
 
     # Spelled out, independent of grants(): a few rows of the matrix.
     expect = {
+        ("key_viewer", "POST", "/identities"): 403,
+        ("key_viewer", "GET", "/plans"): 200,
+        ("auditor", "GET", "/identities"): 403,
+        ("key_admin", "DELETE", "/plans/{id}"): 200,
+        ("key_admin", "GET", "/identities/{id}/usage"): 200,
         ("key_viewer", "POST", "/keys"): 403,
         ("key_viewer", "GET", "/keys"): 200,
         ("key_viewer", "GET", "/keys/{id}/usage"): 200,

@@ -20,7 +20,7 @@ import httptools
 import pytest
 
 from triogate.dataplane.asgi import GatewayASGI
-from triogate.errors import BadGateway, BadRequest
+from triogate.errors import BadRequest
 from triogate.http import Body, Headers, Response
 from triogate.http.h1client import (
     NOT_FORWARDED,
@@ -393,13 +393,6 @@ def test_response_parser_close_delimited() -> None:
     framed = ResponseParser(skip_body=False)
     framed.parser.feed_data(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsome")
     assert not framed.close_delimited()
-
-
-def test_response_parser_refuses_a_huge_head() -> None:
-    parsed = ResponseParser(skip_body=False)
-    with pytest.raises(httptools.HttpParserError) as info:
-        parsed.parser.feed_data(b"HTTP/1.1 200 OK\r\n" + b"x-big: " + b"a" * 70000 + b"\r\n\r\n")
-    assert isinstance(info.value.__context__, BadGateway)
 
 
 def test_response_parser_refuses_garbage() -> None:

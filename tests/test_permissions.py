@@ -30,7 +30,17 @@ def test_roles() -> None:
     assert all(grants(ROLES["super_admin"], p) for p in PERMISSIONS)
     assert grants(ROLES["key_admin"], "admin:keys:rotate")
     assert not grants(ROLES["key_admin"], "admin:users:create")
-    assert [p for p in PERMISSIONS if grants(ROLES["key_viewer"], p)] == ["admin:keys:read"]
+    # Customers (identities, plans, roles) are managed as keys are.
+    assert [p for p in PERMISSIONS if grants(ROLES["key_viewer"], p)] == [
+        "admin:keys:read",
+        "admin:identities:read",
+        "admin:plans:read",
+        "admin:roles:read",
+    ]
+    for resource in ("identities", "plans", "roles"):
+        for action in ("read", "write"):
+            assert grants(ROLES["key_admin"], f"admin:{resource}:{action}")
+    assert not grants(ROLES["auditor"], "admin:identities:read")
     assert [p for p in PERMISSIONS if grants(ROLES["auditor"], p)] == ["admin:audit:read"]
 
 

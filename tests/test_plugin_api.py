@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import FakeClock
 from triogate.config import RouteConfig
 from triogate.control.audit import Actor
+from triogate.control.keyresolve import KeyResolver
 from triogate.control.models import CreateKeyRequest
 from triogate.dataplane.plugin_services import ActorLimiter, KeyValidation, plugin_env
 from triogate.errors import (
@@ -185,7 +186,7 @@ async def test_key_validation_raises_the_verdict_as_its_error_type(
     memory_gateway: Gateway, clock: FakeClock
 ) -> None:
     gw = memory_gateway
-    keys = KeyValidation(gw.keys)
+    keys = KeyValidation(gw.keys, KeyResolver(gw.store))
     created = await gw.keys.create(
         CreateKeyRequest(
             name="n",

@@ -355,7 +355,7 @@ def test_cli_key_lifecycle(tmp_path: Path) -> None:
         assert k["owner"] == owner and k["status"] == "active"
         assert k["scopes"] == ["users:read", "users:write"]
         assert k["rate_limits"] == [
-            {"name": "burst", "limit": 10, "period_seconds": 1.0, "algorithm": "gcra"}
+            {"name": "burst", "limit": 10, "period_seconds": 1.0, "algorithm": "gcra", "routes": []}
         ]
         ids.append(k["id"])
 
@@ -401,7 +401,7 @@ def test_cli_key_lifecycle(tmp_path: Path) -> None:
     assert new["rotated_from"] == ids[2]
     assert new["owner"] == "alice" and new["scopes"] == ["users:read", "users:write"]
     assert new["rate_limits"] == [
-        {"name": "burst", "limit": 10, "period_seconds": 1.0, "algorithm": "gcra"}
+        {"name": "burst", "limit": 10, "period_seconds": 1.0, "algorithm": "gcra", "routes": []}
     ]
     old = _cli_json("keys", "get", ids[2], "--data-dir", d)
     assert old["status"] == "rotated" and old["rotated_to"] == new["id"]

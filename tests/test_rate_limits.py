@@ -677,7 +677,7 @@ async def test_usage_counts_by_status_class_and_survives_restart(tmp_path: Path)
         assert doc["last_used_at"] is not None
         last_used = datetime.fromisoformat(doc["last_used_at"].replace("Z", "+00:00"))
         assert before.timestamp() - 1 <= last_used.timestamp() <= time.time() + 1
-        assert doc["rate_limits"] == [{**limits[0], "algorithm": "gcra"}]
+        assert doc["rate_limits"] == [{**limits[0], "algorithm": "gcra", "routes": []}]
         record = (await h.admin.get(f"/keys/{key_id}", headers=admin)).json()
         assert record["last_used_at"] == doc["last_used_at"]
 

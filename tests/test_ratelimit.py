@@ -609,3 +609,15 @@ def test_a_sub_second_period_is_advertised_as_its_rate_per_second() -> None:
     decisions, _ = acquire([(fast, LimitState())], 1_800_000_000.0)
     policy = dict(headers_for(decisions))[b"ratelimit-policy"]
     assert policy == b'"fast";q=50;w=1'
+
+
+@pytest.mark.parametrize("count", [7, 10, 49, 50, 64, 100, 999, 1000, 5000])
+@pytest.mark.parametrize("epoch", [0.0, 1.7e9, 1.8e9, 4.0e9])
+def test_gcra_admits_exactly_its_limit_at_epoch_times(count: int, epoch: float) -> None:
+    # tat accumulates count intervals on top of an epoch time: float drift
+    # must not cost the last request (50 per 60 s at ~1.8e9 lost one).
+    limit = Limit("l", count, 60.0)
+    state = LimitState()
+    now = epoch + 0.123
+    admitted = sum(acquire([(limit, state)], now)[1] is not None for _ in range(count + 5))
+    assert admitted == count

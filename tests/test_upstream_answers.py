@@ -132,3 +132,31 @@ async def test_body_broken_after_the_head_cuts_the_client_off(
     async with raw_gateway(tmp_path, *answer) as h:
         with pytest.raises(httpx.RemoteProtocolError):
             await h.client.get("/x")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Many ordinary headers, past the 64 KiB bound (one write: the
+        # kernel buffers it whole before the gateway gives up on it).
+        pytest.param(
+            (b"HTTP/1.1 200 OK\r\n" + (b"X-Filler: " + b"a" * 1000 + b"\r\n") * 70, 30.0),
+            id="many-headers",
+        ),
+        # One endless header line: llhttp never reports it as a header, so
+        # only counting the bytes fed catches it.
+        pytest.param(
+            (b"HTTP/1.1 200 OK\r\nX-Endless: " + b"b" * 81920, 30.0),
+            id="endless-line",
+        ),
+    ],
+)
+async def test_an_oversized_response_head_is_a_bad_gateway(
+    tmp_path: Path, answer: tuple[bytes | float, ...]
+) -> None:
+    # The upstream then holds the connection open: the answer must come from
+    # the bound, not from the upstream closing or the read timeout.
+    async with raw_gateway(tmp_path, *answer) as h:
+        r = await h.client.get("/x")
+        assert r.status_code == 502
+        assert r.json()["code"] == "BAD_GATEWAY"

@@ -8,7 +8,10 @@ from typing import Protocol
 
 from triogate.control.admins import AdminService
 from triogate.control.audit import Actor, AuditLog
+from triogate.control.identities import IdentityService
 from triogate.control.keys import KeyService
+from triogate.control.plans import PlanService
+from triogate.control.roles import RoleService
 from triogate.dataplane.pipeline import Pipeline
 from triogate.telemetry.metrics import Metrics
 
@@ -45,6 +48,12 @@ class AdminBackend(Protocol):
     def keys(self) -> KeyService: ...
     @property
     def admins(self) -> AdminService: ...
+    @property
+    def roles(self) -> RoleService: ...
+    @property
+    def identities(self) -> IdentityService: ...
+    @property
+    def plans(self) -> PlanService: ...
     @property
     def audit(self) -> AuditLog: ...
     @property

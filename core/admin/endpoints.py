@@ -18,6 +18,8 @@ from msgspec import Meta, Struct
 
 from triogate import __version__
 from triogate.admin.backend import AdminBackend, LoadedConfig
+from triogate.admin.customer_endpoints import customer_endpoints
+from triogate.admin.role_endpoints import role_endpoints
 from triogate.control.audit import Actor
 from triogate.control.models import (
     AdminList,
@@ -56,6 +58,7 @@ class KeyListQuery(Struct, forbid_unknown_fields=True):
     cursor: Cursor | None = None
     owner: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     status: Literal["active", "revoked", "rotated", "expired"] | None = None
+    identity_id: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
 
 
 class AuditQuery(Struct, forbid_unknown_fields=True):
@@ -172,7 +175,9 @@ async def create_key(gw: AdminBackend, call: Call) -> Struct:
 
 async def list_keys(gw: AdminBackend, call: Call) -> Struct:
     q: KeyListQuery = call.query
-    return gw.keys.list(limit=q.limit, cursor=q.cursor, owner=q.owner, status=q.status)
+    return gw.keys.list(
+        limit=q.limit, cursor=q.cursor, owner=q.owner, status=q.status, identity_id=q.identity_id
+    )
 
 
 async def get_key(gw: AdminBackend, call: Call) -> Struct:
@@ -455,4 +460,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         content_type="text/plain",
         tags=("system",),
     ),
+    *role_endpoints(Endpoint),
+    *customer_endpoints(Endpoint),
 )

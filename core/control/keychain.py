@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import msgspec
 
+from triogate.control.keyfields import index_key
 from triogate.control.keyrules import effective_status
 from triogate.storage import Credits, KeyRecord, ReadTxn, Table, UsageRecord, WriteTxn, codec
 
@@ -38,6 +39,7 @@ __all__ = [
     "MAX_CHAIN",
     "LiveBalance",
     "chain",
+    "customer_fields",
     "joined_state",
     "live_credits",
     "share_settings",
@@ -67,6 +69,18 @@ def usage_and_state(txn: ReadTxn, record: KeyRecord) -> tuple[UsageRecord, Usage
     if record.state_key == record.id:
         return own, own
     return own, stored_usage(txn, record.state_key)
+
+
+def customer_fields(old: KeyRecord) -> dict[str, Any]:
+    """What a rotation's new key keeps of ``old`` besides its state: its
+    customer, plan, roles, keyspace and whether it is enabled."""
+    return {
+        "identity_id": old.identity_id,
+        "plan_id": old.plan_id,
+        "enabled": old.enabled,
+        "roles": old.roles,
+        "keyspace": old.keyspace,
+    }
 
 
 def joined_state(old: KeyRecord) -> dict[str, Any]:
@@ -125,9 +139,10 @@ def chain(txn: ReadTxn, record: KeyRecord) -> list[KeyRecord]:
 
 def sweep(txn: WriteTxn, now: float) -> tuple[list[str], list[str]]:
     """Mark active keys past expiry ``expired`` and delete rotated keys past
-    their grace, with their indexes and usage: the ids of both. A purged
-    chain's first key keeps its usage record while a successor remains: it
-    holds the balance and limiter state they still spend."""
+    their grace, with their indexes (the customer ones too) and usage: the
+    ids of both. A purged chain's first key keeps its usage record while a
+    successor remains: it holds the balance and limiter state they still
+    spend."""
     expired: list[KeyRecord] = []
     purged: list[KeyRecord] = []
     states_in_use: set[str] = set()
@@ -149,6 +164,7 @@ def sweep(txn: WriteTxn, now: float) -> tuple[list[str], list[str]]:
         txn.delete(Table.KEYS, kid)
         txn.delete(Table.KEY_DIGESTS, record.digest)
         txn.delete(Table.KEY_OWNERS, record.owner_tag + kid)
+        index_key(txn, record, None)
         if record.id not in states_in_use:
             txn.delete(Table.USAGE, kid)
     return [r.id for r in expired], [r.id for r in purged]

@@ -6,6 +6,12 @@
 The checksum lets the gateway refuse a mistyped, truncated or made-up key
 without touching storage (and lets secret scanners recognise leaked keys). It
 is not a security feature: the HMAC digest lookup is.
+
+Keyspaces (config ``[keyspaces.NAME]``, ``[keys] prefix`` being ``default``)
+give several prefixes to one gateway: ``Keyspaces`` holds one ``KeyFormat``
+per keyspace. A prefix has exactly one ``_``, at its end, so a key's prefix
+is everything up to its first ``_``: one ``find`` and one dict lookup pick
+the only format that can accept it, before any checksum or HMAC.
 """
 
 from __future__ import annotations
@@ -13,14 +19,19 @@ from __future__ import annotations
 import re
 import secrets
 import zlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
-__all__ = ["BODY_LENGTH", "CHECKSUM_LENGTH", "KeyFormat"]
+from triogate.errors import ValidationError
+
+__all__ = ["BODY_LENGTH", "CHECKSUM_LENGTH", "DEFAULT_KEYSPACE", "KeyFormat", "Keyspaces"]
 
 _B62: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 BODY_LENGTH: Final = 43  # 62**43 > 2**256
 CHECKSUM_LENGTH: Final = 6  # 62**6 > 2**32
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,15}_$")
+_MAX_PREFIX: Final = 17  # 16 characters and the "_"
+DEFAULT_KEYSPACE: Final = "default"  # the config's too (``triogate.config``)
 
 
 def _b62(value: int, length: int) -> str:
@@ -77,3 +88,102 @@ class KeyFormat:
     def start(self, key: str) -> str:
         """A short, non-secret hint that lets people tell their keys apart."""
         return key[: len(self.prefix) + 4]
+
+
+class Keyspaces:
+    """The key formats of every configured keyspace, by name. Pure and
+    immutable: a reload makes a new one (``KeyService.format`` is swapped).
+
+    Where one ``KeyFormat`` was used, this is a drop-in: ``generate``
+    (in ``default`` unless told), ``is_well_formed`` (any keyspace) and
+    ``start``. A key of a keyspace no longer configured is malformed."""
+
+    __slots__ = ("_by_name", "_by_prefix", "is_well_formed")
+
+    #: Whether ``key`` is well formed in *some* configured keyspace. With one
+    #: keyspace this is that format's own method: no extra cost at all.
+    is_well_formed: Callable[[str], bool]
+
+    def __init__(self, prefixes: Mapping[str, str]) -> None:
+        """``prefixes``: keyspace name -> prefix; must name ``default``.
+        Raises ValueError for a bad prefix, or one starting another."""
+        if DEFAULT_KEYSPACE not in prefixes:
+            raise ValueError("the keyspace 'default' has no prefix")
+        self._by_name = {name: KeyFormat(prefix) for name, prefix in prefixes.items()}
+        self._by_prefix: dict[str, tuple[str, KeyFormat]] = {}
+        for name, fmt in self._by_name.items():
+            for other, (other_name, _) in self._by_prefix.items():
+                if other.startswith(fmt.prefix) or fmt.prefix.startswith(other):
+                    raise ValueError(
+                        f"keyspaces {other_name!r} and {name!r}: prefixes "
+                        f"{other!r} and {fmt.prefix!r} overlap"
+                    )
+            self._by_prefix[fmt.prefix] = (name, fmt)
+        if len(self._by_name) == 1:
+            self.is_well_formed = self._by_name[DEFAULT_KEYSPACE].is_well_formed
+        else:
+            self.is_well_formed = self._any_well_formed
+
+    @classmethod
+    def single(cls, prefix: str) -> Keyspaces:
+        """Just the ``default`` keyspace, with ``prefix``."""
+        return cls({DEFAULT_KEYSPACE: prefix})
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={f.prefix!r}" for n, f in self._by_name.items())
+        return f"Keyspaces({inner})"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    @property
+    def prefixes(self) -> dict[str, str]:
+        """Keyspace name -> prefix (a copy)."""
+        return {name: fmt.prefix for name, fmt in self._by_name.items()}
+
+    def format(self, keyspace: str = DEFAULT_KEYSPACE) -> KeyFormat:
+        """The format of ``keyspace``; KeyError when it is not configured."""
+        return self._by_name[keyspace]
+
+    def prefix(self, keyspace: str = DEFAULT_KEYSPACE) -> str:
+        """The prefix of ``keyspace``; KeyError when it is not configured."""
+        return self._by_name[keyspace].prefix
+
+    def require(self, keyspace: str, field: str = "keyspace") -> KeyFormat:
+        """The format of ``keyspace``, or a 400 on ``field`` naming the
+        configured ones (the admin API's answer to an unknown keyspace)."""
+        fmt = self._by_name.get(keyspace)
+        if fmt is None:
+            known = ", ".join(sorted(self._by_name))
+            raise ValidationError.single(
+                field, f"unknown keyspace {keyspace[:64]!r}; configured: {known}"
+            )
+        return fmt
+
+    def generate(self, keyspace: str = DEFAULT_KEYSPACE) -> str:
+        """A new key in ``keyspace`` (KeyError when it is not configured)."""
+        return self._by_name[keyspace].generate()
+
+    def keyspace_of(self, key: str) -> str | None:
+        """The keyspace ``key`` is well formed in, or None (malformed, or of
+        a keyspace not configured)."""
+        found = self._by_prefix.get(key[: key.find("_", 1, _MAX_PREFIX) + 1])
+        if found is None or not found[1].is_well_formed(key):
+            return None
+        return found[0]
+
+    def _any_well_formed(self, key: str) -> bool:
+        # find() is -1 without a "_": the slice is then "" (no such prefix).
+        found = self._by_prefix.get(key[: key.find("_", 1, _MAX_PREFIX) + 1])
+        return found is not None and found[1].is_well_formed(key)
+
+    def start(self, key: str) -> str:
+        """``KeyFormat.start`` under the key's own prefix (the prefix and
+        four characters), whichever keyspace it is of."""
+        return key[: key.find("_", 1, _MAX_PREFIX) + 5]

@@ -1,6 +1,15 @@
 """What a key's record says about using it now: pure decisions over stored
 records (no I/O but the digest lookup), shared by the key service, the
-admin keys and the rotation chains."""
+admin keys, the rotation chains, the data plane's key-auth and the admin
+API's ``POST /keys/validate``.
+
+Precedence of refusals (``access_decision``): another keyspace than the
+route's is ``INVALID_KEY`` (as if unknown: a route tells nothing about keys
+it does not take); then revoked, rotated past its grace, expired (401s,
+which win over disabled); then disabled, the key or its identity (403
+``KEY_DISABLED``); then a denied role (403 ``ROLE_DENIED``); then scopes,
+all of ``scopes`` and one of ``any_scopes`` (403 ``INSUFFICIENT_SCOPE``).
+Scopes are the key's *effective* ones (``control.effective``)."""
 
 from __future__ import annotations
 
@@ -10,15 +19,25 @@ from typing import Final
 from triogate.control.crypto import ServerSecrets
 from triogate.control.permissions import scopes_missing
 from triogate.errors import KeyVerdict
+from triogate.policy.keyaccess import KeyRule
 from triogate.storage import KeyRecord, Store, Table
 
-__all__ = ["effective_status", "find_by_digest", "key_decision"]
+__all__ = [
+    "access_decision",
+    "effective_status",
+    "find_by_digest",
+    "key_decision",
+    "scopes_refused",
+]
 
 # Bound once: the refusals below are module constants, not enum look-ups.
 _REVOKED: Final = KeyVerdict.KEY_REVOKED
 _ROTATED: Final = KeyVerdict.KEY_ROTATED
 _EXPIRED: Final = KeyVerdict.KEY_EXPIRED
 _SCOPE: Final = KeyVerdict.INSUFFICIENT_SCOPE
+_DISABLED: Final = KeyVerdict.KEY_DISABLED
+_ROLE_DENIED: Final = KeyVerdict.ROLE_DENIED
+_INVALID: Final = KeyVerdict.INVALID_KEY
 
 
 def find_by_digest(
@@ -55,7 +74,9 @@ def key_decision(
     record: KeyRecord, now: float, required_scopes: Sequence[str] = ()
 ) -> KeyVerdict | None:
     """None if the key may be used now for ``required_scopes``, else why not.
-    Precedence: revoked, rotated past grace, expired, scopes."""
+    Precedence: revoked, rotated past grace, expired, disabled, scopes (the
+    key's own: a key with a plan, an identity or roles goes through
+    ``access_decision`` with its effective scopes)."""
     status = record.status
     if status == "revoked":
         return _REVOKED
@@ -63,6 +84,53 @@ def key_decision(
         return _ROTATED
     if status == "expired" or (record.expires_at is not None and now >= record.expires_at):
         return _EXPIRED
+    if not record.enabled:
+        return _DISABLED
     if required_scopes and scopes_missing(record.scopes, required_scopes):
         return _SCOPE
     return None
+
+
+def access_decision(
+    record: KeyRecord,
+    now: float,
+    rule: KeyRule,
+    *,
+    scopes: Sequence[str],
+    identity_enabled: bool = True,
+    refused: Sequence[str] | None = None,
+) -> KeyVerdict | None:
+    """None if the key may be used now on a route asking ``rule``, else why
+    not (the module docstring's precedence). ``scopes`` are the key's
+    effective scopes; ``identity_enabled`` is False when the key's identity
+    is disabled; ``refused`` is ``scopes_refused(scopes, rule)`` if the
+    caller knows it already. Roles are denied by the names the key carries."""
+    keyspace = rule.keyspace
+    if keyspace is not None and record.keyspace != keyspace:
+        return _INVALID
+    verdict = key_decision(record, now)
+    if verdict is not None:
+        return verdict
+    if not identity_enabled:
+        return _DISABLED
+    if rule.deny_roles and record.roles and not rule.deny_roles.isdisjoint(record.roles):
+        return _ROLE_DENIED
+    if refused is None:
+        refused = scopes_refused(scopes, rule)
+    if refused:
+        return _SCOPE
+    return None
+
+
+def scopes_refused(scopes: Sequence[str], rule: KeyRule) -> list[str]:
+    """What the refusal names when ``scopes`` do not satisfy ``rule``: the
+    missing ones of ``scopes``, else (none of ``any_scopes`` is granted)
+    every one of ``any_scopes``; empty when the scopes satisfy the rule."""
+    if rule.scopes:
+        missing = scopes_missing(scopes, rule.scopes)
+        if missing:
+            return missing
+    any_scopes = rule.any_scopes
+    if any_scopes and len(scopes_missing(scopes, any_scopes)) == len(any_scopes):
+        return list(any_scopes)
+    return []

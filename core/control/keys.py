@@ -1,13 +1,14 @@
-"""The API-key lifecycle: create, read, list, update, revoke, rotate, validate,
-clean up.
+"""The API-key lifecycle: create, update, revoke, rotate, validate, clean up
+(reading, listing and usage are ``keyviews.KeyReads``, its read half).
 
 Theory of operation
 -------------------
-A key is ``prefix + 256 random bits + checksum`` (``keyformat``). Its plaintext
-exists only in the response that creates it: storage keeps an HMAC-SHA256
-digest (indexed, for lookup), a short non-secret ``start`` hint, and the
-sensitive fields (owner, metadata) sealed with AES-GCM. Listing by owner goes
-through a keyed blind index of the owner, never the plaintext owner.
+A key is ``prefix + 256 random bits + checksum`` (``keyformat``), the prefix
+of its keyspace. Its plaintext exists only in the response that creates it:
+storage keeps an HMAC-SHA256 digest (indexed, for lookup), a short
+non-secret ``start`` hint, and the sensitive fields (owner, metadata) sealed
+with AES-GCM. Listing by owner goes through a keyed blind index of the
+owner, never the plaintext owner.
 
 Validation (the hot path) is synchronous: checksum, digest, two LMDB gets,
 one msgpack decode and the pure ``key_decision`` (a ``KeyVerdict`` or None);
@@ -17,18 +18,20 @@ version another process added: ``find_by_digest`` picks that up.
 
 Every mutation is one storage write function that re-reads the record inside
 the transaction, decides, writes the record, its indexes and the audit entry
-together: a check-then-act race between two admins cannot happen.
+together: a check-then-act race between two admins cannot happen. The ids a
+key names (identity, plan, roles) are checked in that same write
+(``keyfields``): an identity deleted at the same moment cannot be missed.
 
 A rotation moves nothing: the new key shares the old one's credit balance and
-limiter state through a state key (``keychain``), during the grace and after.
+limiter state through a state key (``keychain``), during the grace and after,
+and keeps its identity, plan, roles, keyspace and ``enabled``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import hmac
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -37,173 +40,46 @@ from msgspec import UNSET
 
 from triogate.control import keychain
 from triogate.control.audit import Actor, append_audit
-from triogate.control.crypto import ServerSecrets
-from triogate.control.ids import is_valid_id, new_id
-from triogate.control.keychain import LiveBalance, live_credits, usage_and_state
-from triogate.control.keyformat import KeyFormat
-from triogate.control.keyrules import effective_status, find_by_digest, key_decision
+from triogate.control.ids import new_id
+from triogate.control.keyfields import (
+    identity_disabled,
+    index_key,
+    key_effective,
+    reference_errors,
+    revoke_record,
+)
+from triogate.control.keyrules import (
+    access_decision,
+    effective_status,
+    find_by_digest,
+    scopes_refused,
+)
+from triogate.control.keyrules import key_decision as key_decision
+from triogate.control.keyviews import OWNER_TAG, KeyReads
 from triogate.control.models import (
     CreatedKey,
     CreateKeyRequest,
-    KeyPage,
     KeyView,
     RevokeResult,
     RotatedOld,
     RotateKeyRequest,
     RotateResult,
     UpdateKeyRequest,
-    UsageView,
     ValidateResult,
 )
-from triogate.control.paging import decode_cursor, take_page
-from triogate.control.permissions import scopes_missing
-from triogate.control.timeutil import Clock, epoch, system_clock, utc, utc_required
-from triogate.errors import Conflict, KeyVerdict, NotFound, StorageFull, ValidationError
-from triogate.storage import KeyRecord, ReadTxn, Store, Table, WriteTxn, codec
+from triogate.control.timeutil import epoch, utc, utc_required
+from triogate.errors import Conflict, KeyVerdict, StorageFull, ValidationError
+from triogate.policy.keyaccess import KeyRule
+from triogate.storage import KeyRecord, Table, WriteTxn, codec
 
 __all__ = ["KeyService", "effective_status", "find_by_digest", "key_decision"]
 
-_sealed_encoder = msgspec.msgpack.Encoder()
-_sealed_decoder = msgspec.msgpack.Decoder(tuple[str, dict[str, Any] | None])
-_OWNER_TAG = "owner"
 _INVALID = KeyVerdict.INVALID_KEY
 
 
-class KeyService:
-    def __init__(
-        self,
-        store: Store,
-        secrets: ServerSecrets,
-        *,
-        prefix: str = "tg_",
-        clock: Clock = system_clock,
-    ) -> None:
-        self._store = store
-        self._secrets = secrets
-        self._clock = clock
-        self.format = KeyFormat(prefix)
-        # The actors' in-memory balances (set by the gateway that runs
-        # them): views show the balance being spent, not the last flush.
-        self.live_balance: LiveBalance | None = None
-
+class KeyService(KeyReads):
     def __repr__(self) -> str:
         return f"<KeyService {self.format!r} store={self._store!r}>"
-
-    # ---- sealing ----------------------------------------------------------
-
-    def _seal(self, key_id: str, owner: str, metadata: dict[str, Any] | None) -> bytes:
-        return self._secrets.sealer.seal(_sealed_encoder.encode((owner, metadata)), key_id.encode())
-
-    def _unseal(self, record: KeyRecord) -> tuple[str, dict[str, Any] | None]:
-        owner, metadata = _sealed_decoder.decode(
-            self._secrets.sealer.open(record.sealed, record.id.encode())
-        )
-        return owner, metadata
-
-    # ---- reading ----------------------------------------------------------
-
-    @staticmethod
-    def _load(txn: ReadTxn, key_id: str) -> KeyRecord:
-        if not is_valid_id(key_id, "key"):
-            raise ValidationError.single("id", "not a key id")
-        raw = txn.get(Table.KEYS, key_id.encode())
-        if raw is None:
-            raise NotFound(f"no key {key_id}")
-        return codec.key.decode(raw)
-
-    def _view(self, record: KeyRecord, txn: ReadTxn, now: float) -> KeyView:
-        owner, metadata = self._unseal(record)
-        usage, state = usage_and_state(txn, record)
-        return KeyView(
-            id=record.id,
-            name=record.name,
-            owner=owner,
-            start=record.start,
-            scopes=list(record.scopes),
-            status=effective_status(record, now),  # type: ignore[arg-type]
-            created_at=utc_required(record.created_at),
-            updated_at=utc_required(record.updated_at),
-            expires_at=utc(record.expires_at),
-            revoked_at=utc(record.revoked_at),
-            rotated_to=record.rotated_to,
-            rotated_from=record.rotated_from,
-            grace_ends_at=utc(record.grace_ends_at),
-            last_used_at=utc(usage.last_used_at),
-            metadata=metadata,
-            rate_limits=list(record.rate_limits),
-            credits=live_credits(record, state, self.live_balance),
-        )
-
-    def get(self, key_id: str) -> KeyView:
-        with self._store.read() as txn:
-            return self._view(self._load(txn, key_id), txn, self._clock())
-
-    def list(
-        self,
-        *,
-        limit: int,
-        cursor: str | None = None,
-        owner: str | None = None,
-        status: str | None = None,
-    ) -> KeyPage:
-        after = decode_cursor(cursor, "key")
-        now = self._clock()
-
-        def keep(r: KeyRecord) -> bool:
-            return status is None or effective_status(r, now) == status
-
-        with self._store.read() as txn:
-            ids = (
-                self._ids_by_owner(txn, owner, after)
-                if owner is not None
-                else (k for k, _ in txn.scan(Table.KEYS, after=after, reverse=True))
-            )
-            rows = self._records(txn, ids)
-            items, next_cursor = take_page(
-                rows, limit=limit, keep=keep, view=lambda r: self._view(r, txn, now)
-            )
-        return KeyPage(items=items, next_cursor=next_cursor)
-
-    def _ids_by_owner(self, txn: ReadTxn, owner: str, after: bytes | None) -> Iterator[bytes]:
-        # One index prefix per HMAC version that may have tagged a record;
-        # merged newest first (ids are time-ordered), each id once.
-        streams = []
-        for version in self._secrets.hmac.versions:
-            tag = self._secrets.hmac.tag(_OWNER_TAG, owner, version)
-            scan = txn.scan(
-                Table.KEY_OWNERS,
-                prefix=tag,
-                after=None if after is None else tag + after,
-                reverse=True,
-            )
-            streams.append(k[len(tag) :] for k, _ in scan)
-        previous = None
-        for key_id in heapq.merge(*streams, reverse=True):
-            if key_id != previous:
-                yield key_id
-            previous = key_id
-
-    @staticmethod
-    def _records(txn: ReadTxn, ids: Iterable[bytes]) -> Iterator[tuple[str, KeyRecord]]:
-        for key_id in ids:
-            raw = txn.get(Table.KEYS, key_id)
-            if raw is not None:
-                yield key_id.decode(), codec.key.decode(raw)
-
-    def usage(self, key_id: str) -> UsageView:
-        with self._store.read() as txn:
-            record = self._load(txn, key_id)
-            usage, state = usage_and_state(txn, record)
-        classes = {f"{i + 1}xx": n for i, n in enumerate(usage.by_class)}
-        credits = live_credits(record, state, self.live_balance)
-        return UsageView(
-            key_id=key_id,
-            requests=usage.requests,
-            last_used_at=utc(usage.last_used_at),
-            by_status_class=classes,
-            credits_remaining=None if credits is None else credits.remaining,
-            rate_limits=list(record.rate_limits),
-        )
 
     # ---- validation (hot path) --------------------------------------------
 
@@ -236,23 +112,32 @@ class KeyService:
         return record, key_decision(record, self._clock(), required_scopes), stale
 
     async def validate(self, plaintext: str, required_scopes: Sequence[str] = ()) -> ValidateResult:
-        record, verdict, stale = self.validate_nowait(plaintext, required_scopes)
+        record, stale = self.lookup_nowait(plaintext)
         if record is None:
-            return ValidateResult(valid=False, code=verdict)
+            return ValidateResult(valid=False, code=_INVALID)
         if stale:
             await self.reindex(plaintext, record.id)
+        # As the data plane decides: effective scopes (plan, roles), and a
+        # disabled key or identity refused (401s first, then 403s).
+        with self._store.read() as txn:
+            scopes = key_effective(txn, record).scopes
+            identity_enabled = not identity_disabled(txn, record)
+        rule = KeyRule(scopes=tuple(required_scopes))
+        verdict = access_decision(
+            record, self._clock(), rule, scopes=scopes, identity_enabled=identity_enabled
+        )
         owner, _ = self._unseal(record)
         result = ValidateResult(
             valid=verdict is None,
             code=verdict,
             key_id=record.id,
             owner=owner,
-            scopes=list(record.scopes),
+            scopes=list(scopes),
             expires_at=utc(record.expires_at),
             grace_ends_at=utc(record.grace_ends_at),
         )
         if verdict is KeyVerdict.INSUFFICIENT_SCOPE:
-            result.required_scopes = scopes_missing(record.scopes, required_scopes)
+            result.required_scopes = scopes_refused(scopes, rule)
         return result
 
     async def reindex(self, plaintext: str, key_id: str) -> None:
@@ -291,7 +176,9 @@ class KeyService:
         rate_limits: Iterable[Any],
         credits: Any,
         rotated_from: str | None = None,
+        **customer: Any,
     ) -> KeyRecord:
+        """``customer``: identity_id, plan_id, enabled, roles, keyspace."""
         keyring = self._secrets.hmac
         return KeyRecord(
             id=key_id,
@@ -300,7 +187,7 @@ class KeyService:
             start=self.format.start(plaintext),
             name=name,
             sealed=self._seal(key_id, owner, metadata),
-            owner_tag=keyring.tag(_OWNER_TAG, owner),
+            owner_tag=keyring.tag(OWNER_TAG, owner),
             owner_tag_version=keyring.current,
             scopes=tuple(dict.fromkeys(scopes)),
             status="active",
@@ -311,6 +198,7 @@ class KeyService:
             rate_limits=tuple(rate_limits),
             credits=credits,
             credits_set_at=now if credits is not None else None,
+            **customer,
         )
 
     @staticmethod
@@ -319,6 +207,7 @@ class KeyService:
         txn.put(Table.KEYS, kid, codec.encode(record))
         txn.put(Table.KEY_DIGESTS, record.digest, kid)
         txn.put(Table.KEY_OWNERS, record.owner_tag + kid, b"")
+        index_key(txn, None, record)
 
     def _created(self, record: KeyRecord, plaintext: str, now: float) -> CreatedKey:
         with self._store.read() as txn:
@@ -330,7 +219,7 @@ class KeyService:
         expires_at = epoch(req.expires_at)
         if expires_at is not None and expires_at <= now:
             raise ValidationError.single("expires_at", "must be in the future")
-        plaintext = self.format.generate()
+        plaintext = self.format.require(req.keyspace).generate()
         record = self._new_record(
             plaintext=plaintext,
             key_id=new_id("key", now),
@@ -342,17 +231,34 @@ class KeyService:
             expires_at=expires_at,
             rate_limits=req.rate_limits,
             credits=req.credits,
+            identity_id=req.identity_id,
+            plan_id=req.plan_id,
+            enabled=req.enabled,
+            roles=tuple(dict.fromkeys(req.roles)),
+            keyspace=req.keyspace,
         )
 
         def fn(txn: WriteTxn) -> None:
+            errors = reference_errors(
+                txn, identity_id=req.identity_id, plan_id=req.plan_id, roles=req.roles
+            )
+            if errors:
+                raise ValidationError(errors)
             self._put_new(txn, record)
+            details: dict[str, Any] = {"name": record.name, "scopes": list(record.scopes)}
+            for field in ("identity_id", "plan_id", "roles", "keyspace"):
+                value = getattr(record, field)
+                if value and value != "default":
+                    details[field] = list(value) if isinstance(value, tuple) else value
+            if not record.enabled:
+                details["enabled"] = False
             append_audit(
                 txn,
                 actor=actor,
                 action="key.create",
                 target_id=record.id,
                 now=now,
-                details={"name": record.name, "scopes": list(record.scopes)},
+                details=details,
             )
 
         await self._store.write(fn)
@@ -366,6 +272,14 @@ class KeyService:
 
         def fn(txn: WriteTxn) -> KeyRecord:
             record = self._load(txn, key_id)
+            errors = reference_errors(
+                txn,
+                identity_id=None if req.identity_id is UNSET else req.identity_id,
+                plan_id=None if req.plan_id is UNSET else req.plan_id,
+                roles=() if req.roles is UNSET else req.roles,
+            )
+            if errors:
+                raise ValidationError(errors)
             changes: dict[str, Any] = {"updated_at": now}
             shared: dict[str, Any] = {}
             # Credits and limits govern the state a rotation chain shares:
@@ -381,6 +295,14 @@ class KeyService:
                 changes["scopes"] = tuple(dict.fromkeys(req.scopes))
             if req.expires_at is not UNSET:
                 changes["expires_at"] = epoch(req.expires_at)
+            if req.identity_id is not UNSET:
+                changes["identity_id"] = req.identity_id
+            if req.plan_id is not UNSET:
+                changes["plan_id"] = req.plan_id
+            if req.enabled is not UNSET:
+                changes["enabled"] = req.enabled
+            if req.roles is not UNSET:
+                changes["roles"] = tuple(dict.fromkeys(req.roles))
             if req.rate_limits is not UNSET:
                 shared["rate_limits"] = tuple(req.rate_limits)
             if req.credits is not UNSET:
@@ -394,10 +316,15 @@ class KeyService:
                 changes["sealed"] = self._seal(key_id, owner, req.metadata)
             updated = msgspec.structs.replace(record, **changes, **shared)
             txn.put(Table.KEYS, key_id.encode(), codec.encode(updated))
+            index_key(txn, record, updated)
             others = keychain.share_settings(txn, members, key_id, shared, now)
             details: dict[str, Any] = {"fields": changed}
             if others:
                 details["shared_with"] = others
+            if updated.identity_id != record.identity_id:
+                details["identity_id"] = {"from": record.identity_id, "to": updated.identity_id}
+            if updated.plan_id != record.plan_id:
+                details["plan_id"] = {"from": record.plan_id, "to": updated.plan_id}
             append_audit(
                 txn,
                 actor=actor,
@@ -406,6 +333,14 @@ class KeyService:
                 now=now,
                 details=details,
             )
+            if updated.enabled != record.enabled:
+                append_audit(
+                    txn,
+                    actor=actor,
+                    action="key.enable" if updated.enabled else "key.disable",
+                    target_id=key_id,
+                    now=now,
+                )
             return updated
 
         updated = await self._store.write(fn)
@@ -419,20 +354,18 @@ class KeyService:
             record = self._load(txn, key_id)
             if record.status == "revoked":
                 raise Conflict(f"key {key_id} is already revoked")
-            updated = msgspec.structs.replace(
-                record, status="revoked", revoked_at=now, updated_at=now
-            )
-            txn.put(Table.KEYS, key_id.encode(), codec.encode(updated))
-            append_audit(txn, actor=actor, action="key.revoke", target_id=key_id, now=now)
+            revoke_record(txn, record, now=now, actor=actor)
 
         await self._store.write(fn)
         return RevokeResult(id=key_id, status="revoked", revoked_at=utc_required(now))
 
     async def rotate(self, key_id: str, req: RotateKeyRequest, actor: Actor) -> RotateResult:
         now = self._clock()
-        plaintext = self.format.generate()
         new_key_id = new_id("key", now)
         grace_ends_at = now + req.grace_seconds
+        with self._store.read() as txn:
+            keyspace = self._load(txn, key_id).keyspace  # immutable: read ahead
+        plaintext = self.format.require(keyspace).generate()
 
         def fn(txn: WriteTxn) -> KeyRecord:
             old = self._load(txn, key_id)
@@ -452,6 +385,7 @@ class KeyService:
                 rate_limits=old.rate_limits,
                 credits=old.credits,
                 rotated_from=key_id,
+                **keychain.customer_fields(old),
             )
             # Nothing moves: the new key joins the old one's state.
             new = msgspec.structs.replace(new, **keychain.joined_state(old))
@@ -464,6 +398,7 @@ class KeyService:
                 updated_at=now,
             )
             txn.put(Table.KEYS, key_id.encode(), codec.encode(rotated))
+            index_key(txn, old, rotated)
             append_audit(
                 txn,
                 actor=actor,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from triogate.control.effective import EffectiveKey
 from triogate.storage import Credits, RateLimit
 from triogate.validation import Rule
 
@@ -140,6 +141,22 @@ Permission = Annotated[
     Meta(pattern=r"^(\*|admin:\*|admin:[a-z]+:(\*|[a-z]+))$", description="e.g. admin:keys:read"),
 ]
 KeyStatus = Literal["active", "revoked", "rotated", "expired"]
+IdentityId = Annotated[str, Meta(min_length=1, max_length=64, description="an identity id (idn_…)")]
+PlanId = Annotated[str, Meta(min_length=1, max_length=64, description="a plan id (pln_…)")]
+RoleName = Annotated[
+    str, Meta(min_length=1, max_length=64, description="a role's name (POST /roles)")
+]
+RoleNames = Annotated[
+    list[RoleName], Meta(max_length=50, description="role names; each must exist")
+]
+KeyspaceName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        description="a keyspace of the config ([keyspaces.NAME]); default: default",
+    ),
+]
 
 
 # ---- requests -------------------------------------------------------------
@@ -153,6 +170,11 @@ class CreateKeyRequest(Struct, forbid_unknown_fields=True):
     metadata: Metadata | None = None
     rate_limits: RateLimits = []
     credits: CreditsSpec | None = None
+    identity_id: IdentityId | None = None
+    plan_id: PlanId | None = None
+    enabled: bool = True
+    roles: RoleNames = []
+    keyspace: KeyspaceName = "default"
 
 
 class UpdateKeyRequest(Struct, forbid_unknown_fields=True):
@@ -164,6 +186,10 @@ class UpdateKeyRequest(Struct, forbid_unknown_fields=True):
     expires_at: Expiry | UnsetType | None = UNSET
     rate_limits: RateLimits | UnsetType = UNSET
     credits: CreditsSpec | UnsetType | None = UNSET
+    identity_id: IdentityId | UnsetType | None = UNSET
+    plan_id: PlanId | UnsetType | None = UNSET
+    enabled: bool | UnsetType = UNSET
+    roles: RoleNames | UnsetType = UNSET
 
 
 class RotateKeyRequest(Struct, forbid_unknown_fields=True):
@@ -219,6 +245,13 @@ class KeyView(Struct):
     metadata: dict[str, Any] | None
     rate_limits: list[RateLimit]
     credits: Credits | None
+    identity_id: str | None
+    plan_id: str | None
+    enabled: bool
+    roles: list[str]
+    keyspace: str
+    # The settings in force after the plan and roles (docs/identities.md).
+    effective: EffectiveKey
 
 
 class CreatedKey(KeyView):

@@ -35,6 +35,17 @@ state of the key's own limits, so a restart does not hand out a fresh burst.
 Usage counters are flushed as *deltas* added to what is stored, so several
 processes may count the same key. A key made by a rotation has its balance
 and limiter state in its state key's record, and only its counters in its own.
+
+Several actors' limits are decided together, all-or-nothing, by
+``ActorRegistry.acquire`` (a key's own limits with its identity's pool);
+``ActorRegistry.release`` gives such a reservation back.
+
+With ``server.workers > 1`` every decision (limits and credits) is made in
+``sharedlimits``: a table in a separate LMDB environment that all workers
+write, one write transaction per decision, so a key's limits and balance
+are exact whichever worker a connection lands on. The actors keep their
+counters and their persistence; the shared table is only the state a
+decision reads and writes.
 """
 
 from __future__ import annotations
@@ -47,9 +58,10 @@ import msgspec
 import trio
 
 from triogate.dataplane.keyactor import ActorSnapshot, Admission, KeyActor, Refusal
+from triogate.dataplane.sharedlimits import SharedLimits
 from triogate.dataplane.usageflush import merge_usage
 from triogate.errors import StorageFull
-from triogate.policy.ratelimit import Limit
+from triogate.policy.ratelimit import Decision, Limit, Reservation, acquire, release
 from triogate.storage import Store, Table, WriteTxn, codec
 
 __all__ = [
@@ -102,27 +114,49 @@ class ActorRegistry:
         self._flush_lock = trio.Lock()
         self.worker = 0
         self.workers = 1
-        self._shares: dict[Limit, Limit] = {}
+        #: The workers' shared decision table (``server.workers > 1``); None
+        #: in one process, where the actors' own state decides.
+        self.shared: SharedLimits | None = None
 
-    def set_worker(self, index: int, count: int) -> None:
-        """This process is worker ``index`` of ``count`` (server.workers)."""
+    def set_worker(self, index: int, count: int, shared: SharedLimits | None = None) -> None:
+        """This process is worker ``index`` of ``count`` (server.workers),
+        deciding through ``shared`` (which the registry closes when it stops)."""
         self.worker, self.workers = index, count
-        self._shares.clear()
+        self.shared = shared
 
-    def share(self, limit: Limit) -> Limit:
-        """This worker's share of a limit: ``limit // workers``, the
-        remainder going to the first workers, at least 1. Shares add up to
-        the limit, so N workers together never admit more than the limit
-        (or N per period, for a limit below N)."""
-        if self.workers == 1:
-            return limit
-        shared = self._shares.get(limit)
-        if shared is None:
-            base, extra = divmod(limit.limit, self.workers)
-            count = max(1, base + (1 if self.worker < extra else 0))
-            shared = msgspec.structs.replace(limit, limit=count)
-            self._shares[limit] = shared
-        return shared
+    # ---- decisions over several actors ------------------------------------------
+
+    def acquire(
+        self, items: Sequence[tuple[KeyActor, Limit]], now: float, cost: int = 1
+    ) -> tuple[list[Decision], Reservation | None]:
+        """Decide limits belonging to several actors together, all-or-nothing
+        (a key's own limits and its identity's pool): every limit is checked,
+        and state changes only if all allow. Returns the decisions (the one
+        to report first) and the reservation to ``release`` if the request
+        is refused later; None when denied. Synchronous: atomic under trio,
+        and with several workers one write transaction of the shared table."""
+        for actor, _ in items:
+            actor.last_active = now
+        shared = self.shared
+        if shared is not None:
+            decisions, reservation, _ = shared.decide(
+                [(actor.key, limit) for actor, limit in items], now, cost
+            )
+        else:
+            decisions, reservation = acquire(
+                [(limit, actor.limit_state(limit)) for actor, limit in items], now, cost
+            )
+        if reservation is not None:
+            for actor, _ in items:
+                actor._touch()  # the GCRA state goes to storage with the next flush
+        return decisions, reservation
+
+    def release(self, reservation: Reservation, now: float) -> None:
+        """Give back what ``acquire`` took (the request was refused later)."""
+        if self.shared is not None:
+            self.shared.undo(reservation, now)
+        else:
+            release(reservation, now)
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -154,6 +188,8 @@ class ActorRegistry:
                     await self.flush(list(self._dirty.values()))
                 except Exception:
                     log.exception("the final flush failed")
+                if self.shared is not None:
+                    self.shared.close()
 
     async def _flusher(self) -> None:
         failures = 0
@@ -173,6 +209,10 @@ class ActorRegistry:
             await trio.sleep(min(self.idle_timeout, max(self.flush_interval, 1.0)))
             try:
                 await self.evict_idle()
+                if self.shared is not None and self.worker == 0:
+                    # Entries whose limit is whole again are worth nothing:
+                    # one worker drops them, in bounded batches.
+                    self.shared.prune(self.clock())
             except Exception:
                 log.exception("evicting idle actors failed; will try again")
 
@@ -218,8 +258,10 @@ class ActorRegistry:
     def live_balance(self, key: str) -> tuple[int, int] | None:
         """The credit balance a live actor holds for ``key``, with its
         credits version: what the admin views show (the last flush lags a
-        flush interval). None with several workers, where each one knows only
-        its own spending and the stored balance is the better answer."""
+        flush interval). With several workers, the shared table's (exact);
+        None if it has none, or several workers run without one."""
+        if self.shared is not None:
+            return self.shared.balance(key)
         if self.workers > 1:
             return None
         actor = self.actors.get(key)
@@ -253,6 +295,10 @@ class ActorRegistry:
             flushes = [actor.take_flush() for actor in actors]
             for actor in actors:
                 self._dirty.pop(actor.key, None)
+            shared = self.shared
+            if shared is not None:
+                # The shared table's balance is the exact one: stored as is.
+                flushes = shared.exact_flushes(flushes)
 
             def write(txn: WriteTxn) -> list[int | None]:
                 balances: list[int | None] = []
@@ -273,7 +319,7 @@ class ActorRegistry:
                     actor.restore_delta(flush.delta)
                 raise
             for actor, stored in zip(actors, balances, strict=True):
-                if stored is not None:
+                if stored is not None and shared is None:
                     actor.learn_balance(stored)
             self._flushes += 1
             self._last_flush_at = self.clock()

@@ -41,7 +41,7 @@ import httptools
 import trio
 
 from triogate.dataplane import sockio
-from triogate.dataplane.pipeline import Pipeline, new_request_id, problem_response
+from triogate.dataplane.pipeline import new_request_id, problem_response
 from triogate.errors import (
     BadRequest,
     ClientDisconnected,
@@ -132,7 +132,7 @@ class Connection:
         if now >= deadline:
             raise RequestTimeout("the request body did not arrive within body_deadline_seconds")
         try:
-            data = await sockio.recv(self.sock, READ_SIZE, min(now + seconds, deadline))
+            data = await sockio.wait_recv(self.sock, READ_SIZE, min(now + seconds, deadline))
         except (OSError, trio.ClosedResourceError) as exc:
             raise ClientDisconnected() from exc
         if data is None:
@@ -152,7 +152,7 @@ class Connection:
         only once its line ends, so one endless line would go unnoticed)."""
         parsed = self.parsed
         cfg = self.listener.config
-        deadline: float | None = None
+        deadline: float | None = None  # set at the first wait mid-head
         received = 0
         while not parsed.ready:
             idle = parsed.current is None or parsed.current.complete
@@ -161,44 +161,40 @@ class Connection:
             try:
                 data: bytes | None = self.sock.recv(READ_SIZE)
             except BlockingIOError:
-                data = await self._wait_for_head(deadline)
+                # Park (inline: no coroutine of its own). Between requests
+                # (nothing of this head read yet) shutdown may close an idle
+                # connection, and it may idle idle_timeout_seconds; mid-head
+                # the head's deadline counts from now, microseconds after its
+                # first bytes (so the common one-read head reads no clock).
+                self.waited = True
+                if not received:
+                    self.idle = True
+                    wait_until = trio.current_time() + cfg.idle_timeout_seconds
+                else:
+                    if deadline is None:
+                        deadline = trio.current_time() + cfg.header_timeout_seconds
+                    wait_until = deadline
+                try:
+                    data = await sockio.wait_recv(self.sock, READ_SIZE, wait_until)
+                except trio.ClosedResourceError:
+                    return None  # interrupted by shutdown
+                except OSError as exc:
+                    raise ClientDisconnected() from exc
+                finally:
+                    self.idle = False
                 if data is None:
-                    return None  # idle too long, or shutdown closed the connection
+                    if not received:
+                        return None  # idle too long
+                    raise RequestTimeout("the request headers took too long") from None
             except OSError as exc:
                 raise ClientDisconnected() from exc
             if not data:
                 return None
-            if deadline is None:
-                deadline = trio.current_time() + cfg.header_timeout_seconds
             received += len(data)
             self._feed(data)
             if not parsed.ready and received > cfg.max_header_bytes + 1024:
                 raise HeadersTooLarge("the request line and headers are too large")
         return parsed.ready.popleft()
-
-    async def _wait_for_head(self, deadline: float | None) -> bytes | None:
-        """Park until bytes of a request head arrive. Idle (``deadline`` None):
-        None after ``idle_timeout_seconds`` or when shutdown closes the
-        connection. Mid-head: RequestTimeout at the head's deadline."""
-        self.waited = True
-        if deadline is None:
-            self.idle = True  # shutdown may close an idle connection
-            wait_until = trio.current_time() + self.listener.config.idle_timeout_seconds
-        else:
-            wait_until = deadline
-        try:
-            data = await sockio.recv(self.sock, READ_SIZE, wait_until)
-        except trio.ClosedResourceError:
-            return None  # interrupted by shutdown
-        except OSError as exc:
-            raise ClientDisconnected() from exc
-        finally:
-            self.idle = False
-        if data is None and deadline is None:
-            return None
-        if data is None:
-            raise RequestTimeout("the request headers took too long")
-        return data
 
     async def _body(self, pending: PendingRequest) -> AsyncIterator[bytes]:
         cfg = self.listener.config
@@ -277,7 +273,26 @@ class Connection:
             pipeline = listener.get_pipeline()
             listener.in_flight += 1
             try:
-                keep = await self._exchange(pending, pipeline)
+                # The exchange inline (not a coroutine of its own: each layer
+                # costs its creation and a pass on every suspension).
+                try:
+                    request = self._request(pending)
+                except GatewayError as exc:
+                    await self.send_error(exc, pending)
+                    return
+                ctx, response = await pipeline.handle(request)
+                try:
+                    body_done = pending.complete and not pending.chunks
+                    keep = pending.keep_alive and not listener.closing
+                    if not body_done and keep:
+                        keep = await self._drain(pending)
+                    keep = await self._send_response(
+                        response, pending.method, pending.version, keep
+                    )
+                finally:
+                    logging_left = pipeline.finish(ctx, response)
+                    if logging_left is not None:
+                        await logging_left
             finally:
                 listener.in_flight -= 1
             if not keep:
@@ -287,23 +302,6 @@ class Connection:
                 # upstream): yield once, so no client can starve the others.
                 await trio.lowlevel.checkpoint()
             self.waited = False
-
-    async def _exchange(self, pending: PendingRequest, pipeline: Pipeline) -> bool:
-        try:
-            request = self._request(pending)
-        except GatewayError as exc:
-            await self.send_error(exc, pending)
-            return False
-        ctx, response = await pipeline.handle(request)
-        try:
-            body_done = pending.complete and not pending.chunks
-            keep = pending.keep_alive and not self.listener.closing
-            if not body_done and keep:
-                keep = await self._drain(pending)
-            keep = await self._send_response(response, pending.method, pending.version, keep)
-        finally:
-            await pipeline.after(ctx, response)
-        return keep
 
     async def _drain(self, pending: PendingRequest) -> bool:
         """The answer came before the request body was read (an early 401,
@@ -348,13 +346,23 @@ class Connection:
         self, response: Response, method: str, version: str, keep_alive: bool
     ) -> bool:
         head, body, framing, keep_alive = response_head(response, method, version, keep_alive)
+        data = b"".join(head)
         if body is None:
             if response.body is not None:
                 await response.body.aclose()  # a HEAD, 204 or 304: nothing to send
-            await self._send_all(b"".join(head))
+            # Head and content in one write, inline when the kernel takes
+            # it all (the common case): no coroutine for the write.
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise ClientDisconnected() from exc
+            if sent < len(data):
+                await self._send_all(memoryview(data)[sent:])
             return keep_alive
         try:
-            await self._send_all(b"".join(head))
+            await self._send_all(data)
             return await self._send_body(body, framing, keep_alive)
         finally:
             # Finished or not (the client went away, the body broke), the

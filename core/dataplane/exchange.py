@@ -44,7 +44,7 @@ import trio
 from triogate.dataplane import sockio
 from triogate.errors import BadGateway, UpstreamTimeout
 from triogate.http import Body, Headers, Response
-from triogate.http.h1client import ResponseParser
+from triogate.http.h1client import MAX_RESPONSE_HEAD_BYTES, ResponseParser
 from triogate.http.h1frame import LAST_CHUNK, encode_chunk
 
 __all__ = ["READ_SIZE", "ConnectionOwner", "SentSink", "StaleConnection", "UpstreamConnection"]
@@ -104,22 +104,7 @@ class UpstreamConnection:
             return self.sock.recv(READ_SIZE)
         except BlockingIOError:
             pass
-        return await sockio.recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
-
-    async def _send_head(self, head: bytes, sink: SentSink | None) -> None:
-        """Write the head, telling ``sink`` once any byte of it is in the
-        kernel's hands (one direct ``send`` first: only it can tell a
-        partial write from none when the connection then fails)."""
-        try:
-            sent = self.sock.send(head)
-        except BlockingIOError:
-            sent = 0
-        if sent and sink is not None:
-            sink.sent_upstream = True
-        if sent < len(head):
-            await self._send_all(memoryview(head)[sent:])
-            if sink is not None:
-                sink.sent_upstream = True
+        return await sockio.wait_recv(self.sock, READ_SIZE, trio.current_time() + read_timeout)
 
     def _early_answer(self, method: str) -> Response | None:
         """After writing the request failed: the complete answer the upstream
@@ -170,7 +155,19 @@ class UpstreamConnection:
         self.returned = False
         reused = self.requests > 1
         try:
-            await self._send_head(head, sink)
+            # The head in one direct ``send`` (inline: the common case never
+            # waits): only it can tell a partial write from none when the
+            # connection then fails. ``sink`` learns once any byte is out.
+            try:
+                sent = self.sock.send(head)
+            except BlockingIOError:
+                sent = 0
+            if sent and sink is not None:
+                sink.sent_upstream = True
+            if sent < len(head):
+                await self._send_all(memoryview(head)[sent:])
+                if sink is not None:
+                    sink.sent_upstream = True
             if body is not None and body.length != 0:
                 if body.length is not None:
                     async for chunk in body:
@@ -201,20 +198,33 @@ class UpstreamConnection:
             parsed = self.parsed = ResponseParser(skip_body)
         else:
             parsed.reset(skip_body)
-        received_any = False
+        received = 0
         try:
             while not parsed.headers_done:
-                data = await self._recv(read_timeout)
+                try:
+                    data: bytes | None = self.sock.recv(READ_SIZE)
+                except BlockingIOError:
+                    data = await sockio.wait_recv(
+                        self.sock, READ_SIZE, trio.current_time() + read_timeout
+                    )
                 if data is None:
                     self.close()
                     raise UpstreamTimeout(f"upstream sent no response within {read_timeout:g} s")
                 if not data:
                     self.close()
-                    if not received_any and reused and replayable:
+                    if not received and reused and replayable:
                         raise StaleConnection()
                     raise BadGateway("upstream closed the connection before responding")
-                received_any = True
+                received += len(data)
                 parsed.parser.feed_data(data)
+                if (
+                    received > MAX_RESPONSE_HEAD_BYTES
+                    and received - sum(map(len, parsed.body)) > MAX_RESPONSE_HEAD_BYTES
+                ):
+                    # The head's bytes: all fed so far but the body's (rare:
+                    # counted only once past the bound).
+                    self.close()
+                    raise BadGateway("upstream response headers are too large")
         except httptools.HttpParserUpgrade:
             # llhttp stops at a complete 101 head with bytes after it (the
             # new protocol's); its head is in, and is refused just below.
@@ -224,7 +234,7 @@ class UpstreamConnection:
             raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
         except OSError as exc:
             self.close()
-            if not received_any and reused and replayable:
+            if not received and reused and replayable:
                 raise StaleConnection() from exc
             raise BadGateway(f"upstream connection failed: {exc}") from exc
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -22,12 +22,29 @@ from triogate.policy.ratelimit import (
     limit_from,
     release,
 )
-from triogate.storage import KeyRecord, UsageRecord
+from triogate.storage import Credits, KeyRecord, UsageRecord
 
 if TYPE_CHECKING:
     from triogate.dataplane.actors import ActorRegistry
 
-__all__ = ["ActorSnapshot", "Admission", "KeyActor", "Refusal"]
+__all__ = ["ActorSnapshot", "Admission", "CreditsSource", "KeyActor", "Refusal"]
+
+
+class CreditsSource(Protocol):
+    """Where an actor's credits are set: a ``KeyRecord`` or an
+    ``IdentityRecord`` (both carry these fields)."""
+
+    @property
+    def credits(self) -> Credits | None: ...
+
+    @property
+    def credits_version(self) -> int: ...
+
+    @property
+    def credits_set_at(self) -> float | None: ...
+
+    @property
+    def updated_at(self) -> float: ...
 
 
 class Refusal(StrEnum):
@@ -122,7 +139,8 @@ class KeyActor:
         for name, tat in usage.limiters.items():
             self._limits[name] = (Limit(name, 1, 1.0), LimitState(tat))
 
-    def _limit_state(self, limit: Limit) -> LimitState:
+    def limit_state(self, limit: Limit) -> LimitState:
+        """This actor's state for ``limit`` (in this process)."""
         entry = self._limits.get(limit.key)
         if entry is None or (entry[0] is not limit and entry[0] != limit):
             # New limit, or its policy changed: keep the GCRA state if we had
@@ -146,7 +164,9 @@ class KeyActor:
             self.policy_source = source
         return self.policy
 
-    def _sync_credits(self, record: KeyRecord | None, now: float) -> None:
+    def sync_credits(self, record: CreditsSource | None, now: float) -> None:
+        """Bring the balance up to date with ``record``'s credits: a new
+        credits version resets it, a refill period past tops it up."""
         if record is None:
             return  # no fresher word on the credits: keep the known balance
         if record.credits is None:
@@ -177,23 +197,26 @@ class KeyActor:
         now: float,
         *,
         cost: int = 1,
-        record: KeyRecord | None = None,
+        record: CreditsSource | None = None,
         use_credits: bool = False,
     ) -> Admission:
-        """Decide every limit and the credits together, all-or-nothing."""
+        """Decide every limit and the credits together, all-or-nothing.
+        With several workers the decision is the shared table's
+        (``ActorRegistry.shared``), exact across processes."""
         self.last_active = now
+        shared = self.registry.shared
+        if shared is not None:
+            return self._admit_shared(limits, now, cost, record, use_credits)
         if use_credits:
-            self._sync_credits(record, now)
+            self.sync_credits(record, now)
         states = self._limits
-        if self.registry.workers > 1:
-            limits = [self.registry.share(limit) for limit in limits]
         items = []
         for limit in limits:
             entry = states.get(limit.state_key or limit.name)
             items.append(
                 (limit, entry[1])
                 if entry is not None and entry[0] is limit
-                else (limit, self._limit_state(limit))
+                else (limit, self.limit_state(limit))
             )
         decisions, reservation = acquire(items, now, cost)
         if reservation is None:
@@ -209,8 +232,43 @@ class KeyActor:
         self._touch()
         return Admission(True, None, decisions, reservation, taken, self.credits)
 
+    def _admit_shared(
+        self,
+        limits: Sequence[Limit],
+        now: float,
+        cost: int,
+        record: CreditsSource | None,
+        use_credits: bool,
+    ) -> Admission:
+        shared = self.registry.shared
+        assert shared is not None
+        items = [(self.key, limit) for limit in limits]
+        decisions, reservation, credits_ok = shared.decide(
+            items, now, cost, credits=self if use_credits else None, record=record
+        )
+        if not credits_ok:
+            # Refused for want of credits (the limits would have allowed it).
+            return Admission(False, Refusal.QUOTA_EXCEEDED, decisions, None, 0, self.credits)
+        if reservation is None:
+            return Admission(False, Refusal.RATE_LIMITED, decisions, None, 0, self.credits)
+        taken = cost if use_credits and self.credits is not None else 0
+        self.taken += taken
+        self._touch()
+        return Admission(True, None, decisions, reservation, taken, self.credits)
+
     def undo_nowait(self, admission: Admission, now: float) -> None:
         """The request was refused after admission: it consumes nothing."""
+        shared = self.registry.shared
+        if shared is not None:
+            shared.undo(
+                admission.reservation,
+                now,
+                self if admission.credits_taken else None,
+                admission.credits_taken,
+            )
+            self.taken -= admission.credits_taken
+            self._touch()
+            return
         if admission.reservation is not None:
             release(admission.reservation, now)
         if admission.credits_taken and self.credits is not None:
@@ -287,5 +345,5 @@ class KeyActor:
 
     def _limiter_state(self) -> dict[str, float]:
         if self.registry.workers > 1:
-            return {}  # each worker counts its own share: nothing to share
+            return {}  # the workers' shared table holds it (``sharedlimits``)
         return {n: st.tat for n, (lim, st) in self._limits.items() if lim.algorithm == "gcra"}

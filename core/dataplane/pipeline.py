@@ -31,34 +31,33 @@ shutdown grace period ended) is logged and counted the same way, as status
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
-import os
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
-import msgspec
 import trio
 
 from triogate.config import Config
+from triogate.dataplane.messages import (
+    REQUEST_ID_RE,
+    finish_headers,
+    new_request_id,
+    problem_response,
+    shutdown_response,
+    upstream_head,
+)
 from triogate.dataplane.plan import PipelinePlan, plan_pipeline
 from triogate.dataplane.plugin_loader import Chain, RouteSummary
-from triogate.dataplane.upstream import TargetPool
 from triogate.errors import (
     BadGateway,
     ClientDisconnected,
     GatewayError,
     InternalError,
-    Problem,
     UpstreamError,
 )
-from triogate.http import HOP_BY_HOP, Headers, Request, Response
-from triogate.http.h1client import proxy_request_head
+from triogate.http import Request, Response
 from triogate.plugins.contract import Context, Plugin, PluginEnv, RouteView
-from triogate.policy.ratelimit import headers_for
 from triogate.policy.router import Match
 from triogate.telemetry.records import (
     CLIENT_CLOSED,
@@ -68,71 +67,12 @@ from triogate.telemetry.records import (
     refused_record,
 )
 
-__all__ = ["Pipeline", "problem_response"]
+__all__ = ["Pipeline", "new_request_id", "problem_response"]
 
 log = logging.getLogger("triogate.dataplane.pipeline")
 
-_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-_problem_encoder = msgspec.json.Encoder()
-_PROBLEM_CT = (b"content-type", b"application/problem+json")
-
-# A request cancelled after the upstream had it (the shutdown grace period
-# ended): charged, so logged and counted as 503 with outcome ``shutdown``
-# (nothing is sent: the connection is closed). Its log phases get this long.
-SHUTDOWN_STATUS = 503
-SHUTDOWN_OUTCOME = "shutdown"
+# A request cancelled once the upstream had it: its log phases get this long.
 RECORD_CANCELLED_SECONDS = 1.0
-
-
-# Request ids: a random per-process prefix and a counter. Unique without a
-# getrandom() system call per request (ids need not be secret, only unique).
-_ID_PREFIX = os.urandom(8).hex()
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):016x}"
-
-
-def problem_response(error: GatewayError, request_id: str) -> Response:
-    headers = Headers([_PROBLEM_CT])
-    for name, value in error.headers.items():
-        headers.raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
-    response = Response(
-        error.status,
-        headers,
-        content=_problem_encoder.encode(error.problem(request_id)),
-        from_gateway=True,
-    )
-    response.problem = Problem(error.code, request_id)
-    return response
-
-
-def _shutdown_response(request_id: str) -> Response:
-    response = Response(SHUTDOWN_STATUS, from_gateway=True)
-    response.problem = Problem(SHUTDOWN_OUTCOME, request_id)  # the record's outcome
-    return response
-
-
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    value = headers.get_raw(b"connection")
-    if value is None:
-        return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
-
-
-@functools.lru_cache(maxsize=256)
-def _deprecation_raw(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
-    """A version's deprecation headers as they go out: encoded once per
-    version (the router shares one tuple per version), not per request."""
-    return tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
-
-
-def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
-    """``base`` plus the headers the message's ``Connection`` names (no new
-    set when there is no Connection header, the common case)."""
-    tokens = _connection_tokens(headers)
-    return base | tokens if tokens else base
 
 
 class Pipeline:
@@ -223,12 +163,77 @@ class Pipeline:
         is logged here (log phases and observers, as 499 ``client_closed``)
         and ``ClientDisconnected`` is re-raised: the front door then sends
         nothing and must not call ``after``. Cancelled once the upstream had
-        it: logged here as 503 ``shutdown``, and the cancellation re-raised."""
+        it: logged here as 503 ``shutdown``, and the cancellation re-raised.
+
+        One coroutine for routing, the access phases and the upstream call
+        when the route has no upstream wrappers: every coroutine layer costs
+        its creation and a pass on each suspension, several per request."""
         self.requests += 1
         self.in_flight += 1
         ctx = self._context(request)
         try:
-            return await self._handle(ctx)
+            chain = self.global_chain
+            match: Match | None = None
+            try:
+                accept_version = request.headers.get_raw(b"accept-version")
+                match = self.router.match(
+                    request.method,
+                    request.path,
+                    accept_version.decode("latin-1") if accept_version is not None else None,
+                )
+                index = match.route.index
+                chain = self.chains[index]
+                ctx.route = self.route_views[index]
+                ctx.params = match.params
+                ctx.version = match.version
+                ctx.upstream_path = self.router.rewrite(match)
+                response = None
+                for access in chain.access:
+                    # A synchronous phase form answers directly; an async
+                    # phase (or a sync one that must wait) an awaitable.
+                    response = access(ctx)
+                    if response is not None:
+                        if not isinstance(response, Response):
+                            response = await response
+                            if response is None:
+                                continue
+                        break
+                if response is None:
+                    if chain.upstream:
+                        response = await self._wrapped(ctx, chain)
+                    else:  # no wrappers (the common case): no closures either
+                        response = await self._proxy(ctx)
+                    if chain.buffering and not response.from_gateway:
+                        await self._buffer(ctx, chain, response)
+            except ClientDisconnected:
+                raise  # nobody to answer: logged below (and maybe given back)
+            except UpstreamError as exc:
+                # Hosts and ports stay in the log; the client gets the gist.
+                log.warning("request %s: %s: %s", ctx.request_id, exc.code, exc.detail)
+                exc.detail = exc.public_detail
+                response = problem_response(exc, ctx.request_id)
+            except GatewayError as exc:
+                response = problem_response(exc, ctx.request_id)
+            except Exception:
+                log.exception("internal error in request %s", ctx.request_id)
+                response = problem_response(
+                    InternalError("an internal error occurred"), ctx.request_id
+                )
+            if chain.response:
+                response = await self._response_phases(ctx, chain, response)
+            if (
+                ctx.undo
+                and response.from_gateway
+                and response.status >= 400
+                and not ctx.sent_upstream
+            ):
+                # Refused by the gateway before the upstream had any of it (a
+                # later plugin's refusal, an open breaker, a refused
+                # connection). Once sent, a 502 or 504 is charged like any
+                # answer.
+                self._undo(ctx)
+            finish_headers(ctx, response, match)
+            return ctx, response
         except ClientDisconnected:
             if not ctx.sent_upstream:
                 self._undo(ctx)  # nothing reached the upstream: it costs nothing
@@ -245,7 +250,7 @@ class Pipeline:
                 raise
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + RECORD_CANCELLED_SECONDS
-                await self.after(ctx, _shutdown_response(ctx.request_id))
+                await self.after(ctx, shutdown_response(ctx.request_id))
             raise
 
     def _done(self) -> None:
@@ -258,57 +263,24 @@ class Pipeline:
         sent_id = request.headers.get_raw(b"x-request-id")
         request_id = (
             sent_id.decode("ascii")
-            if sent_id is not None and _REQUEST_ID_RE.match(sent_id)
+            if sent_id is not None and REQUEST_ID_RE.match(sent_id)
             else new_request_id()
         )
         return Context(request, request_id=request_id, started_at=time.monotonic())
 
-    async def _handle(self, ctx: Context) -> tuple[Context, Response]:
-        request = ctx.request
-        request_id = ctx.request_id
-        chain = self.global_chain
-        match: Match | None = None
-        try:
-            accept_version = request.headers.get_raw(b"accept-version")
-            match = self.router.match(
-                request.method,
-                request.path,
-                accept_version.decode("latin-1") if accept_version is not None else None,
-            )
-            index = match.route.index
-            chain = self.chains[index]
-            ctx.route = self.route_views[index]
-            ctx.params = match.params
-            ctx.version = match.version
-            ctx.upstream_path = self.router.rewrite(match)
-            response = await self._run(ctx, chain)
-        except ClientDisconnected:
-            raise  # nobody to answer: handle() logs it (and maybe gives back)
-        except UpstreamError as exc:
-            # Hosts and ports stay in the log; the client gets the gist.
-            log.warning("request %s: %s: %s", request_id, exc.code, exc.detail)
-            exc.detail = exc.public_detail
-            response = problem_response(exc, request_id)
-        except GatewayError as exc:
-            response = problem_response(exc, request_id)
-        except Exception:
-            log.exception("internal error in request %s", request_id)
-            response = problem_response(InternalError("an internal error occurred"), request_id)
+    @staticmethod
+    async def _response_phases(ctx: Context, chain: Chain, response: Response) -> Response:
         try:
             for phase in chain.response:
-                await phase(ctx, response)
+                waiting = phase(ctx, response)
+                if waiting is not None:
+                    await waiting
         except GatewayError as exc:
-            response = problem_response(exc, request_id)
+            response = problem_response(exc, ctx.request_id)
         except Exception:
-            log.exception("internal error in a response phase, request %s", request_id)
-            response = problem_response(InternalError("an internal error occurred"), request_id)
-        if ctx.undo and response.from_gateway and response.status >= 400 and not ctx.sent_upstream:
-            # Refused by the gateway before the upstream had any of it (a
-            # later plugin's refusal, an open breaker, a refused connection).
-            # Once sent, a 502 or 504 is charged like any answer.
-            self._undo(ctx)
-        self._finish_headers(ctx, response, match)
-        return ctx, response
+            log.exception("internal error in a response phase, request %s", ctx.request_id)
+            response = problem_response(InternalError("an internal error occurred"), ctx.request_id)
+        return response
 
     @staticmethod
     def _undo(ctx: Context) -> None:
@@ -320,23 +292,15 @@ class Pipeline:
                 log.exception("undo failed for request %s", ctx.request_id)
         ctx.undo.clear()
 
-    async def _run(self, ctx: Context, chain: Chain) -> Response:
-        for access in chain.access:
-            early = await access(ctx)
-            if early is not None:
-                return early
-        if chain.upstream:
-            assert ctx.route is not None
-            ctx.upstream = self.upstreams[ctx.route.upstream]
-            call: Callable[[], Awaitable[Response]] = lambda: self._proxy(ctx)  # noqa: E731
-            for wrapper in reversed(chain.upstream):
-                call = _wrap(wrapper, ctx, call)
-            response = await call()
-        else:  # no wrappers (the common case): no closures either
-            response = await self._proxy(ctx)
-        if chain.buffering and not response.from_gateway:
-            await self._buffer(ctx, chain, response)
-        return response
+    async def _wrapped(self, ctx: Context, chain: Chain) -> Response:
+        """The upstream call inside the route's upstream wrappers (retry,
+        circuit breaker), outermost first."""
+        assert ctx.route is not None
+        ctx.upstream = self.upstreams[ctx.route.upstream]
+        call: Callable[[], Awaitable[Response]] = lambda: self._proxy(ctx)  # noqa: E731
+        for wrapper in reversed(chain.upstream):
+            call = _wrap(wrapper, ctx, call)
+        return await call()
 
     @staticmethod
     async def _buffer(ctx: Context, chain: Chain, response: Response) -> None:
@@ -353,14 +317,48 @@ class Pipeline:
         except ValueError:
             raise BadGateway("upstream response too large to transform") from None
 
+    def finish(self, ctx: Context, response: Response) -> Coroutine[Any, Any, None] | None:
+        """``after`` without a coroutine when no log phase has to wait (the
+        synchronous phase forms, and observers, run here): None when it is
+        all done, else a coroutine to await for the rest."""
+        self._done()
+        chain = self.chains[ctx.route.index] if ctx.route is not None else self.global_chain
+        phases = chain.log
+        for index, phase in enumerate(phases):
+            try:
+                waiting = phase(ctx, response)
+            except Exception:
+                log.exception("log phase failed for request %s", ctx.request_id)
+                continue
+            if waiting is not None:
+                return self._log_rest(ctx, response, waiting, phases[index + 1 :])
+        if self.observers:
+            self._notify(self._record(ctx, response))
+        return None
+
     async def after(self, ctx: Context, response: Response) -> None:
         """The log phases and the observers, once the response has been
         sent (or its sending failed). Never raises."""
-        self._done()
-        chain = self.chains[ctx.route.index] if ctx.route is not None else self.global_chain
-        for phase in chain.log:
+        waiting = self.finish(ctx, response)
+        if waiting is not None:
+            await waiting
+
+    async def _log_rest(
+        self,
+        ctx: Context,
+        response: Response,
+        waiting: Awaitable[None],
+        rest: tuple[Callable[..., Any], ...],
+    ) -> None:
+        try:
+            await waiting
+        except Exception:
+            log.exception("log phase failed for request %s", ctx.request_id)
+        for phase in rest:
             try:
-                await phase(ctx, response)
+                waiting = phase(ctx, response)
+                if waiting is not None:
+                    await waiting
             except Exception:
                 log.exception("log phase failed for request %s", ctx.request_id)
         if self.observers:
@@ -415,64 +413,23 @@ class Pipeline:
             retries=ctx.retries,
         )
 
-    def _finish_headers(self, ctx: Context, response: Response, match: Match | None) -> None:
-        headers = response.headers
-        raw = headers.raw
-        if raw:
-            drop = _drop_set(headers, HOP_BY_HOP)
-            # A plain loop, not any(<generator>): no generator per request.
-            for name, _ in raw:
-                if name in drop:
-                    headers.raw = raw = [(k, v) for k, v in raw if k not in drop]
-                    break
-        if ctx.response_headers:
-            raw.extend(ctx.response_headers)
-        if ctx.rate_limits:
-            raw.extend(headers_for(ctx.rate_limits))
-        if match is not None and match.deprecation_headers:
-            raw.extend(_deprecation_raw(match.deprecation_headers))
-
     # ---- the innermost call: the upstream ------------------------------------
 
-    async def _proxy(self, ctx: Context) -> Response:
+    def _proxy(self, ctx: Context) -> Coroutine[Any, Any, Response]:
+        """The upstream call: a plain function handing back ``Upstream.send``'s
+        coroutine, so awaiting it adds no coroutine layer of its own. The
+        exchange sets ``ctx.sent_upstream`` (charged from then on, whatever
+        happens: CONTRACT §5) and adds to ``ctx.upstream_seconds``."""
         route = ctx.route
         assert route is not None
-        upstream = self.upstreams[route.upstream]
-        request = ctx.request
-        body = request.body
-        started = time.monotonic()
-        try:
-            # The exchange sets ctx.sent_upstream: charged from then on,
-            # whatever happens (CONTRACT §5).
-            return await upstream.send(
-                request.method,
-                _head,
-                body if body.length is None or body.length > 0 else None,
-                sink=ctx,
-                tried=ctx.tried_targets,
-            )
-        finally:
-            # Time to the answer's head, summed over tries (retries).
-            so_far = ctx.upstream_seconds
-            ctx.upstream_seconds = (so_far or 0.0) + time.monotonic() - started
-
-
-def _head(ctx: Context, pool: TargetPool) -> bytes:
-    """The request head for ``pool`` (``Upstream.send``'s ``head_for``)."""
-    request = ctx.request
-    path = pool.base_path + ctx.upstream_path
-    consumer = ctx.consumer
-    return proxy_request_head(
-        request.method,
-        f"{path}?{request.query}" if request.query else path,
-        pool.authority,
-        request.headers,
-        client_ip=request.client_ip,
-        scheme=request.scheme,
-        request_id=ctx.request_id,
-        key_id=consumer.id if consumer is not None else None,
-        body_length=request.body.length,  # None: chunked; 0: no body
-    )
+        body = ctx.request.body
+        return self.upstreams[route.upstream].send(
+            ctx.request.method,
+            upstream_head,
+            body if body.length is None or body.length > 0 else None,
+            sink=ctx,
+            tried=ctx.tried_targets,
+        )
 
 
 def _wrap(

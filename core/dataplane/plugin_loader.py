@@ -75,10 +75,12 @@ class Chain:
 
     def __init__(self, plugins: Sequence[Plugin[Any]]) -> None:
         self.plugins = tuple(plugins)
-        self.access = tuple(p.access for p in plugins if "access" in p.phases())
+        # Each phase's synchronous form when the plugin has one (no coroutine
+        # per request); it may still hand back an awaitable (``Pipeline``).
+        self.access = tuple(p.phase("access") for p in plugins if "access" in p.phases())
         self.upstream = tuple(p.upstream for p in plugins if "upstream" in p.phases())
-        self.response = tuple(p.response for p in plugins if "response" in p.phases())
-        self.log = tuple(p.log for p in plugins if "log" in p.phases())
+        self.response = tuple(p.phase("response") for p in plugins if "response" in p.phases())
+        self.log = tuple(p.phase("log") for p in plugins if "log" in p.phases())
         self.buffering = tuple(p for p in plugins if p.buffers_response)
 
     def __repr__(self) -> str:

@@ -10,6 +10,12 @@ live ``Upstream`` is the request-time ``UpstreamView`` itself, and the plan's
 Key-auth and rate-limit call these on every request: each method does what
 the plugins did themselves before (the same calls into the key service and
 the actors, no extra object per request); plugins bind the methods once.
+
+A key with a plan, an identity or roles is resolved (``control.keyresolve``:
+one read snapshot of the key, its plan, roles and identity) and becomes the
+request's consumer as a ``KeyAccess``; its admission, with the identity's
+shared pool, is ``keyadmit``'s. A key with none of them is its own record,
+decided and admitted as before: no extra read, no extra object.
 """
 
 from __future__ import annotations
@@ -18,68 +24,117 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from triogate.control.permissions import scopes_missing
+from triogate.control.keyresolve import KeyAccess, KeyResolver
+from triogate.control.keyrules import scopes_refused
+from triogate.dataplane.keyadmit import Grant, LimitTables, grant
 from triogate.errors import (
     KEY_ERRORS,
     GatewayError,
     InsufficientScope,
+    InvalidKey,
+    KeyDisabled,
     KeyVerdict,
     QuotaExceeded,
     RateLimited,
 )
 from triogate.plugins.contract import Consumer, Context, PluginEnv
+from triogate.policy.keyaccess import KeyRule
 from triogate.policy.ratelimit import Limit
+from triogate.storage import KeyRecord
 
 if TYPE_CHECKING:
+    from triogate.control.keyresolve import CreditsFrom
     from triogate.control.keys import KeyService
     from triogate.dataplane.actors import ActorRegistry
-    from triogate.storage import KeyRecord
+    from triogate.dataplane.keyactor import KeyActor
 
 __all__ = ["NO_REFILL_RETRY_AFTER", "ActorLimiter", "KeyValidation", "plugin_env"]
 
 
-def _refusal(
-    verdict: KeyVerdict, record: KeyRecord | None, required: tuple[str, ...]
-) -> GatewayError:
-    """The key store's verdict as the error that refuses the request
-    (``triogate.errors.KEY_ERRORS``); a scope refusal names what is missing."""
-    if verdict is KeyVerdict.INSUFFICIENT_SCOPE and record is not None:
-        missing = scopes_missing(record.scopes, required)
-        return InsufficientScope(
-            f"the key lacks the scopes {', '.join(missing)}", required_scopes=missing
-        )
+def _refusal(verdict: KeyVerdict, consumer: Consumer | None, rule: KeyRule) -> GatewayError:
+    """The verdict on a key as the error that refuses the request
+    (``triogate.errors.KEY_ERRORS``); a scope refusal names what is missing
+    (of ``any_scopes``: every one, as one of them is needed)."""
+    if verdict is KeyVerdict.INSUFFICIENT_SCOPE and consumer is not None:
+        missing = scopes_refused(consumer.scopes, rule)
+        if rule.scopes and missing and missing[0] in rule.scopes:
+            detail = f"the key lacks the scopes {', '.join(missing)}"
+        else:
+            detail = f"the key has none of the scopes {', '.join(missing)}"
+        return InsufficientScope(detail, required_scopes=missing)
+    if (
+        verdict is KeyVerdict.KEY_DISABLED
+        and isinstance(consumer, KeyAccess)
+        and consumer.record.enabled
+    ):
+        return KeyDisabled("the identity the API key belongs to is disabled")
     cls, detail = KEY_ERRORS[verdict]
     return cls(detail)
+
+
+_rules: dict[tuple[str, ...], KeyRule] = {}
+
+
+def _scopes_rule(required: tuple[str, ...]) -> KeyRule:
+    # One rule per scope list a route asks (a bounded set): none per request.
+    rule = _rules.get(required)
+    if rule is None:
+        if len(_rules) >= 4096:
+            _rules.clear()
+        rule = _rules[required] = KeyRule(scopes=required)
+    return rule
 
 
 class KeyValidation:
     """``KeyValidator`` over the key service: a synchronous read (checksum,
     HMAC digest, two LMDB lookups), so a key revoked or rotated from any
-    process is refused on the very next request."""
+    process is refused on the very next request. A key with a plan, an
+    identity or roles is resolved in one more read snapshot."""
 
-    __slots__ = ("_validate", "reindex")
+    __slots__ = ("_keys", "_lookup", "_resolver", "_validate", "reindex")
 
-    def __init__(self, keys: KeyService) -> None:
+    def __init__(self, keys: KeyService, resolver: KeyResolver) -> None:
         # The key service's own clock decides expiry and grace: one source
         # of "now" for the admin API's validate and the data plane.
+        self._keys = keys
         self._validate = keys.validate_nowait
+        self._lookup = keys.lookup_nowait
+        self._resolver = resolver
         self.reindex = keys.reindex
 
     def __repr__(self) -> str:
         return "<KeyValidation>"
 
-    def check_nowait(self, key: str, required_scopes: tuple[str, ...]) -> tuple[KeyRecord, bool]:
+    def check_nowait(self, key: str, required_scopes: tuple[str, ...]) -> tuple[Consumer, bool]:
         record, verdict, stale = self._validate(key, required_scopes)
-        if verdict is not None or record is None:
-            raise _refusal(verdict or KeyVerdict.INVALID_KEY, record, required_scopes)
-        return record, stale
+        if record is None:
+            raise InvalidKey(KEY_ERRORS[KeyVerdict.INVALID_KEY][1])
+        if record.identity_id is None and record.plan_id is None and not record.roles:
+            if verdict is not None:
+                raise _refusal(verdict, record, _scopes_rule(required_scopes))
+            return record, stale
+        # Its plan and roles may grant the scopes its own lack: decided
+        # again on the effective ones.
+        return self._decide(record, stale, _scopes_rule(required_scopes))
+
+    def authorize_nowait(self, key: str, rule: KeyRule) -> tuple[Consumer, bool]:
+        record, stale = self._lookup(key)
+        if record is None:
+            raise InvalidKey(KEY_ERRORS[KeyVerdict.INVALID_KEY][1])
+        return self._decide(record, stale, rule)
+
+    def _decide(self, record: KeyRecord, stale: bool, rule: KeyRule) -> tuple[Consumer, bool]:
+        consumer, verdict = self._resolver.decide(record, self._keys._clock(), rule)
+        if verdict is not None or consumer is None:
+            raise _refusal(verdict or KeyVerdict.INVALID_KEY, consumer, rule)
+        return consumer, stale
 
 
 NO_REFILL_RETRY_AFTER = 3600  # credits that never refill: "not soon"
 
 
-def _next_refill(record: KeyRecord, refilled_at: float | None, now: float) -> int:
-    """Whole seconds until the key's credits are next topped up (at least 1)."""
+def _next_refill(record: CreditsFrom, refilled_at: float | None, now: float) -> int:
+    """Whole seconds until the credits are next topped up (at least 1)."""
     spec = record.credits
     if spec is None or spec.refill_interval_seconds <= 0 or spec.refill_amount <= 0:
         return NO_REFILL_RETRY_AFTER
@@ -89,25 +144,33 @@ def _next_refill(record: KeyRecord, refilled_at: float | None, now: float) -> in
 
 class ActorLimiter:
     """``Limiter`` over the actors: a key's state in its persisted actor
-    (that of its rotation chain's first key), an address's or a route's in
-    an unpersisted subject actor."""
+    (that of its rotation chain's first key), an identity's pool in the
+    identity's, an address's or a route's in an unpersisted subject actor."""
 
-    __slots__ = ("_actors", "_clock", "default_key_limit")
+    __slots__ = ("_actors", "_clock", "_tables", "default_key_limit")
 
     def __init__(self, actors: ActorRegistry, default_key_limit: Limit | None = None) -> None:
         self._actors = actors
         self._clock = actors.clock
+        self._tables = LimitTables()
         self.default_key_limit = default_key_limit
 
     def __repr__(self) -> str:
         return f"<ActorLimiter {self._actors!r}>"
 
     def admit_key_nowait(self, ctx: Context, consumer: Consumer, cost: int) -> None:
-        # Consumers are made by KeyValidation: the key records themselves.
+        if type(consumer) is KeyAccess:
+            self._admit_access(ctx, consumer, cost)
+            return
+        # Else a key record itself (KeyValidation makes no other consumer).
         record: KeyRecord = consumer  # type: ignore[assignment]
         actors = self._actors
         actor = actors.actor(record.state_key)
         limits = actor.key_limits(record, self.default_key_limit)
+        for spec in record.rate_limits:
+            if spec.routes:  # route-bound: only those of this route apply
+                limits = self._tables.get(record.rate_limits).on(_route(ctx))
+                break
         if not limits and record.credits is None:
             return
         now = self._clock()
@@ -115,14 +178,47 @@ class ActorLimiter:
         ctx.rate_limits.extend(admission.decisions)
         if not admission.allowed:
             if admission.code == "QUOTA_EXCEEDED":
-                error = QuotaExceeded("the key has no credits left", credits_remaining=0)
-                error.headers["Retry-After"] = str(
-                    _next_refill(record, actor.credits_refilled_at, now)
-                )
-                raise error
+                raise _quota(record, actor, now, "the key has no credits left")
             raise RateLimited("the key's rate limit is exhausted; see Retry-After")
         clock = self._clock
         ctx.undo.append(lambda: actor.undo_nowait(admission, clock()))
+
+    def _admit_access(self, ctx: Context, access: KeyAccess, cost: int) -> None:
+        """A key with a plan, an identity or roles: its effective limits and
+        credits, with its identity's pool, all-or-nothing (``keyadmit``)."""
+        actors = self._actors
+        route = _route(ctx)
+        key_actor = actors.actor(access.state_key)
+        items: list[tuple[KeyActor, Limit]] = []
+        if access.rate_limits:
+            items.extend((key_actor, lim) for lim in self._tables.get(access.rate_limits).on(route))
+        elif self.default_key_limit is not None:
+            items.append((key_actor, self.default_key_limit))
+        credits: list[tuple[KeyActor, CreditsFrom]] = []
+        if access.credits is not None:
+            credits.append((key_actor, access.credits))
+        pool = access.pool
+        identity = access.identity
+        if pool is not None and identity is not None:
+            pool_actor = actors.actor(identity.id)
+            if pool.rate_limits:
+                table = self._tables.get(pool.rate_limits)
+                items.extend((pool_actor, lim) for lim in table.on(route))
+            if access.pool_credits is not None:
+                credits.append((pool_actor, access.pool_credits))
+        if not items and not credits:
+            return
+        now = self._clock()
+        result = grant(actors, items, credits, now, cost)
+        ctx.rate_limits.extend(result.decisions)
+        if not result.allowed:
+            if result.short is not None:
+                actor, source = result.short
+                whose = "the key" if actor is key_actor else "the key's identity"
+                raise _quota(source, actor, now, f"{whose} has no credits left")
+            raise RateLimited("the key's rate limit is exhausted; see Retry-After")
+        clock = self._clock
+        ctx.undo.append(lambda: _undo(result, clock(), cost))
 
     def admit_nowait(
         self, ctx: Context, subject: str, limit: Limit, cost: int, *, key: bool
@@ -137,7 +233,27 @@ class ActorLimiter:
         ctx.undo.append(lambda: actor.undo_nowait(admission, clock()))
 
     def record_nowait(self, consumer: Consumer, status: int) -> None:
-        self._actors.actor(consumer.id).record_nowait(status, self._clock())
+        actors = self._actors
+        now = self._clock()
+        actors.actor(consumer.id).record_nowait(status, now)
+        if type(consumer) is KeyAccess and consumer.identity is not None:
+            # The identity's usage: the sum of its keys', counted as it goes.
+            actors.actor(consumer.identity.id).record_nowait(status, now)
+
+
+def _route(ctx: Context) -> str:
+    route = ctx.route
+    return route.name if route is not None else ""
+
+
+def _undo(result: Grant, now: float, cost: int) -> None:
+    result.undo(now, cost)
+
+
+def _quota(source: CreditsFrom, actor: KeyActor, now: float, detail: str) -> QuotaExceeded:
+    error = QuotaExceeded(detail, credits_remaining=0)
+    error.headers["Retry-After"] = str(_next_refill(source, actor.credits_refilled_at, now))
+    return error
 
 
 def plugin_env(
@@ -146,10 +262,12 @@ def plugin_env(
     actors: ActorRegistry,
     clock: Callable[[], float],
     default_key_limit: Limit | None = None,
+    keyspaces: frozenset[str] | None = None,
 ) -> PluginEnv:
     """The environment the gateway hands every plugin of a config."""
     return PluginEnv(
-        keys=KeyValidation(keys),
+        keys=KeyValidation(keys, KeyResolver(actors.store)),
         limiter=ActorLimiter(actors, default_key_limit),
         clock=clock,
+        keyspaces=keyspaces,
     )

@@ -28,7 +28,16 @@ import socket
 
 import trio
 
-__all__ = ["TICK", "close", "connect", "interrupt", "recv", "send_all", "still_open"]
+__all__ = [
+    "TICK",
+    "close",
+    "connect",
+    "interrupt",
+    "recv",
+    "send_all",
+    "still_open",
+    "wait_recv",
+]
 
 TICK = 0.05
 
@@ -104,8 +113,16 @@ async def send_all(
     """Write everything; True if the task had to wait (it checkpointed).
     Raises TimeoutError if the peer reads nothing for ``stall_seconds``
     (the clock is only read when the kernel's buffer is full)."""
+    # The common case first: the kernel takes it all at once (no view, no
+    # slicing, no coroutine suspension).
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return False
     waited = False
-    view = memoryview(data)
+    view = memoryview(data)[sent:]
     while view:
         try:
             sent = sock.send(view)
@@ -123,13 +140,34 @@ async def recv(sock: socket.socket, size: int, deadline: float) -> bytes | None:
     """Up to ``size`` bytes (b"" at EOF), or None if ``deadline`` (trio time)
     passes first. Raises OSError on a reset, trio.ClosedResourceError when
     ``interrupt`` ended the wait."""
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        return await wait_recv(sock, size, deadline)
+
+
+async def wait_recv(sock: socket.socket, size: int, deadline: float) -> bytes | None:
+    """``recv`` for a caller whose own ``sock.recv`` just said "not yet":
+    parks first (trying again at once would be a wasted system call on
+    every wait), then reads. The park is inline: one coroutine layer less
+    on the hot path's every wait."""
+    waiting = _dog().waiting
+    wait = _Wait(sock, deadline)
+    key = id(wait)
     while True:
+        waiting[key] = wait
+        try:
+            await trio.lowlevel.wait_readable(sock)
+        except trio.ClosedResourceError:
+            if wait.expired:
+                return None
+            raise
+        finally:
+            del waiting[key]
         try:
             return sock.recv(size)
         except BlockingIOError:
-            pass
-        if not await _park(sock, deadline, write=False):
-            return None
+            pass  # woken without data (spurious): wait again
 
 
 def interrupt(sock: socket.socket) -> None:

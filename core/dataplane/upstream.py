@@ -30,8 +30,9 @@ as sent: the gateway cannot know that the upstream did not read them.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -55,8 +56,16 @@ LIVENESS_CHECK_AFTER = 1.0  # seconds idle before a pooled connection is checked
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_IDLE_PER_TARGET = 256
 
-#: What a request's head is made from (the pipeline's ``Context``).
-S = TypeVar("S", bound=SentSink)
+
+class RequestSink(SentSink, Protocol):
+    """What a request's head is made from and what learns how it went (the
+    pipeline's ``Context``): ``sent_upstream`` (charged from then on) and
+    ``upstream_seconds``, the time to the answer's head summed over tries."""
+
+    upstream_seconds: float | None
+
+
+S = TypeVar("S", bound=RequestSink)
 
 
 class TargetStatistics(msgspec.Struct, frozen=True):
@@ -128,6 +137,18 @@ class TargetPool:
         """The outcome of one exchange, for the breaker (if any)."""
         if self.breaker is not None:
             self.breaker.record(self.failure_policy.failed(status, error), now)
+
+    def acquire_nowait(self, now: float) -> UpstreamConnection | None:
+        """A kept-alive connection when one is at hand, else None (then
+        ``acquire`` connects): the common case without a coroutine."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < LIVENESS_CHECK_AFTER or sockio.still_open(conn.sock):
+                self.active += 1
+                return conn
+            conn.close()
+        return None
 
     async def acquire(self, *, fresh: bool = False, now: float | None = None) -> UpstreamConnection:
         self.active += 1
@@ -235,7 +256,13 @@ class Upstream:
         """A usable target, preferring those not in ``avoid`` (already
         tried); 503 ``UPSTREAM_UNAVAILABLE`` when none is usable. A breaker
         in half-open state gives the pick one of its probe slots."""
-        usable = [p for p in self.pools if p.usable(now)]
+        pools = self.pools
+        if len(pools) == 1:
+            # One target, healthy, no breaker (the common case): no lists.
+            only = pools[0]
+            if only.healthy and only.breaker is None:
+                return only
+        usable = [p for p in pools if p.usable(now)]
         if not usable:
             waits = [p.breaker.retry_after(now) for p in self.pools if p.breaker is not None]
             error = UpstreamUnavailable(f"no healthy target for upstream {self.name}")
@@ -279,15 +306,32 @@ class Upstream:
     ) -> Response:
         """One try at one target. The request head is ``head_for(sink,
         pool)``; ``sink.sent_upstream`` turns true once bytes of the request
-        have been written to the target. (A plain function and the sink
+        have been written to the target, and ``sink.upstream_seconds`` grows
+        by the time to the answer's head. (A plain function and the sink
         itself: no closure is made per request.)"""
+        started = time.monotonic()
         now = trio.current_time()
         pool = self.pick(now, tried or frozenset())
         if tried is not None:
             tried.add(pool.url)
         self.in_flight += 1
         try:
-            response = await self._exchange(pool, method, head_for(sink, pool), body, now, sink)
+            head = head_for(sink, pool)
+            # The first try inline (no coroutine per layer): a kept-alive
+            # connection, else a new one.
+            conn = pool.acquire_nowait(now)
+            if conn is None:
+                conn = await pool.acquire(fresh=True, now=now)
+            try:
+                response = await conn.exchange(
+                    method, head, body, self.config.read_timeout_seconds, sink
+                )
+            except StaleConnection:
+                pool.discard(conn)
+                response = await self._again(pool, method, head, body, sink)
+            except BaseException:
+                pool.discard(conn)
+                raise
         except UpstreamTimeout:
             pool.record(trio.current_time(), error="timeout")
             raise
@@ -307,38 +351,32 @@ class Upstream:
             raise
         finally:
             self.in_flight -= 1
+            so_far = sink.upstream_seconds
+            sink.upstream_seconds = (so_far or 0.0) + time.monotonic() - started
         if pool.breaker is not None:
             pool.record(trio.current_time(), status=response.status)
         return response
 
-    async def _exchange(
+    async def _again(
         self,
         pool: TargetPool,
         method: str,
         head: bytes,
         body: Body | None,
-        now: float,
         sink: SentSink,
     ) -> Response:
-        timeout = self.config.read_timeout_seconds
-        conn = await pool.acquire(now=now)
-        try:
-            return await conn.exchange(method, head, body, timeout, sink)
-        except StaleConnection:
-            pool.discard(conn)
-            if method not in IDEMPOTENT_METHODS:
-                # The upstream may have acted on it before closing: a proxy
-                # must not repeat a non-idempotent request on its own
-                # (RFC 9110 §9.2.2). The retry plugin decides, with rules.
-                raise BadGateway(
-                    f"upstream {pool.authority} closed a reused connection without answering"
-                ) from None
-        except BaseException:
-            pool.discard(conn)
-            raise
+        """A reused connection died before any byte of the answer: once more
+        on a fresh one, when the method allows it."""
+        if method not in IDEMPOTENT_METHODS:
+            # The upstream may have acted on it before closing: a proxy
+            # must not repeat a non-idempotent request on its own
+            # (RFC 9110 §9.2.2). The retry plugin decides, with rules.
+            raise BadGateway(
+                f"upstream {pool.authority} closed a reused connection without answering"
+            )
         conn = await pool.acquire(fresh=True)
         try:
-            return await conn.exchange(method, head, body, timeout, sink)
+            return await conn.exchange(method, head, body, self.config.read_timeout_seconds, sink)
         except StaleConnection:
             pool.discard(conn)
             raise BadGateway(f"upstream {pool.authority} closed the connection twice") from None

@@ -40,19 +40,25 @@ class UsageFlush(msgspec.Struct, frozen=True):
     credits_refilled_at: float | None
     #: GCRA state by limit name; empty keeps what is stored.
     limiters: dict[str, float]
+    #: ``credits`` is the exact balance (the workers' shared table holds
+    #: it, ``sharedlimits``): stored as is, not merged with what is stored.
+    exact: bool = False
 
 
 def merge_usage(old: UsageRecord | None, flush: UsageFlush) -> tuple[UsageRecord, int | None]:
     """The record to store for ``flush`` over ``old`` (None: nothing stored
     yet), and the balance storage now holds for the actor to pick up (None
     when storage keeps a newer credits version's balance: the actor learns the
-    new version from the key record, not from here)."""
+    new version from the key record, not from here). An ``exact`` balance
+    (several workers) is stored as it is: the shared table holds what every
+    worker spent."""
     old = old if old is not None else UsageRecord()
     delta = flush.delta
     credits, version, refilled = flush.credits, flush.credits_version, flush.credits_refilled_at
     remaining = credits
     if (
         credits is not None
+        and not flush.exact
         and old.credits_remaining is not None
         and old.credits_version == version
         and old.credits_refilled_at == refilled  # a refill resets the count

@@ -24,7 +24,6 @@ from typing import Final
 
 import httptools
 
-from triogate.errors import BadGateway
 from triogate.http.h1frame import CHUNKED, CONTENT_LENGTH, NO_BODY, request_framing
 from triogate.http.message import FORWARDED_PREFIX, GATEWAY_SET, Headers
 
@@ -36,6 +35,8 @@ __all__ = [
     "request_head",
 ]
 
+# An answer's head (interim 1xx heads included) larger than this is refused
+# (502): counted by the upstream client as bytes fed before the head is done.
 MAX_RESPONSE_HEAD_BYTES: Final = 65536
 
 # The client's headers that do not go upstream: the hop-by-hop ones, those
@@ -70,13 +71,15 @@ def proxy_request_head(
     request_id: str,
     key_id: str | None,
     body_length: int | None,
+    key_roles: tuple[str, ...] = (),
 ) -> bytes:
     """The head of a client's request as it goes to an upstream at
     ``authority``: ``target`` is the upstream's path and query, ``headers``
     the client's (the front doors already removed Connection and what it
     names), ``client_ip`` and ``scheme`` what it came with, ``key_id`` the
-    key it was admitted with (if any), ``body_length`` its body's length (0:
-    none, None: not known, so chunked)."""
+    key it was admitted with (if any) and ``key_roles`` its roles (sent as
+    ``X-Key-Roles``), ``body_length`` its body's length (0: none, None: not
+    known, so chunked)."""
     drop = NOT_FORWARDED
     lines = [f"{method} {target} HTTP/1.1\r\nhost: {authority}\r\n".encode("latin-1")]
     forwarded_for: list[bytes] = []
@@ -98,6 +101,8 @@ def proxy_request_head(
     lines.append(b"x-request-id: %b\r\n" % request_id.encode("ascii"))
     if key_id is not None:
         lines.append(b"x-key-id: %b\r\n" % key_id.encode("ascii"))
+    if key_roles:  # role names are tokens (control.roles): a list as is
+        lines.append(b"x-key-roles: %b\r\n" % ",".join(key_roles).encode("ascii"))
     # Decided by request_framing, written inline: this runs for every request.
     framing = request_framing(method, body_length)
     if framing is NO_BODY:
@@ -128,15 +133,13 @@ def request_head(
 class ResponseParser:
     """httptools callbacks for the answers on one upstream connection.
 
-    ``feed_data`` raises ``httptools.HttpParserError`` for garbage (and
-    ``BadGateway``, as its ``__context__``, for a head over
-    ``MAX_RESPONSE_HEAD_BYTES``); ``HttpParserUpgrade`` after a complete 101
+    ``feed_data`` raises ``httptools.HttpParserError`` for garbage;
+    ``HttpParserUpgrade`` after a complete 101
     head followed by bytes of the new protocol."""
 
     __slots__ = (
         "body",
         "complete",
-        "head_bytes",
         "headers",
         "headers_done",
         "interim",
@@ -160,7 +163,6 @@ class ResponseParser:
         self.complete = False
         self.body: collections.deque[bytes] = collections.deque()
         self.status = 0
-        self.head_bytes = 0
         self.skip_body = skip_body
         self.keep_alive = False
         self.interim = False
@@ -179,12 +181,11 @@ class ResponseParser:
             # 103 Early Hints): forget the interim one's headers.
             self.interim = False
             self.headers = []
-            self.head_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
-            raise BadGateway("upstream response headers are too large")
+        # The head's size is bounded by whoever feeds the parser (the bytes
+        # fed before the head is complete: also an endless single line,
+        # which llhttp never reports as a header).
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:

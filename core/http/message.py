@@ -66,6 +66,7 @@ GATEWAY_SET: Final = HOP_BY_HOP | frozenset(
         b"x-forwarded-host",
         b"x-request-id",
         b"x-key-id",
+        b"x-key-roles",
         b"forwarded",
         b"content-length",
         b"expect",

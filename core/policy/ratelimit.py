@@ -159,12 +159,25 @@ def _units(span: float, t: float, most: int) -> int:
     return 0 if units < 0 else most if units > most else units
 
 
+# A float's spacing relative to its value (2**-52, doubled for safety).
+_ULP = 4.5e-16
+
+
 def _gcra(limit: Limit, state: LimitState, now: float, cost: int) -> tuple[Decision, float]:
     t = limit.period / limit.limit
     start = state.tat if state.tat > now else now
     new_tat = start + cost * t
     allow_at = new_tat - limit.period
-    if allow_at > now + EPS:
+    # ``tat`` is a sum of up to ``limit`` intervals added to an epoch time
+    # (~1.8e9), each addition rounding by up to half a spacing: at 50 per
+    # 60 s the drift passes EPS and the 50th request would be refused. The
+    # slack follows that worst case, never over half an interval.
+    slack = limit.limit * now * _ULP
+    if slack < EPS:
+        slack = EPS
+    elif slack > t * 0.5:
+        slack = EPS if t * 0.5 < EPS else t * 0.5
+    if allow_at > now + slack:
         remaining = _units(limit.period - (start - now), t, limit.limit)
         # A cost above the limit never fits, however long one waits.
         wait = math.inf if cost > limit.limit else allow_at - now

@@ -35,6 +35,12 @@ from triogate.errors import (
     StoreError,
     ValidationError,
 )
+from triogate.runtime.cli_customers import (
+    add_customer_commands,
+    add_key_customer_options,
+    key_customer_fields,
+)
+from triogate.runtime.cli_roles import add_role_commands
 from triogate.runtime.gateway import Services, open_services
 from triogate.validation import convert_all
 
@@ -84,10 +90,15 @@ def _parse_rate_limit(text: str) -> dict[str, Any]:
 def _key_line(k: Any) -> str:
     expires = k.expires_at.isoformat() if k.expires_at else "never"
     scopes = ",".join(k.scopes) or "-"
-    return (
+    line = (
         f"{k.id}  {k.status:<8} {k.start}…  {k.name!r} owner={k.owner!r} "
         f"scopes={scopes} expires={expires}"
     )
+    extras = [f"identity={k.identity_id}"] if k.identity_id else []
+    extras += [f"plan={k.plan_id}"] if k.plan_id else []
+    extras += [f"roles={','.join(k.roles)}"] if k.roles else []
+    extras += ["DISABLED"] if not k.enabled else []
+    return " ".join([line, *extras])
 
 
 # ---- commands -------------------------------------------------------------
@@ -155,7 +166,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = parse_config(doc, source=args.file)
     # Routes compiled and every plugin validated, exactly as serve would;
     # nothing is opened or bound.
-    Pipeline.build(config, discover(), PluginEnv()).close()
+    env = PluginEnv(keyspaces=frozenset(config.keyspace_prefixes))
+    Pipeline.build(config, discover(), env).close()
     # The checksum of the bytes read (a reload reads the file again: compare
     # with `sha256sum FILE` to know the file is still the one checked).
     digest = hashlib.sha256(raw).hexdigest()
@@ -174,6 +186,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         raw["rate_limits"] = args.rate_limit
     if args.credits is not None:
         raw["credits"] = {"remaining": args.credits}
+    if args.keyspace is not None:
+        raw["keyspace"] = args.keyspace
+    raw.update(key_customer_fields(args))
     req = convert_all(raw, CreateKeyRequest, strict=False)
     created = _with_gateway(args, lambda gw: gw.keys.create(req, CLI_ACTOR))
     _print(
@@ -187,12 +202,22 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     from triogate.admin.endpoints import KeyListQuery
 
-    raw = {"limit": args.limit, "cursor": args.cursor, "owner": args.owner, "status": args.status}
+    raw = {
+        "limit": args.limit,
+        "cursor": args.cursor,
+        "owner": args.owner,
+        "status": args.status,
+        "identity_id": args.identity,
+    }
     query = convert_all({k: v for k, v in raw.items() if v is not None}, KeyListQuery)
 
     async def run(gw: Services) -> Any:
         return gw.keys.list(
-            limit=query.limit, cursor=query.cursor, owner=query.owner, status=query.status
+            limit=query.limit,
+            cursor=query.cursor,
+            owner=query.owner,
+            status=query.status,
+            identity_id=query.identity_id,
         )
 
     page = _with_gateway(args, run)
@@ -341,12 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="name=limit/seconds, repeatable",
     )
     p.add_argument("--credits", type=int)
+    p.add_argument("--keyspace", help="a [keyspaces.NAME] of the config (default: default)")
+    add_key_customer_options(p)
     p.set_defaults(func=cmd_keys_create)
 
     p = keys.add_parser("list", help="list keys, newest first")
     _data_options(p)
     p.add_argument("--owner")
     p.add_argument("--status", choices=["active", "revoked", "rotated", "expired"])
+    p.add_argument("--identity", metavar="IDN_ID", help="only the keys of this identity")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--cursor")
     p.set_defaults(func=cmd_keys_list)
@@ -395,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_options(p)
     p.set_defaults(func=cmd_secrets_rotate_hmac)
+    add_role_commands(sub, _data_options, _with_gateway, _print)
+    add_customer_commands(
+        sub, keys, _data_options, _with_gateway, _print, _parse_rate_limit, _key_line
+    )
     return parser
 
 

@@ -49,6 +49,7 @@ from triogate.control.datadir import (
 )
 from triogate.errors import DataDirError, SecretsError, StoreError
 from triogate.storage import Table, codec
+from triogate.storage.limits_file import limits_path
 from triogate.storage.lmdb_file import DATA_FILE, inspect_data_file
 
 __all__ = ["Finding", "diagnose", "main", "render"]
@@ -125,6 +126,7 @@ def diagnose(data_dir: Path) -> list[Finding]:
         witness = None
     _, found = _check_secrets(data_dir)
     findings.extend(found)
+    findings.extend(_check_limits(data_dir))
     try:
         header = inspect_data_file(lmdb_path(data_dir))
     except StoreError as exc:
@@ -155,6 +157,25 @@ def diagnose(data_dir: Path) -> list[Finding]:
     )
     findings.extend(_walk_in_child(data_dir, witness_id=witness.store_id if witness else None))
     return findings
+
+
+def _check_limits(data_dir: Path) -> Iterator[Finding]:
+    """The workers' shared limiter state (``limits/``): disposable, so at
+    worst a warning (a start recreates it), never an error."""
+    path = limits_path(data_dir)
+    if not path.exists():
+        return
+    try:
+        header = inspect_data_file(path) if path.is_dir() else None
+        if not path.is_dir():
+            raise StoreError(f"{path} is not a directory")
+    except StoreError as exc:
+        # Not "restore it from a backup": there is nothing to restore.
+        what = str(exc).split("; restore", 1)[0]
+        yield Finding("warning", "limits", f"{what}; the next start recreates it")
+        return
+    used = "empty" if header is None else f"{header.used_bytes} bytes in use"
+    yield Finding("ok", "limits", f"{path} (the workers' shared limiter state): {used}")
 
 
 def _walk_in_child(data_dir: Path, *, witness_id: str | None) -> list[Finding]:

@@ -29,7 +29,11 @@ from triogate.control.admins import AdminService
 from triogate.control.audit import AuditLog
 from triogate.control.crypto import ServerSecrets
 from triogate.control.datadir import lmdb_path, open_data_dir
+from triogate.control.identities import IdentityService
+from triogate.control.keyformat import Keyspaces
 from triogate.control.keys import KeyService
+from triogate.control.plans import PlanService
+from triogate.control.roles import RoleService
 from triogate.control.timeutil import Clock, system_clock
 from triogate.dataplane.actors import ActorRegistry, ActorStatistics
 from triogate.dataplane.pipeline import Pipeline
@@ -39,7 +43,7 @@ from triogate.dataplane.plugin_services import plugin_env
 from triogate.dataplane.upstream import UpstreamStatistics
 from triogate.plugins.contract import Plugin
 from triogate.policy.ratelimit import limit_from
-from triogate.runtime.reload import ActiveConfig, ConfigManager
+from triogate.runtime.reload import ActiveConfig, Applies, ConfigManager, Swap
 from triogate.storage import Store, StoreStatistics
 from triogate.telemetry.accesslog import AccessLog
 from triogate.telemetry.metrics import Metrics
@@ -68,6 +72,10 @@ class Services:
         self.clock = clock
         self.data_dir = config.data_dir
         self.keys = KeyService(store, secrets, prefix=config.keys.prefix, clock=clock)
+        self.keys.format = Keyspaces(config.keyspace_prefixes)
+        self.roles = RoleService(store, clock=clock)
+        self.identities = IdentityService(store, clock=clock)
+        self.plans = PlanService(store, clock=clock)
         self.admins = AdminService(store, secrets, clock=clock)
         self.audit = AuditLog(store)
         self.actors = ActorRegistry(
@@ -77,6 +85,7 @@ class Services:
             clock=clock,
         )
         self.keys.live_balance = self.actors.live_balance  # views show live credits
+        self.identities.live_balance = self.actors.live_balance  # the pool's too
 
     def __repr__(self) -> str:
         return f"<Services store={self.store!r}>"
@@ -118,6 +127,7 @@ class Gateway(Services):
         if self.access_log is not None:
             self.observers.append(self.access_log.observe)
         self.configs = ConfigManager(self)
+        self.configs.hooks.append(self.use_keyspaces)
 
     def __repr__(self) -> str:
         return f"<Gateway config={self.active.version} store={self.store!r}>"
@@ -125,6 +135,12 @@ class Gateway(Services):
     @property
     def config(self) -> Config:
         return self.active.config
+
+    def use_keyspaces(self, swap: Swap) -> None:
+        """A reload's keyspaces: keys of an added one validate from now on,
+        keys of a removed one are malformed (401) until it is back."""
+        if Applies.KEYS in swap.changed:
+            self.keys.format = Keyspaces(swap.config.keyspace_prefixes)
 
     def current_pipeline(self) -> Pipeline:
         """The active config's pipeline (a front door reads it per request)."""
@@ -142,6 +158,7 @@ class Gateway(Services):
             actors=self.actors,
             default_key_limit=None if default is None else limit_from(default, "default"),
             clock=self.clock,
+            keyspaces=frozenset(config.keyspace_prefixes),
         )
         registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
         return Pipeline.plan(config, registry, env, previous=previous)

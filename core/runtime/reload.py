@@ -90,6 +90,7 @@ class Applies(enum.Enum):
     SERVER = "server"  # the server's own shutdown grace
     ACTORS = "actors"  # the key actors' flush interval and idle time
     LOGGING = "logging"  # the root logger's level
+    KEYS = "keys"  # the key service's keyspaces (``Gateway.use_keyspaces``)
 
 
 # Every setting, and what a reload does with a change to it: the one place
@@ -125,6 +126,7 @@ RELOAD_TABLE: Final[Mapping[str, Applies]] = {
     "upstreams": Applies.PIPELINE,
     "routes": Applies.PIPELINE,
     "api_versions": Applies.PIPELINE,
+    "keyspaces": Applies.KEYS,
 }
 
 

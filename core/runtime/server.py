@@ -39,6 +39,7 @@ from triogate.dataplane.asgi import GatewayASGI
 from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.listener import ProxyListener
 from triogate.dataplane.pipeline import Pipeline
+from triogate.dataplane.sharedlimits import SharedLimits
 from triogate.errors import ConfigError, GatewayError
 from triogate.plugins.contract import Plugin
 from triogate.runtime.gateway import Gateway, open_gateway
@@ -190,7 +191,10 @@ class Server:
             self.config, source=self.source, clock=self.clock, extra_plugins=self.extra_plugins
         ) as gw:
             self.gateway = gw
-            gw.actors.set_worker(*self.worker)
+            index, workers = self.worker
+            # Several workers decide limits and credits in one shared table.
+            shared = SharedLimits.open(self.config.data_dir) if workers > 1 else None
+            gw.actors.set_worker(index, workers, shared)
             app = DrainUnreadBody(create_admin_app(gw))
             if self.config.server.proxy_server == "native":
                 # Its connection cap (and the line saying it was lowered) is

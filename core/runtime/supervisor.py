@@ -12,11 +12,10 @@ The supervisor forwards SIGTERM/SIGINT to every worker and waits for them
 worker that dies on its own, with a growing back-off so a crash loop does
 not spin.
 
-Limits across workers (see docs/rate-limits.md): each worker enforces its
-*share* of every rate limit (``limit // N``, the remainder spread over the
-first workers, at least 1), so together they never admit more than the limit
-(``N`` per period for a limit below ``N``). Credits are counted per worker
-and reconciled through LMDB at every flush.
+Limits across workers (see docs/rate-limits.md): every rate-limit and
+credit decision is made in a table all workers share
+(``triogate.dataplane.sharedlimits``, ``<data_dir>/limits/``), so both are
+exact whichever worker a connection lands on.
 """
 
 from __future__ import annotations
