@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import actors, instructions, profile, proxy, scaling, sharedlimits, soak, validate
+from . import actors, hotpath, instructions, profile, proxy, scaling, sharedlimits, soak, validate
 
 BENCHMARKS = {
     "validate": validate.main,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "scaling": scaling.main,
     "profile": profile.main,
     "instructions": instructions.main,
+    "hotpath": hotpath.main,
     "sharedlimits": sharedlimits.main,
 }
 

@@ -84,8 +84,6 @@ def _measure(args: argparse.Namespace, name: str, wrk: str, nginx: str, out_dir:
             "valgrind",
             "--tool=callgrind",
             f"--callgrind-out-file={out_dir}/callgrind.out.{name}.%p",
-            "--dump-line=no",
-            "--compress-strings=no",
         ]
         if name == "bare":
             port = proxy._free_port()

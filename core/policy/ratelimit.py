@@ -317,7 +317,10 @@ def _severity(d: Decision) -> tuple[bool, int, float]:
 #: Bounded: cleared when full (limits change only with config or key edits).
 _CACHE_SIZE = 4096
 _policy_cache: dict[tuple[Limit, ...], bytes] = {}
-_limit_cache: dict[Limit, tuple[str, bytes]] = {}
+# Keyed by the Limit's id (a Limit hashes all its fields, per request): the
+# entry keeps the Limit itself, so an id is only trusted while that very
+# object is alive, never reused by a new one.
+_limit_cache: dict[int, tuple[Limit, bytes, bytes, bytes]] = {}
 
 
 def _policy_value(limits: tuple[Limit, ...]) -> bytes:
@@ -333,14 +336,20 @@ def _policy_value(limits: tuple[Limit, ...]) -> bytes:
     return value
 
 
-def _limit_parts(limit: Limit) -> tuple[str, bytes]:
-    """The ``RateLimit`` item's quoted name and the ``X-RateLimit-Limit`` value."""
-    parts = _limit_cache.get(limit)
-    if parts is None:
-        parts = (f'"{limit.name}";r=', str(limit.limit).encode())
+def _limit_parts(limit: Limit) -> tuple[Limit, bytes, bytes, bytes]:
+    """(the limit, the ``RateLimit`` item's quoted name, the
+    ``X-RateLimit-Limit`` value, the ``RateLimit-Policy`` of this limit alone)."""
+    parts = _limit_cache.get(id(limit))
+    if parts is None or parts[0] is not limit:
+        parts = (
+            limit,
+            f'"{limit.name}";r='.encode("latin-1"),
+            b"%d" % limit.limit,
+            _policy_item(limit).encode("latin-1"),
+        )
         if len(_limit_cache) >= _CACHE_SIZE:
             _limit_cache.clear()
-        _limit_cache[limit] = parts
+        _limit_cache[id(limit)] = parts
     return parts
 
 
@@ -352,17 +361,23 @@ def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
     (whole seconds, at least 1)."""
     if not decisions:
         return []
-    worst = min(decisions, key=_severity)
+    if len(decisions) == 1:
+        worst = decisions[0]
+        _, name_part, limit_value, policy = _limit_parts(worst.limit)
+    else:
+        worst = min(decisions, key=_severity)
+        _, name_part, limit_value, _ = _limit_parts(worst.limit)
+        policy = _policy_value(tuple([d.limit for d in decisions]))
     limit = worst.limit
-    name_part, limit_value = _limit_parts(limit)
-    remaining = str(worst.remaining)
-    reset = str(_seconds(worst.reset))
+    # Bytes formatting throughout: no str made and encoded per request.
+    remaining = b"%d" % worst.remaining
+    reset = b"%d" % _seconds(worst.reset)
     out = [
-        (b"ratelimit-policy", _policy_value(tuple(d.limit for d in decisions))),
-        (b"ratelimit", f"{name_part}{remaining};t={reset}".encode("latin-1")),
+        (b"ratelimit-policy", policy),
+        (b"ratelimit", b"%b%b;t=%b" % (name_part, remaining, reset)),
         (b"x-ratelimit-limit", limit_value),
-        (b"x-ratelimit-remaining", remaining.encode()),
-        (b"x-ratelimit-reset", reset.encode()),
+        (b"x-ratelimit-remaining", remaining),
+        (b"x-ratelimit-reset", reset),
     ]
     if not worst.allowed:
         # A request that can never pass (cost above the limit) still gets a
