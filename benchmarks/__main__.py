@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 from . import actors, hotpath, instructions, profile, proxy, scaling, sharedlimits, soak, validate
+from .cluster import main as cluster_main
+from .history_storage import main as history_main
 
 BENCHMARKS = {
     "validate": validate.main,
@@ -16,6 +18,8 @@ BENCHMARKS = {
     "instructions": instructions.main,
     "hotpath": hotpath.main,
     "sharedlimits": sharedlimits.main,
+    "history": history_main,
+    "cluster": cluster_main,
 }
 
 

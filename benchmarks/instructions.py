@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import bench_load as load
+from . import bench_servers as servers
 from . import proxy
 
 TARGETS = ("bare", "nokey", "key", "limited")
@@ -59,39 +61,39 @@ def _control(*argv: str) -> None:
         ["callgrind_control", *argv], capture_output=True, text=True, timeout=60, check=False
     )
     if done.returncode != 0:
-        proxy._fail(f"callgrind_control {' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
+        servers._fail(f"callgrind_control {' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
 
 
 def _total(out_dir: Path, before: set[Path]) -> int:
     dumps = sorted(set(out_dir.glob("callgrind.out*")) - before)
     if not dumps:
-        proxy._fail("callgrind wrote no dump")
+        servers._fail("callgrind wrote no dump")
     found = _TOTALS.search(dumps[-1].read_text(errors="replace"))
     if found is None:
-        proxy._fail(f"no totals in {dumps[-1]}")
+        servers._fail(f"no totals in {dumps[-1]}")
     return int(found.group(1))
 
 
 def _measure(args: argparse.Namespace, name: str, wrk: str, nginx: str, out_dir: Path) -> Count:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triogate-ir-")))
-        upstream_port = proxy._free_port()
-        upstream = proxy._start_nginx(
-            stack, nginx, tmp, "upstream", proxy._write_upstream_conf(tmp, upstream_port), None
+        upstream_port = servers._free_port()
+        upstream = servers._start_nginx(
+            stack, nginx, tmp, "upstream", servers._write_upstream_conf(tmp, upstream_port), None
         )
-        proxy._wait_port(upstream, upstream_port)
+        servers._wait_port(upstream, upstream_port)
         grind = [
             "valgrind",
             "--tool=callgrind",
             f"--callgrind-out-file={out_dir}/callgrind.out.{name}.%p",
         ]
         if name == "bare":
-            port = proxy._free_port()
+            port = servers._free_port()
             argv = [*grind, sys.executable, "-m", f"{__package__}.bare_proxy"]
-            argv += ["--listen", f"{proxy.HOST}:{port}"]
-            argv += ["--upstream", f"{proxy.HOST}:{upstream_port}"]
+            argv += ["--listen", f"{servers.HOST}:{port}"]
+            argv += ["--upstream", f"{servers.HOST}:{upstream_port}"]
             root = Path(__file__).resolve().parent.parent
-            server = proxy._start(
+            server = servers._start(
                 stack,
                 name,
                 argv,
@@ -104,42 +106,42 @@ def _measure(args: argparse.Namespace, name: str, wrk: str, nginx: str, out_dir:
             while time.monotonic() < deadline and not _listening(port):
                 server.check_alive()
                 time.sleep(0.2)
-            url = f"http://{proxy.HOST}:{port}/nokey/{proxy.REQUEST_PATH}"
-            target = proxy.Target(name, url)
+            url = f"http://{servers.HOST}:{port}/nokey/{servers.REQUEST_PATH}"
+            target = load.Target(name, url)
         else:
             data_dir = tmp / "data"
             data_dir.mkdir()
-            key = proxy._create_key(data_dir, "bench")
-            limited = proxy._create_key(
+            key = servers._create_key(data_dir, "bench")
+            limited = servers._create_key(
                 data_dir,
                 "bench-limited",
-                ["--rate-limit", f"burst={proxy.NEVER}/1", "--credits", str(proxy.CREDITS)],
+                ["--rate-limit", f"burst={servers.NEVER}/1", "--credits", str(servers.CREDITS)],
             )
-            conf = proxy._triogate_conf(tmp, data_dir, upstream_port)
+            conf = servers._triogate_conf(tmp, data_dir, upstream_port)
             stdout = tmp / "out"
             argv = [*grind, sys.executable, "-m", "triogate", "serve", "-c", str(conf)]
-            server = proxy._start(stack, name, argv, core=None, stdout=stdout, stderr=tmp / "err")
+            server = servers._start(stack, name, argv, core=None, stdout=stdout, stderr=tmp / "err")
             deadline = time.monotonic() + args.start_timeout
             found = None
             while time.monotonic() < deadline:
                 server.check_alive()
-                found = proxy._LISTENING.search(stdout.read_text(errors="replace"))
+                found = servers._LISTENING.search(stdout.read_text(errors="replace"))
                 if found:
                     break
                 time.sleep(0.2)
             if found is None:
-                proxy._fail(f"{name}: triogate under callgrind did not start")
+                servers._fail(f"{name}: triogate under callgrind did not start")
             secret = {"limited": limited.key, "key": key.key, "nokey": ""}[name]
             headers = (("X-API-Key", secret),) if secret else ()
-            target = proxy.Target(name, f"{found.group(1)}/{name}/{proxy.REQUEST_PATH}", headers)
-        proxy._verify(target)
+            target = load.Target(name, f"{found.group(1)}/{name}/{servers.REQUEST_PATH}", headers)
+        load._verify(target)
         # Warm-up: caches filled, upstream connections open, code paths hot.
-        proxy._wrk(
+        load._wrk(
             wrk, target, seconds=args.warmup, connections=args.connections, core=None, latency=False
         )
         before = set(out_dir.glob("callgrind.out*"))
         _control("--zero", str(server.proc.pid))
-        output = proxy._wrk(
+        output = load._wrk(
             wrk,
             target,
             seconds=args.seconds,
@@ -148,23 +150,23 @@ def _measure(args: argparse.Namespace, name: str, wrk: str, nginx: str, out_dir:
             latency=False,
         )
         _control("--dump", str(server.proc.pid))
-        result = proxy.parse_wrk(output, latency=False)
+        result = load.parse_wrk(output, latency=False)
         if result.errors:
-            proxy._fail(f"{name}: wrk saw errors:\n{output}")
+            servers._fail(f"{name}: wrk saw errors:\n{output}")
         return Count(name, result.requests, _total(out_dir, before))
 
 
 def _listening(port: int) -> bool:
     import socket
 
-    with contextlib.suppress(OSError), socket.create_connection((proxy.HOST, port), 0.5):
+    with contextlib.suppress(OSError), socket.create_connection((servers.HOST, port), 0.5):
         return True
     return False
 
 
 def run(args: argparse.Namespace) -> int:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        proxy._fail("valgrind is not installed: apt-get install valgrind")
+        servers._fail("valgrind is not installed: apt-get install valgrind")
     wrk, nginx = proxy._find("wrk"), proxy._find("nginx")
     with contextlib.ExitStack() as stack:
         out_dir = (
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="keep callgrind's files in this directory")
     try:
         return run(parser.parse_args(argv))
-    except proxy.BenchError as exc:
+    except servers.BenchError as exc:
         print(f"instructions: {exc}", file=sys.stderr)
         return 1
 

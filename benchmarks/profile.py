@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import bench_load as load
+from . import bench_servers as servers
 from . import proxy
 
 TARGETS = ("limited", "key", "nokey", "bare")
@@ -83,42 +85,46 @@ def run(args: argparse.Namespace) -> int:
     wrk = proxy._find("wrk")
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
-        proxy._fail("py-spy is not installed: pip install py-spy")
+        servers._fail("py-spy is not installed: pip install py-spy")
     server_core = proxy._core(args.server_core, "server")
     load_core = proxy._core(args.load_core, "load")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triogate-prof-")))
-        upstream_port = proxy._free_port()
-        upstream = proxy._start_nginx(
+        upstream_port = servers._free_port()
+        upstream = servers._start_nginx(
             stack,
             nginx,
             tmp,
             "upstream",
-            proxy._write_upstream_conf(tmp, upstream_port),
+            servers._write_upstream_conf(tmp, upstream_port),
             proxy._core(args.upstream_core, "upstream"),
         )
-        proxy._wait_port(upstream, upstream_port)
+        servers._wait_port(upstream, upstream_port)
         if args.target == "bare":
-            port = proxy._free_port()
-            server = proxy._start_bare(stack, tmp, port, upstream_port, server_core)
-            proxy._wait_port(server, port)
-            target = proxy.Target("bare", f"http://{proxy.HOST}:{port}/nokey/{proxy.REQUEST_PATH}")
+            port = servers._free_port()
+            server = servers._start_bare(stack, tmp, port, upstream_port, server_core)
+            servers._wait_port(server, port)
+            target = load.Target(
+                "bare", f"http://{servers.HOST}:{port}/nokey/{servers.REQUEST_PATH}"
+            )
         else:
             data_dir = tmp / "data"
             data_dir.mkdir()
-            key = proxy._create_key(data_dir, "bench")
-            limited = proxy._create_key(
+            key = servers._create_key(data_dir, "bench")
+            limited = servers._create_key(
                 data_dir,
                 "bench-limited",
-                ["--rate-limit", f"burst={proxy.NEVER}/1", "--credits", str(proxy.CREDITS)],
+                ["--rate-limit", f"burst={servers.NEVER}/1", "--credits", str(servers.CREDITS)],
             )
-            conf = proxy._triogate_conf(tmp, data_dir, upstream_port)
-            server, url, _admin = proxy._start_triogate(stack, tmp, conf, server_core)
+            conf = servers._triogate_conf(tmp, data_dir, upstream_port)
+            server, url, _admin = servers._start_triogate(stack, tmp, conf, server_core)
             secret = {"limited": limited.key, "key": key.key, "nokey": ""}[args.target]
             headers = (("X-API-Key", secret),) if secret else ()
-            target = proxy.Target(args.target, f"{url}/{args.target}/{proxy.REQUEST_PATH}", headers)
-        proxy._verify(target)
-        proxy._wrk(
+            target = load.Target(
+                args.target, f"{url}/{args.target}/{servers.REQUEST_PATH}", headers
+            )
+        load._verify(target)
+        load._wrk(
             wrk,
             target,
             seconds=args.warmup,
@@ -127,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             latency=False,
         )
         raw = Path(args.raw) if args.raw else tmp / "stacks.txt"
-        cpu_before = proxy._cpu_seconds(server.proc.pid)
+        cpu_before = servers._cpu_seconds(server.proc.pid)
         sampler = subprocess.Popen(
             [
                 spy,
@@ -149,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             text=True,
         )
         time.sleep(0.5)  # the sampler attaches before the load starts
-        output = proxy._wrk(
+        output = load._wrk(
             wrk,
             target,
             seconds=args.seconds,
@@ -157,11 +163,11 @@ def run(args: argparse.Namespace) -> int:
             core=load_core,
             latency=True,
         )
-        cpu = proxy._cpu_seconds(server.proc.pid) - cpu_before
+        cpu = servers._cpu_seconds(server.proc.pid) - cpu_before
         _, err = sampler.communicate(timeout=args.seconds + 30)
-        result = proxy.parse_wrk(output)
+        result = load.parse_wrk(output)
         if sampler.returncode != 0 or not raw.exists():
-            proxy._fail(f"py-spy failed ({sampler.returncode}):\n{err}")
+            servers._fail(f"py-spy failed ({sampler.returncode}):\n{err}")
         stacks = _collapsed(raw)
     per_request_us = cpu / max(result.requests, 1) * 1e6
     own, under, total = _tables(stacks, args.top, args.lines)
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return run(parser.parse_args(argv))
-    except proxy.BenchError as exc:
+    except servers.BenchError as exc:
         print(f"profile: {exc}", file=sys.stderr)
         return 1
 

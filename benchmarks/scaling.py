@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import bench_load as load
+from . import bench_servers as servers
+from . import bench_summary as summary
 from . import proxy
 from .machine import describe
 
@@ -42,10 +45,10 @@ class ScalingRow:
 def workers_conf(base: str, port: int, workers: int) -> str:
     """The proxy benchmark's triogate config with a fixed proxy port (the
     workers share it) and ``server.workers``."""
-    any_port = f'proxy_listen = "{proxy.HOST}:0"'
+    any_port = f'proxy_listen = "{servers.HOST}:0"'
     if any_port not in base:
-        raise proxy.BenchError("the proxy benchmark's config has no proxy_listen to replace")
-    return base.replace(any_port, f'proxy_listen = "{proxy.HOST}:{port}"\nworkers = {workers}', 1)
+        raise servers.BenchError("the proxy benchmark's config has no proxy_listen to replace")
+    return base.replace(any_port, f'proxy_listen = "{servers.HOST}:{port}"\nworkers = {workers}', 1)
 
 
 def format_rows(rows: list[ScalingRow]) -> str:
@@ -62,15 +65,15 @@ def format_rows(rows: list[ScalingRow]) -> str:
     return "\n".join(lines)
 
 
-def _await_workers(gateway: proxy.Managed, stdout: Path, workers: int) -> None:
+def _await_workers(gateway: servers.Managed, stdout: Path, workers: int) -> None:
     """Every worker listening (each prints its own line), not just the first."""
-    deadline = time.monotonic() + proxy.START_TIMEOUT
+    deadline = time.monotonic() + servers.START_TIMEOUT
     while time.monotonic() < deadline:
         gateway.check_alive()
         if stdout.read_text(errors="replace").count("triogate: proxy listening on") >= workers:
             return
         time.sleep(0.05)
-    raise proxy.BenchError(f"not all {workers} workers listened within {proxy.START_TIMEOUT} s")
+    raise servers.BenchError(f"not all {workers} workers listened within {servers.START_TIMEOUT} s")
 
 
 def _measure(
@@ -80,21 +83,21 @@ def _measure(
     run_dir.mkdir()
     data_dir = run_dir / "data"
     data_dir.mkdir()
-    limited_key = proxy._create_key(
+    limited_key = servers._create_key(
         data_dir,
         "bench-limited",
-        ["--rate-limit", f"burst={proxy.NEVER}/1", "--credits", str(proxy.CREDITS)],
+        ["--rate-limit", f"burst={servers.NEVER}/1", "--credits", str(servers.CREDITS)],
     )
-    proxy._create_admin(data_dir)
-    conf = proxy._triogate_conf(run_dir, data_dir, upstream_port)
-    port = proxy._free_port()
+    servers._create_admin(data_dir)
+    conf = servers._triogate_conf(run_dir, data_dir, upstream_port)
+    port = servers._free_port()
     while port == upstream_port:
-        port = proxy._free_port()
+        port = servers._free_port()
     conf.write_text(workers_conf(conf.read_text(), port, workers))
     with contextlib.ExitStack() as stack:
-        # Not proxy._start_triogate: with several workers each announces
+        # Not servers._start_triogate: with several workers each announces
         # itself with a "(worker I)" suffix; the port is fixed here anyway.
-        gateway = proxy._start(
+        gateway = servers._start(
             stack,
             f"triogate (workers = {workers})",
             [sys.executable, "-m", "triogate", "serve", "-c", str(conf)],
@@ -102,25 +105,25 @@ def _measure(
             stdout=run_dir / "triogate.out",
             stderr=run_dir / "triogate.err",
         )
-        url = f"http://{proxy.HOST}:{port}"
-        target = proxy.Target(
-            proxy.LIMITED,
-            f"{url}/limited/{proxy.REQUEST_PATH}",
+        url = f"http://{servers.HOST}:{port}"
+        target = load.Target(
+            summary.LIMITED,
+            f"{url}/limited/{servers.REQUEST_PATH}",
             (("X-API-Key", limited_key.key),),
             (("RateLimit-Policy", '"burst"'),),
         )
         _await_workers(gateway, run_dir / "triogate.out", workers)
-        proxy._verify(target)
+        load._verify(target)
         wrk_args = {"connections": args.connections, "core": None}
         if args.warmup:
-            proxy._wrk(wrk, target, seconds=args.warmup, latency=False, **wrk_args)
+            load._wrk(wrk, target, seconds=args.warmup, latency=False, **wrk_args)
         gateway.check_alive()
-        before = proxy._cpu_seconds(gateway.proc.pid)
-        output = proxy._wrk(wrk, target, seconds=args.seconds, latency=True, **wrk_args)
-        cpu = proxy._cpu_seconds(gateway.proc.pid) - before
+        before = servers._cpu_seconds(gateway.proc.pid)
+        output = load._wrk(wrk, target, seconds=args.seconds, latency=True, **wrk_args)
+        cpu = servers._cpu_seconds(gateway.proc.pid) - before
         gateway.check_alive()
-        result = proxy.parse_wrk(output)
-        processes = 1 + len(proxy._children(gateway.proc.pid))
+        result = load.parse_wrk(output)
+        processes = 1 + len(servers._children(gateway.proc.pid))
     print(
         f"  workers = {workers}: {result.requests_per_second:,.0f} req/s, "
         f"p99 {result.p99_ms:.2f} ms, {cpu:.2f} s CPU over {processes} process(es)",
@@ -141,17 +144,17 @@ def run(args: argparse.Namespace) -> int:
     print(describe("nothing pinned: servers, upstream and wrk share all cores"), flush=True)
     print(
         f"wrk: 1 thread, {args.connections} connections, {args.warmup} s warm-up, "
-        f"{args.seconds} s measured; target: {proxy.LIMITED}",
+        f"{args.seconds} s measured; target: {summary.LIMITED}",
         flush=True,
     )
     rows: list[ScalingRow] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triogate-scale-")))
-        upstream_port = proxy._free_port()
-        upstream = proxy._start_nginx(
-            stack, nginx, tmp, "upstream", proxy._write_upstream_conf(tmp, upstream_port), None
+        upstream_port = servers._free_port()
+        upstream = servers._start_nginx(
+            stack, nginx, tmp, "upstream", servers._write_upstream_conf(tmp, upstream_port), None
         )
-        proxy._wait_port(upstream, upstream_port)
+        servers._wait_port(upstream, upstream_port)
         for workers in args.workers:
             rows.append(_measure(args, wrk, tmp, upstream_port, workers))
     print()
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return run(args)
-    except proxy.BenchError as exc:
+    except servers.BenchError as exc:
         print(f"benchmarks scaling: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

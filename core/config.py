@@ -26,11 +26,15 @@ import msgspec
 from msgspec import Meta, Struct
 
 from triogate.errors import ConfigError, FieldError, ValidationError
+from triogate.events_config import EventsConfig, EventType, WebhookConfig, webhook_checks
 from triogate.validation import convert_all
 
 __all__ = [
     "ApiVersionConfig",
+    "ClusterConfig",
     "Config",
+    "EventType",
+    "EventsConfig",
     "HealthCheckConfig",
     "KeysConfig",
     "KeyspaceConfig",
@@ -40,6 +44,7 @@ __all__ = [
     "ServerConfig",
     "StorageConfig",
     "UpstreamConfig",
+    "WebhookConfig",
     "load_config",
     "parse_config",
 ]
@@ -146,11 +151,21 @@ DEFAULT_KEYSPACE = "default"
 #: Admin keys' prefix (``control.admins``): an API keyspace may not take it.
 RESERVED_PREFIXES = frozenset({"tgadm_"})
 MAX_KEYSPACES = 64
+#: ``[keys] import_formats`` bounds (``control.keyformat.ImportFormats``).
+MAX_IMPORT_FORMATS = 32
+MAX_IMPORT_FORMAT_LENGTH = 512
 
 
 class KeysConfig(Struct, frozen=True, forbid_unknown_fields=True):
     prefix: KeyPrefix = "tg_"
     default_rate_limit: RateLimitConfig | None = None
+    import_formats: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=MAX_IMPORT_FORMAT_LENGTH)]],
+        Meta(
+            max_length=MAX_IMPORT_FORMATS,
+            description="RE2 regexes: foreign keys matching one may be imported and used",
+        ),
+    ] = []
 
 
 class KeyspaceConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -167,6 +182,13 @@ class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
     actor_idle_seconds: Annotated[
         PositiveSeconds, Meta(description="an actor unused this long is flushed and evicted")
     ] = 300.0
+    usage_retention_days: Annotated[
+        int, Meta(ge=1, le=3660, description="usage history (hour and day buckets) kept this long")
+    ] = 90
+    usage_minute_retention_hours: Annotated[
+        int,
+        Meta(ge=1, le=2160, description="minute buckets of the usage history kept this long"),
+    ] = 48
 
 
 class HealthCheckConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -254,6 +276,39 @@ class LogConfig(Struct, frozen=True, forbid_unknown_fields=True):
         return self.access_log or None
 
 
+RedisUrl = Annotated[
+    str,
+    Meta(
+        pattern=r"^(redis|rediss|unix|redis\+sentinel|rediss\+sentinel)://\S+$",
+        max_length=2048,
+        description="redis://, rediss:// (TLS), unix:// or redis+sentinel:// URL",
+    ),
+]
+
+
+class ClusterConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """``[cluster]``: nodes sharing one Redis (``triogate.cluster``). Without
+    ``redis_url`` the node is a single gateway, as before."""
+
+    redis_url: RedisUrl | None = None
+    fallback: Annotated[
+        Literal["local", "deny"],
+        Meta(description="limits while Redis is unreachable: this node decides, or 503"),
+    ] = "local"
+    connect_timeout_seconds: Annotated[float, Meta(ge=0.01, le=60)] = 2.0
+    command_timeout_seconds: Annotated[
+        float, Meta(ge=0.001, le=60, description="a limit decision's wait before the fallback")
+    ] = 0.25
+    health_interval_seconds: Annotated[float, Meta(ge=0.01, le=60)] = 1.0
+    batch_max: Annotated[int, Meta(ge=1, le=10_000, description="decisions per pipeline")] = 256
+    local_routes: Annotated[
+        list[Identifier], Meta(max_length=1024, description="routes whose limits stay per node")
+    ] = []
+    local_keyspaces: Annotated[
+        list[Identifier], Meta(max_length=64, description="keyspaces whose limits stay per node")
+    ] = []
+
+
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerConfig = ServerConfig()
     keys: KeysConfig = KeysConfig()
@@ -264,6 +319,8 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     routes: list[RouteConfig] = []
     api_versions: dict[str, ApiVersionConfig] = {}
     keyspaces: dict[str, KeyspaceConfig] = {}
+    events: EventsConfig = EventsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @property
     def data_dir(self) -> Path:
@@ -283,13 +340,18 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         if not name.startswith("TRIOGATE_") or "__" not in name:
             continue
         path = [p.lower() for p in name[len("TRIOGATE_") :].split("__")]
-        node = raw
+        node: Any = raw
         for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if isinstance(node, list):  # an array of tables: its item number ``part``
+                child = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+            else:
+                child = node.setdefault(part, {})
+            if not isinstance(child, dict | list):
                 break
             node = child
         else:
+            if not isinstance(node, dict):
+                continue
             try:
                 node[path[-1]] = tomllib.loads(f"v = {value}")["v"]
             except tomllib.TOMLDecodeError:
@@ -320,6 +382,31 @@ def _cross_checks(config: Config) -> list[FieldError]:
             )
         seen.setdefault(route.name, i)
     errors.extend(_keyspace_checks(config))
+    errors.extend(_import_format_checks(config.keys.import_formats))
+    errors.extend(webhook_checks(config.events))
+    return errors
+
+
+def _import_format_checks(patterns: list[str]) -> list[FieldError]:
+    """Each import format must compile with RE2, the engine that matches it
+    (``policy.userregex``, which this base module may not import)."""
+    if not patterns:
+        return []
+    import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
+
+    options = re2.Options()
+    options.log_errors = False  # the error is reported here, with its path
+    errors: list[FieldError] = []
+    for i, pattern in enumerate(patterns):
+        try:
+            re2.compile(pattern, options)
+        except re2.error as exc:
+            reason = exc.args[0] if exc.args else exc
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            errors.append(
+                FieldError(f"keys.import_formats[{i}]", f"not a valid RE2 expression: {reason}")
+            )
     return errors
 
 

@@ -16,7 +16,7 @@ them directly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,16 +60,24 @@ class Limiter(Protocol):
     decisions in ``ctx.rate_limits`` (for the ``RateLimit`` headers) and
     what gives it back in ``ctx.undo`` (run if the gateway refuses the
     request before any byte of it went upstream); a refusal raises
-    ``RateLimited`` or ``QuotaExceeded`` (429, with ``Retry-After``)."""
+    ``RateLimited`` or ``QuotaExceeded`` (429, with ``Retry-After``).
 
-    def admit_key_nowait(self, ctx: Context, consumer: Consumer, cost: int) -> None:
+    The admissions may return an awaitable instead of None: a cluster
+    node's limiter decides in Redis (``triogate.cluster``), and the refusal
+    is then raised by awaiting it. A caller returns it from its
+    ``access_nowait`` (the gateway awaits it); a limiter that always returns
+    None stays valid."""
+
+    def admit_key_nowait(
+        self, ctx: Context, consumer: Consumer, cost: int
+    ) -> Awaitable[None] | None:
         """The key's own limits (or the configured default) and ``cost``
         credits, all-or-nothing, in its ``state_key``'s state."""
         ...
 
     def admit_nowait(
         self, ctx: Context, subject: str, limit: Limit, cost: int, *, key: bool
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """``cost`` units of ``limit`` for ``subject``: whose requests count
         together. ``key=True``: ``subject`` is a key's ``state_key`` and the
         state is kept with the key's (persisted); else any string (an
@@ -77,7 +85,11 @@ class Limiter(Protocol):
         ...
 
     def record_nowait(self, consumer: Consumer, status: int) -> None:
-        """Count a request in the key's usage (by status class)."""
+        """Count a request in the key's usage (by status class). The
+        gateway's limiter also has ``record_outcome_nowait(consumer, status,
+        code)`` (``code``: the answer's problem code, None for the upstream's),
+        which key-auth calls when a limiter has it: the usage history's
+        outcome."""
         ...
 
 

@@ -88,6 +88,13 @@ def _extract(raw: list[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
+async def _both(first: Awaitable[None], second: Awaitable[None]) -> None:
+    try:
+        await first
+    finally:
+        await second
+
+
 class KeyAuth(Plugin[KeyAuthConfig]):
     name = "key-auth"
     priority = 1250
@@ -121,6 +128,10 @@ class KeyAuth(Plugin[KeyAuthConfig]):
         self._reindex = env.keys.reindex
         self._admit = env.limiter.admit_key_nowait
         self._record = env.limiter.record_nowait
+        # The gateway's limiter also counts outcomes; a third party's may not.
+        self._record_outcome: Callable[[Consumer, int, str | None], None] | None = getattr(
+            env.limiter, "record_outcome_nowait", None
+        )
 
     def access_nowait(self, ctx: Context) -> Awaitable[None] | None:
         headers = ctx.request.headers
@@ -137,15 +148,23 @@ class KeyAuth(Plugin[KeyAuthConfig]):
         ctx.consumer = consumer
         # The key's own limits and credits, all-or-nothing, in the state of
         # its rotation chain.
-        self._admit(ctx, consumer, self.cost)
+        # A cluster node's limiter decides in Redis: an awaitable then.
+        deciding = self._admit(ctx, consumer, self.cost)
         if self.config.hide_credentials:
             headers.raw = [(k, v) for k, v in headers.raw if k not in _STRIP]
         if stale:
             # Found under an older HMAC secret: move it to the current one
             # (once per key after a secret rotation), the one wait here.
-            return self._reindex(key, consumer.id)
-        return None
+            reindex = self._reindex(key, consumer.id)
+            return reindex if deciding is None else _both(deciding, reindex)
+        return deciding
 
     def log_nowait(self, ctx: Context, response: Response) -> None:
         if ctx.consumer is not None:
-            self._record(ctx.consumer, response.status)
+            outcome = self._record_outcome
+            if outcome is None:
+                self._record(ctx.consumer, response.status)
+                return
+            # The problem code tells a refusal's outcome (usage history).
+            problem = response.problem
+            outcome(ctx.consumer, response.status, None if problem is None else problem.code)

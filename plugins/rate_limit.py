@@ -12,6 +12,7 @@ key-auth took for it (the pipeline's undo), so it consumes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Annotated, Literal
 
 from msgspec import Meta
@@ -22,7 +23,6 @@ from triogate.plugins.contract import (
     Plugin,
     PluginEnv,
     RateLimitConfig,
-    Response,
     RouteView,
     UpstreamView,
 )
@@ -76,13 +76,12 @@ class RateLimit(Plugin[RouteLimitConfig]):
         self._ip_prefix = f"ip:{route.name}:"
         self._limit = self._policy(route.name)
 
-    def access_nowait(self, ctx: Context) -> Response | None:
+    def access_nowait(self, ctx: Context) -> Awaitable[None] | None:
+        # None, or (a cluster node's limiter deciding in Redis) an awaitable.
         by = self.config.by
         if by == "route":
-            self._admit(ctx, self._route_subject, self._limit, self.cost, key=False)
-        elif by == "key" and ctx.consumer is not None:
+            return self._admit(ctx, self._route_subject, self._limit, self.cost, key=False)
+        if by == "key" and ctx.consumer is not None:
             # A rotated key and its successor count as one key.
-            self._admit(ctx, ctx.consumer.state_key, self._limit, self.cost, key=True)
-        else:
-            self._admit(ctx, self._ip_prefix + ctx.client_ip, self._limit, self.cost, key=False)
-        return None
+            return self._admit(ctx, ctx.consumer.state_key, self._limit, self.cost, key=True)
+        return self._admit(ctx, self._ip_prefix + ctx.client_ip, self._limit, self.cost, key=False)

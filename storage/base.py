@@ -69,6 +69,17 @@ class Table(enum.Enum):
     ROLES = b"roles"  # role id -> RoleRecord
     ROLE_NAMES = b"role_names"  # role name (utf-8) -> role id
     ROLE_MEMBERS = b"role_members"  # role name + 0 + key id -> b"" (keys naming it)
+    # Issue 13 (key import, control/keysha256.py): only keys imported by
+    # their SHA-256, until first use re-indexes them under the HMAC.
+    KEY_SHA256 = b"key_sha256"  # sha256(plaintext) -> key id
+    KEY_IMPORTS = b"key_imports"  # b"id:" + key id -> ImportMark; b"sha256:" + tag -> key id
+    # Issue 13 (events and webhooks, core/events/).
+    EVENT_DELIVERIES = b"event_deliveries"  # delivery id -> DeliveryRecord (the log)
+    EVENT_OUTBOX = b"event_outbox"  # due (8-byte ms) + delivery id -> b"" (pending ones)
+    EVENT_MARKS = b"event_marks"  # event type + 0 + subject -> last emitted (8-byte ms)
+    # Issue 13 (usage history, control/history.py): counts by outcome and
+    # status class per minute, hour and day, for keys and identities.
+    USAGE_HISTORY = b"usage_history"  # id + 0 + m|h|d + u32 minute -> UsageBucket
 
 
 class ReadTxn(Protocol):

@@ -15,8 +15,14 @@ rules:
   Credit balances are also flushed into the store with the usage counters.
 * **disposable**: what it holds is recomputed from nothing (limits start
   whole) or from the store (balances as last flushed). So a damaged or
-  unreadable environment is not an error: ``open_limits_env`` logs a warning
-  and starts it afresh, and the data-directory checks leave it alone.
+  unreadable environment, or one too full to write in, is not an error:
+  ``open_limits_env`` logs a warning and starts it afresh, and the
+  data-directory checks leave it alone.
+* **only for workers**: a gateway that decides in one process
+  (``server.workers = 1``, the standalone ASGI app) spends balances this
+  table does not see, so it removes the table at start
+  (``discard_limits_env``): a later start with workers must not find the
+  balances it holds (it would hand spent credits out again).
 
 Opening is serialised across processes with ``flock`` on the data directory
 itself, so two workers starting together never both recreate it.
@@ -37,7 +43,14 @@ import lmdb
 from triogate.errors import StoreError
 from triogate.storage.lmdb_file import DATA_FILE, inspect_data_file
 
-__all__ = ["LIMITS_DIR", "LIMITS_MAP_SIZE", "limits_path", "open_limits_env"]
+__all__ = [
+    "LIMITS_DIR",
+    "LIMITS_MAP_SIZE",
+    "discard_limits_env",
+    "limits_path",
+    "open_limits_env",
+    "used_share",
+]
 
 log = logging.getLogger("triogate.storage.limits")
 
@@ -46,6 +59,25 @@ LIMITS_DIR: Final = "limits"
 #: the tree's overhead, so some 600,000 limiter states fit; past that,
 #: ``sharedlimits`` prunes and, if need be, forgets them.
 LIMITS_MAP_SIZE: Final = 64 << 20
+#: What the write check at open puts and deletes (no table's key starts with NUL).
+_PROBE: Final = b"\x00open"
+#: A table using this share of its map at open is started afresh: the running
+#: sweeper keeps it well below (``dataplane.sharedtable.ROOM_AT``), so it was
+#: left full, and making room in a full map needs free pages too.
+FULL_AT: Final = 0.9
+
+
+def _pages(stat: dict[str, int]) -> int:
+    return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+
+
+def used_share(env: Any, dbs: Sequence[Any]) -> float:
+    """The share of ``env``'s map the trees of ``dbs`` (and the main tree)
+    use; pages freed by deletions are reused, so they do not count."""
+    with env.begin() as txn:
+        pages = _pages(env.stat()) + sum(_pages(txn.stat(db)) for db in dbs)
+    share: float = pages * env.stat()["psize"] / env.info()["map_size"]
+    return share
 
 
 def limits_path(data_dir: Path) -> Path:
@@ -86,6 +118,13 @@ def _open(
                 cursor = txn.cursor(db=db)
                 cursor.first()
                 cursor.last()
+        # And write once: a map left full (MapFullError, or nearly) is
+        # started afresh too.
+        with env.begin(write=True, db=dbs[0]) as txn:
+            txn.put(_PROBE, b"")
+            txn.delete(_PROBE)
+        if used_share(env, dbs) >= FULL_AT:
+            raise StoreError(f"it is {used_share(env, dbs):.0%} full")
     except BaseException:
         env.close()
         raise
@@ -121,7 +160,7 @@ def open_limits_env(
             return _open_or_fall_back(path, map_size, names)
         except (StoreError, lmdb.Error, OSError) as exc:
             log.warning(
-                "the shared limiter state in %s could not be read (%s); starting it afresh: "
+                "the shared limiter state in %s could not be used (%s); starting it afresh: "
                 "rate limits start whole, credit balances come from the store",
                 path,
                 exc,
@@ -132,3 +171,20 @@ def open_limits_env(
         return _open_or_fall_back(path, map_size, names)
     finally:
         os.close(lock)  # releases the flock
+
+
+def discard_limits_env(data_dir: Path) -> None:
+    """Remove the shared table, if there is one (under the same ``flock``
+    as opening): called where one process decides, since the balances it
+    holds would go stale (see the module's doc)."""
+    path = limits_path(data_dir)
+    if not path.exists():
+        return
+    lock = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():  # not a directory
+            path.unlink()
+    finally:
+        os.close(lock)

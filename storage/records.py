@@ -24,11 +24,14 @@ __all__ = [
     "AdminRecord",
     "AuditRecord",
     "Credits",
+    "DeliveryAttempt",
+    "DeliveryRecord",
     "IdentityRecord",
     "KeyRecord",
     "PlanRecord",
     "RateLimit",
     "RoleRecord",
+    "UsageBucket",
     "UsageRecord",
     "codec",
 ]
@@ -60,7 +63,8 @@ class RateLimit(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Credits(Struct, frozen=True, forbid_unknown_fields=True):
-    """A quota: ``remaining`` requests, topped up by ``refill_amount`` on an interval."""
+    """A quota: ``remaining`` requests, topped up to ``refill_amount`` on an
+    interval (seconds) or on the calendar (``policy.refill`` decides when)."""
 
     remaining: Annotated[int, Meta(ge=0, le=10**15, description="requests left")]
     refill_amount: Annotated[
@@ -69,6 +73,37 @@ class Credits(Struct, frozen=True, forbid_unknown_fields=True):
     refill_interval_seconds: Annotated[
         float, Meta(ge=0, le=31_536_000, description="0 means never refilled")
     ] = 0
+    # Issue 13: calendar refills (UTC), beside the interval in seconds (at
+    # most one of the two). Daily: at 00:00 UTC; monthly: at 00:00 UTC on
+    # ``refill_day`` (1-28, so every month has it; default 1).
+    refill_interval: Annotated[
+        Literal["daily", "monthly"] | None,
+        Meta(description="daily (00:00 UTC) or monthly (on refill_day, 00:00 UTC)"),
+    ] = None
+    refill_day: (
+        Annotated[int, Meta(ge=1, le=28, description="monthly only: the day of the month, 1-28")]
+        | None
+    ) = None
+    # Issue 13 (events): ``credits.low`` fires when a request's spend takes
+    # the balance to or below each of these percentages of its reference
+    # (``refill_amount`` when the credits refill, else ``remaining`` as set).
+    low_at_percent: (
+        Annotated[
+            tuple[Annotated[int, Meta(ge=0, le=100)], ...],
+            Meta(
+                max_length=8,
+                description="credits.low at these percentages; none: [events] credits_low_percent",
+            ),
+        ]
+        | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a validation error (400).
+        if self.refill_interval is not None and self.refill_interval_seconds > 0:
+            raise ValueError("give refill_interval or refill_interval_seconds, not both")
+        if self.refill_day is not None and self.refill_interval != "monthly":
+            raise ValueError("refill_day is only for refill_interval = 'monthly'")
 
 
 class KeyRecord(Struct, array_like=True, frozen=True):
@@ -218,6 +253,53 @@ class AuditRecord(Struct, array_like=True, frozen=True):
     details: dict[str, Any] = {}
 
 
+class DeliveryAttempt(Struct, array_like=True, frozen=True):
+    """One try at delivering a webhook event (``core/events``)."""
+
+    at: float
+    status: int | None  # the receiver's HTTP status; None when none came back
+    error: str | None  # why it failed; None when it was delivered
+    duration_ms: float = 0.0
+
+
+class DeliveryRecord(Struct, array_like=True, frozen=True):
+    """One event for one webhook: the delivery log's entry, and while
+    ``status`` is ``pending`` the outbox's (``Table.EVENT_OUTBOX`` indexes
+    it by ``next_attempt_at``). ``payload`` is the JSON body as sent."""
+
+    id: str  # dlv_…
+    event_id: str  # evt_… (one event, one delivery per subscribed webhook)
+    event_type: str
+    webhook: str  # the webhook's name (its url when it has none)
+    url: str
+    payload: bytes
+    created_at: float
+    status: str  # pending | delivered | failed
+    next_attempt_at: float | None
+    # Attempts in the current schedule (a manual retry starts a new one);
+    # ``attempts`` keeps the last ones of every schedule.
+    tries: int = 0
+    attempts: tuple[DeliveryAttempt, ...] = ()
+    key_id: str | None = None
+
+
+class UsageBucket(Struct, array_like=True, frozen=True):
+    """One bucket (a minute, an hour or a day) of a key's or an identity's
+    usage history (``Table.USAGE_HISTORY``): requests by outcome, and by
+    status class. Each request is in exactly one outcome and one class."""
+
+    allowed: int = 0
+    rate_limited: int = 0
+    quota_exceeded: int = 0
+    invalid: int = 0
+    upstream_error: int = 0
+    status_1xx: int = 0
+    status_2xx: int = 0
+    status_3xx: int = 0
+    status_4xx: int = 0
+    status_5xx: int = 0
+
+
 class _Codec:
     """One reused encoder and one decoder per record type (msgspec perf tips)."""
 
@@ -230,6 +312,7 @@ class _Codec:
         self.identity = msgspec.msgpack.Decoder(IdentityRecord)
         self.plan = msgspec.msgpack.Decoder(PlanRecord)
         self.role = msgspec.msgpack.Decoder(RoleRecord)
+        self.usage_bucket = msgspec.msgpack.Decoder(UsageBucket)
 
     def encode(self, record: Struct) -> bytes:
         return self._encoder.encode(record)

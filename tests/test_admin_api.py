@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 import trio.lowlevel
 
 from tests.conftest import Admin, Running
 from tests.helpers_gateway import assert_problem
+from tests.helpers_webhooks import stored_delivery
 from triogate.admin.endpoints import ENDPOINTS, Endpoint
 from triogate.control.ids import new_id
 from triogate.control.keyformat import KeyFormat
@@ -169,7 +171,9 @@ async def test_create_returns_plaintext_once_and_reads_never_do(
     assert created["rate_limits"] == [
         {**r, "algorithm": "gcra", "routes": []} for r in body["rate_limits"]
     ]
-    assert created["credits"] == body["credits"]
+    # Credits' later fields (issue 13: calendar refills, credits.low levels) default to null.
+    credits_defaults = {"refill_interval": None, "refill_day": None, "low_at_percent": None}
+    assert created["credits"] == {**body["credits"], **credits_defaults}
     assert created["revoked_at"] is None
     assert created["rotated_to"] is None and created["rotated_from"] is None
     assert created["grace_ends_at"] is None and created["last_used_at"] is None
@@ -260,7 +264,14 @@ async def test_patch_changes_only_given_fields_and_null_clears(
     assert p["metadata"] == {"v": 2, "tags": ["x"]}
     assert abs(rfc3339_utc(p["expires_at"]) - rfc3339_utc(new_expiry)) < timedelta(milliseconds=1)
     assert p["rate_limits"] == [{**r, "algorithm": "gcra", "routes": []} for r in new_limits]
-    assert p["credits"] == {"remaining": 50, "refill_amount": 5, "refill_interval_seconds": 60}
+    assert p["credits"] == {
+        "remaining": 50,
+        "refill_amount": 5,
+        "refill_interval_seconds": 60,
+        "refill_interval": None,
+        "refill_day": None,
+        "low_at_percent": None,
+    }
     # Untouchable fields stay.
     assert p["owner"] == "carol" and p["id"] == k["id"] and p["status"] == "active"
     assert p["created_at"] == k["created_at"]
@@ -646,7 +657,8 @@ async def test_openapi_describes_every_endpoint(running: Running) -> None:
             assert any(p["name"] == "id" and p["in"] == "path" for p in op["parameters"])
         if ep.query is not None:
             names = {p["name"] for p in op["parameters"] if p["in"] == "query"}
-            assert names == set(ep.query.__struct_fields__)
+            # Their names as sent (a field may be renamed: ``from``).
+            assert names == {f.encode_name for f in msgspec.structs.fields(ep.query)}
         if ep.request is not None:
             schema = op["requestBody"]["content"]["application/json"]["schema"]
             resolved = _resolve(doc, schema)
@@ -849,6 +861,9 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
     async def b_list() -> Request:
         return "GET", "/keys", None
 
+    async def b_import() -> Request:
+        return "POST", "/keys/import", {"keys": [{"sha256": "ab" * 32, "name": "n", "owner": "o"}]}
+
     async def b_validate() -> Request:
         return "POST", "/keys/validate", {"key": (await fresh_key())["key"]}
 
@@ -891,6 +906,9 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
 
     async def b_upstreams() -> Request:
         return "GET", "/upstreams", None
+
+    async def b_cluster() -> Request:
+        return "GET", "/cluster", None
 
     async def b_reload() -> Request:
         return "POST", "/config/reload", None
@@ -940,11 +958,43 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
     async def b_identity_usage() -> Request:
         return "GET", f"/identities/{await fresh_identity()}/usage", None
 
+    async def b_key_history() -> Request:
+        return "GET", f"/keys/{(await fresh_key())['id']}/usage/history", None
+
+    async def b_identity_history() -> Request:
+        return "GET", f"/identities/{await fresh_identity()}/usage/history", None
+
+    async def b_key_credits() -> Request:
+        key = await create_key(c, root, name="target", credits={"remaining": 5})
+        return "POST", f"/keys/{key['id']}/credits", {"op": "increment", "amount": 1}
+
+    async def b_identity_credits() -> Request:
+        body = {"external_id": f"cus_{next(made)}", "credits": {"remaining": 5}}
+        made_id = await fresh("/identities", body)
+        return "POST", f"/identities/{made_id}/credits", {"op": "decrement", "amount": 1}
+
+    async def b_deliveries() -> Request:
+        return "GET", "/events/deliveries", None
+
+    async def b_delivery() -> Request:
+        return "GET", f"/events/deliveries/{await stored_delivery(running.gateway.store)}", None
+
+    async def b_retry() -> Request:
+        made_id = await stored_delivery(running.gateway.store)
+        return "POST", f"/events/deliveries/{made_id}/retry", None
+
     builders: dict[tuple[str, str], Builder] = {
+        ("GET", "/events/deliveries"): b_deliveries,
+        ("GET", "/events/deliveries/{id}"): b_delivery,
+        ("POST", "/events/deliveries/{id}/retry"): b_retry,
         **customer_builders(
             "/identities", fresh_identity, lambda: {"external_id": f"cus_{next(made)}"}
         ),
         ("GET", "/identities/{id}/usage"): b_identity_usage,
+        ("GET", "/identities/{id}/usage/history"): b_identity_history,
+        ("GET", "/keys/{id}/usage/history"): b_key_history,
+        ("POST", "/keys/{id}/credits"): b_key_credits,
+        ("POST", "/identities/{id}/credits"): b_identity_credits,
         **customer_builders("/plans", fresh_plan, lambda: {"name": f"plan{next(made)}"}),
         **customer_builders(
             "/roles", fresh_role, lambda: {"name": f"role{next(made)}", "scopes": ["a:read"]}
@@ -952,6 +1002,7 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
         ("POST", "/keys"): b_create,
         ("GET", "/keys"): b_list,
         ("POST", "/keys/validate"): b_validate,
+        ("POST", "/keys/import"): b_import,
         ("GET", "/keys/{id}"): b_get,
         ("PATCH", "/keys/{id}"): b_patch,
         ("DELETE", "/keys/{id}"): b_revoke,
@@ -965,6 +1016,7 @@ async def test_permission_matrix(running: Running, root: Admin) -> None:
         ("GET", "/config"): b_config,
         ("GET", "/routes"): b_routes,
         ("GET", "/upstreams"): b_upstreams,
+        ("GET", "/cluster"): b_cluster,
         ("POST", "/config/reload"): b_reload,
     }
     guarded: list[Endpoint] = [ep for ep in ENDPOINTS if ep.permission is not None]

@@ -9,8 +9,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers_process import clean_env, free_ports
+from triogate.dataplane.sharedlimits import SharedLimits
+from triogate.runtime.standalone import open_standalone
+from triogate.storage.limits_file import limits_path
 
 
 def _wait(url: str, timeout: float = 20.0) -> None:
@@ -74,3 +78,20 @@ upstream_path = "/{{rest}}"
         echo.wait(10)
     assert hyper.stderr is not None
     assert b"Traceback" not in hyper.stderr.read()
+
+
+async def test_the_standalone_app_discards_the_workers_shared_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process decides: balances it spends would be stale in the table,
+    so a later ``serve`` with workers must not find it."""
+    data = tmp_path / "data"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\ndata_dir = "{data}"\n[log]\naccess_log = ""\n')
+    monkeypatch.setenv("TRIOGATE_CONFIG", str(config))
+    async with open_standalone():  # the data directory, made
+        pass
+    SharedLimits.open(data).close()
+    assert limits_path(data).exists()
+    async with open_standalone():
+        assert not limits_path(data).exists()

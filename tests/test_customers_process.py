@@ -245,3 +245,4 @@ def test_two_workers_share_one_identitys_pool_exactly(tmp_path: Path) -> None:
                     r = proxy.get("/a/x", headers={"x-api-key": keys[i % 2]["key"]})
                     codes.append(_code(r))
             assert codes.count("200") == 10, codes
+            assert sp.stop() == 0  # the supervisor stops its workers: none left behind

@@ -4,14 +4,17 @@
 A key limited to 10 a minute gets exactly 10 whether its requests come over
 one keep-alive connection (one worker) or over fresh connections (the kernel
 spreads them over both); a route limit by key, credits, the undo of a refusal
-after admission, a damaged shared table at start, and a worker SIGKILLed
-under load.
+after admission, a damaged shared table at start, a worker SIGKILLed
+under load, balances spent with one worker not coming back from a stale
+table, a key moved off its plan, and workers exiting with their killed
+supervisor.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -205,3 +208,80 @@ def test_a_worker_killed_under_load_never_spends_credits_twice(
     assert 30 - failed <= ok <= 30, (ok, failed, refused)
     assert refused == 80 - ok - failed
     assert _stored(tmp_path, key["id"])[1] == 0
+
+
+def _with_workers(path: Path, workers: int) -> Path:
+    path.write_text(re.sub(r"workers = \d+", f"workers = {workers}", path.read_text()))
+    return path
+
+
+def test_credits_spent_with_one_worker_do_not_come_back_with_two(
+    tmp_path: Path, upstream: str
+) -> None:
+    """Two workers leave the shared table holding 5; one worker (no table)
+    spends those 5; two workers again must not find the stale 5: a start
+    with ``workers = 1`` discards the table."""
+    (port,) = free_ports(1)
+    config = _config(tmp_path, upstream, port)
+    key = _key(tmp_path, "--credits", "10")
+    with serving(config) as proc:
+        _both_workers_up(proc)
+        assert _fresh(port, "/x", key["key"], 5) == [200] * 5
+        assert proc.stop(signal.SIGTERM) == 0
+    assert _stored(tmp_path, key["id"]) == (5, 5)
+    with serving(_with_workers(config, 1)) as proc:
+        assert not limits_path(tmp_path / "data").exists()
+        assert _fresh(port, "/x", key["key"], 5) == [200] * 5
+        assert proc.stop(signal.SIGTERM) == 0
+    assert _stored(tmp_path, key["id"]) == (10, 0)
+    with serving(_with_workers(config, 2)) as proc:
+        _both_workers_up(proc)
+        statuses = _fresh(port, "/x", key["key"], 5)
+        assert proc.stop(signal.SIGTERM) == 0
+    assert statuses == [429] * 5
+    assert _stored(tmp_path, key["id"]) == (15, 0)  # refusals count as requests
+
+
+def test_a_key_taken_off_its_plan_gets_its_own_credits(tmp_path: Path, upstream: str) -> None:
+    (port,) = free_ports(1)
+    config = _config(tmp_path, upstream, port)
+    with serving(config) as proc:
+        _both_workers_up(proc)
+        with httpx.Client(base_url=proc.url, timeout=10) as admin:
+            r = admin.post("/setup", json={"name": "root", "email": "root@example.com"})
+            auth = {"Authorization": f"Bearer {r.json()['key']}"}
+            plan = admin.post(
+                "/plans", json={"name": "p", "credits": {"remaining": 2}}, headers=auth
+            )
+            body = {"name": "k", "owner": "o", "plan_id": plan.json()["id"]}
+            key = admin.post("/keys", json=body, headers=auth).json()
+            assert _fresh(port, "/x", key["key"], 3) == [200, 200, 429]
+            body = {"plan_id": None, "credits": {"remaining": 1000}}
+            r = admin.patch(f"/keys/{key['id']}", json=body, headers=auth)
+            assert r.json()["credits"]["remaining"] == 1000
+            statuses = _fresh(port, "/x", key["key"], 3)
+        assert proc.stop(signal.SIGTERM) == 0
+    assert statuses == [200] * 3
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def test_workers_exit_when_their_supervisor_is_killed(tmp_path: Path, upstream: str) -> None:
+    (port,) = free_ports(1)
+    config = _config(tmp_path, upstream, port)
+    with serving(config) as proc:
+        _both_workers_up(proc)
+        workers = _workers(proc.proc.pid)
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        proc.proc.kill()  # SIGKILL: no chance to stop them itself
+        proc.proc.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), "workers outlived their supervisor"

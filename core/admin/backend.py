@@ -8,11 +8,14 @@ from typing import Protocol
 
 from triogate.control.admins import AdminService
 from triogate.control.audit import Actor, AuditLog
+from triogate.control.credits import CreditService
+from triogate.control.history import HistoryService
 from triogate.control.identities import IdentityService
 from triogate.control.keys import KeyService
 from triogate.control.plans import PlanService
 from triogate.control.roles import RoleService
 from triogate.dataplane.pipeline import Pipeline
+from triogate.events import EventService
 from triogate.telemetry.metrics import Metrics
 
 __all__ = ["AdminBackend", "ConfigControl", "LoadedConfig"]
@@ -56,6 +59,12 @@ class AdminBackend(Protocol):
     def plans(self) -> PlanService: ...
     @property
     def audit(self) -> AuditLog: ...
+    @property
+    def credits(self) -> CreditService: ...
+    @property
+    def events(self) -> EventService: ...
+    @property
+    def history(self) -> HistoryService: ...
     @property
     def metrics(self) -> Metrics: ...
     @property

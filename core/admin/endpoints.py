@@ -16,9 +16,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from triogate import __version__
 from triogate.admin.backend import AdminBackend, LoadedConfig
+from triogate.admin.cluster_endpoints import NodeHealth, cluster_endpoints, health
+from triogate.admin.credit_endpoints import credit_endpoints, validate_key
 from triogate.admin.customer_endpoints import customer_endpoints
+from triogate.admin.event_endpoints import event_endpoints
+from triogate.admin.history_endpoints import history_endpoints
+from triogate.admin.import_endpoints import import_endpoints
 from triogate.admin.role_endpoints import role_endpoints
 from triogate.control.audit import Actor
 from triogate.control.models import (
@@ -30,7 +34,6 @@ from triogate.control.models import (
     CreatedAdmin,
     CreatedKey,
     CreateKeyRequest,
-    Health,
     KeyPage,
     KeyView,
     RevokeResult,
@@ -196,11 +199,6 @@ async def rotate_key(gw: AdminBackend, call: Call) -> Struct:
     return await gw.keys.rotate(call.params["id"], call.body, call.actor)
 
 
-async def validate_key(gw: AdminBackend, call: Call) -> Struct:
-    req: ValidateKeyRequest = call.body
-    return await gw.keys.validate(req.key, req.scopes)
-
-
 async def key_usage(gw: AdminBackend, call: Call) -> Struct:
     return gw.keys.usage(call.params["id"])
 
@@ -269,10 +267,6 @@ async def metrics(gw: AdminBackend, call: Call) -> Raw:
     return Raw(body, content_type)
 
 
-async def health(gw: AdminBackend, call: Call) -> Struct:
-    return Health(status="ok", version=__version__)
-
-
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "POST",
@@ -310,7 +304,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "POST",
         "/keys/validate",
-        "Check a key (and optionally scopes)",
+        "Check a key (and optionally scopes): its credits and limits left; spend: N spends",
         "admin:keys:read",
         validate_key,
         request=ValidateKeyRequest,
@@ -449,7 +443,13 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         tags=("system",),
     ),
     Endpoint(
-        "GET", "/health", "Liveness and readiness", None, health, response=Health, tags=("system",)
+        "GET",
+        "/health",
+        "Liveness and readiness (and, in a cluster, this node's replica lag)",
+        None,
+        health,
+        response=NodeHealth,
+        tags=("system",),
     ),
     Endpoint(
         "GET",
@@ -462,4 +462,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     *role_endpoints(Endpoint),
     *customer_endpoints(Endpoint),
+    *history_endpoints(Endpoint),
+    *cluster_endpoints(Endpoint),
+    *credit_endpoints(Endpoint),
+    *event_endpoints(Endpoint),
+    *import_endpoints(Endpoint),
 )

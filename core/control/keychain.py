@@ -18,7 +18,8 @@ counts by class), written under the key's own id, and everything about the
 key itself (scopes, expiry, status). What is shared: the balance and the
 limiter state (stored in the usage record under the state key), and so the
 settings that govern them, ``credits`` and ``rate_limits``, which a PATCH of
-any key of the chain sets on every key of it (``chain``).
+any key of the chain sets on every key of it (``chain``); and ``enabled``, so
+that disabling the new key also stops the old one in its grace.
 
 Keys rotated before state keys existed have no ``state_id`` and keep their
 own state: nothing about stored records changes meaning.
@@ -33,6 +34,7 @@ import msgspec
 
 from triogate.control.keyfields import index_key
 from triogate.control.keyrules import effective_status
+from triogate.control.keysha256 import drop_sha256
 from triogate.storage import Credits, KeyRecord, ReadTxn, Table, UsageRecord, WriteTxn, codec
 
 __all__ = [
@@ -163,6 +165,7 @@ def sweep(txn: WriteTxn, now: float) -> tuple[list[str], list[str]]:
         kid = record.id.encode()
         txn.delete(Table.KEYS, kid)
         txn.delete(Table.KEY_DIGESTS, record.digest)
+        drop_sha256(txn, record)
         txn.delete(Table.KEY_OWNERS, record.owner_tag + kid)
         index_key(txn, record, None)
         if record.id not in states_in_use:
@@ -173,8 +176,8 @@ def sweep(txn: WriteTxn, now: float) -> tuple[list[str], list[str]]:
 def share_settings(
     txn: WriteTxn, members: list[KeyRecord], key_id: str, shared: dict[str, Any], now: float
 ) -> list[str]:
-    """Set ``shared`` (credits, rate limits) on every key of a chain but
-    ``key_id`` (its caller writes that one): the ids changed."""
+    """Set ``shared`` (credits, rate limits, enabled) on every key of a
+    chain but ``key_id`` (its caller writes that one): the ids changed."""
     if not shared:
         return []
     others = [m for m in members if m.id != key_id]

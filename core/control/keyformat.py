@@ -12,6 +12,14 @@ give several prefixes to one gateway: ``Keyspaces`` holds one ``KeyFormat``
 per keyspace. A prefix has exactly one ``_``, at its end, so a key's prefix
 is everything up to its first ``_``: one ``find`` and one dict lookup pick
 the only format that can accept it, before any checksum or HMAC.
+
+Imported keys (``POST /keys/import``, docs/metering.md) may be in a
+*foreign* format: the config's ``[keys] import_formats``, regular
+expressions compiled with RE2 (``policy.userregex``: linear time whatever
+the pattern), joined into one alternation so a key costs one match however
+many formats there are. A key in a keyspace's own format never reaches
+them; with no import formats configured ``is_well_formed`` is exactly what
+it was.
 """
 
 from __future__ import annotations
@@ -19,12 +27,22 @@ from __future__ import annotations
 import re
 import secrets
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final
 
 from triogate.errors import ValidationError
+from triogate.policy.userregex import LinearPattern, compile_linear
 
-__all__ = ["BODY_LENGTH", "CHECKSUM_LENGTH", "DEFAULT_KEYSPACE", "KeyFormat", "Keyspaces"]
+__all__ = [
+    "BODY_LENGTH",
+    "CHECKSUM_LENGTH",
+    "DEFAULT_KEYSPACE",
+    "MAX_IMPORTED_KEY_LENGTH",
+    "MIN_IMPORTED_KEY_LENGTH",
+    "ImportFormats",
+    "KeyFormat",
+    "Keyspaces",
+]
 
 _B62: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 BODY_LENGTH: Final = 43  # 62**43 > 2**256
@@ -32,6 +50,10 @@ CHECKSUM_LENGTH: Final = 6  # 62**6 > 2**32
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,15}_$")
 _MAX_PREFIX: Final = 17  # 16 characters and the "_"
 DEFAULT_KEYSPACE: Final = "default"  # the config's too (``triogate.config``)
+# A foreign key's length bounds (the config's too): shorter is too guessable
+# to be worth importing, longer is not a key; both are refused before RE2.
+MIN_IMPORTED_KEY_LENGTH: Final = 16
+MAX_IMPORTED_KEY_LENGTH: Final = 512
 
 
 def _b62(value: int, length: int) -> str:
@@ -90,6 +112,43 @@ class KeyFormat:
         return key[: len(self.prefix) + 4]
 
 
+class ImportFormats:
+    """The config's ``[keys] import_formats``: which foreign keys are looked
+    up at all. Pure and immutable (a reload makes a new one)."""
+
+    __slots__ = ("_joined", "patterns")
+
+    def __init__(self, patterns: tuple[str, ...] = ()) -> None:
+        """Raises ``policy.userregex.RegexError`` for a pattern RE2 refuses
+        (the config checks them first, so a config error names it)."""
+        self.patterns = patterns
+        for source in patterns:
+            compile_linear(source)  # each alone: the error names the bad one
+        self._joined: LinearPattern | None = (
+            compile_linear("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+        )
+
+    def __repr__(self) -> str:
+        return f"ImportFormats({list(self.patterns)!r})"
+
+    def __bool__(self) -> bool:
+        return self._joined is not None
+
+    def matches(self, key: str) -> bool:
+        """Whether ``key`` is a foreign key some import format accepts: the
+        whole key matches one pattern (anchors or not), and it is printable
+        ASCII of an importable length."""
+        joined = self._joined
+        return (
+            joined is not None
+            and MIN_IMPORTED_KEY_LENGTH <= len(key) <= MAX_IMPORTED_KEY_LENGTH
+            and key.isascii()
+            and key.isprintable()
+            and " " not in key
+            and joined.fullmatch(key) is not None
+        )
+
+
 class Keyspaces:
     """The key formats of every configured keyspace, by name. Pure and
     immutable: a reload makes a new one (``KeyService.format`` is swapped).
@@ -98,15 +157,18 @@ class Keyspaces:
     (in ``default`` unless told), ``is_well_formed`` (any keyspace) and
     ``start``. A key of a keyspace no longer configured is malformed."""
 
-    __slots__ = ("_by_name", "_by_prefix", "is_well_formed")
+    __slots__ = ("_by_name", "_by_prefix", "imports", "is_well_formed")
 
-    #: Whether ``key`` is well formed in *some* configured keyspace. With one
-    #: keyspace this is that format's own method: no extra cost at all.
+    #: Whether ``key`` is well formed in *some* configured keyspace, or
+    #: matches an import format. With one keyspace and no import formats
+    #: this is that format's own method: no extra cost at all.
     is_well_formed: Callable[[str], bool]
 
-    def __init__(self, prefixes: Mapping[str, str]) -> None:
+    def __init__(self, prefixes: Mapping[str, str], import_formats: Sequence[str] = ()) -> None:
         """``prefixes``: keyspace name -> prefix; must name ``default``.
-        Raises ValueError for a bad prefix, or one starting another."""
+        ``import_formats``: the config's ``[keys] import_formats``.
+        Raises ValueError for a bad prefix, or one starting another, and
+        ``RegexError`` (a ValueError) for a bad import format."""
         if DEFAULT_KEYSPACE not in prefixes:
             raise ValueError("the keyspace 'default' has no prefix")
         self._by_name = {name: KeyFormat(prefix) for name, prefix in prefixes.items()}
@@ -120,9 +182,16 @@ class Keyspaces:
                     )
             self._by_prefix[fmt.prefix] = (name, fmt)
         if len(self._by_name) == 1:
-            self.is_well_formed = self._by_name[DEFAULT_KEYSPACE].is_well_formed
+            own = self._by_name[DEFAULT_KEYSPACE].is_well_formed
         else:
-            self.is_well_formed = self._any_well_formed
+            own = self._any_well_formed
+        self.imports = ImportFormats(tuple(import_formats))
+        if self.imports:
+            foreign = self.imports.matches
+            # Own format first: the common key pays one call more, no regex.
+            self.is_well_formed = lambda key: own(key) or foreign(key)
+        else:
+            self.is_well_formed = own
 
     @classmethod
     def single(cls, prefix: str) -> Keyspaces:
@@ -131,6 +200,8 @@ class Keyspaces:
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}={f.prefix!r}" for n, f in self._by_name.items())
+        if self.imports:
+            inner += f", imports={list(self.imports.patterns)!r}"
         return f"Keyspaces({inner})"
 
     def __contains__(self, name: object) -> bool:

@@ -25,14 +25,17 @@ nothing.
 
 Credits a key takes from its plan are a balance of the key's own (under its
 state key), as its own credits would be; ``PlanCredits`` gives that balance
-the plan's ``credits_version`` (above every version a key's own credits
-reach), so setting the plan's credits resets every member's balance from
-the next request on, and changing anything else of the plan does not. A key
-moved to another plan keeps its balance until the next refill or reset.
+a version of the plan's (``plan_credits_version``: the plan's id in the high
+bits, its ``credits_version`` in the low 32), so setting the plan's credits
+resets every member's balance from the next request on, and changing
+anything else of the plan does not. Versions are ordered only within one
+source (``policy.creditversion``): a key moved to another plan, or off its plan,
+starts from the new source's balance, whatever the two versions' sizes.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from typing import Final
 
@@ -45,6 +48,7 @@ from triogate.control.effective import (
 from triogate.control.keyrules import access_decision, scopes_refused
 from triogate.control.roles import roles_by_name
 from triogate.errors import KeyVerdict
+from triogate.policy.creditversion import SOURCE_SHIFT
 from triogate.policy.keyaccess import KeyRule
 from triogate.storage import KeyRecord, ReadTxn, Store, Table, codec
 from triogate.storage.records import Credits, IdentityRecord, PlanRecord, RateLimit, RoleRecord
@@ -55,7 +59,7 @@ __all__ = ["KeyAccess", "KeyResolver", "PlanCredits", "has_extras", "plan_credit
 #: memory with 10,000s of plans or identities; a miss only costs a decode).
 MAX_CACHED: Final = 65_536
 #: Plan-derived credit versions live above every version a record counts to.
-_PLAN_VERSION_BASE: Final = 1 << 40
+_PLAN_VERSION_BASE: Final = 1 << 62
 
 
 def has_extras(record: KeyRecord) -> bool:
@@ -67,8 +71,10 @@ def has_extras(record: KeyRecord) -> bool:
 def plan_credits_version(plan: PlanRecord) -> int:
     """The credits version of a balance that follows ``plan``'s credits:
     the same in every process and after a restart, growing with each change
-    of the plan's credits (and with nothing else of the plan)."""
-    return _PLAN_VERSION_BASE + plan.credits_version
+    of the plan's credits (and with nothing else of the plan). The plan's
+    id is in the high bits (``policy.creditversion``)."""
+    source = zlib.crc32(plan.id.encode()) & 0xFFFFFF
+    return _PLAN_VERSION_BASE | source << SOURCE_SHIFT | plan.credits_version
 
 
 class PlanCredits:

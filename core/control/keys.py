@@ -33,6 +33,7 @@ import contextlib
 import hmac
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import msgspec
@@ -40,6 +41,7 @@ from msgspec import UNSET
 
 from triogate.control import keychain
 from triogate.control.audit import Actor, append_audit
+from triogate.control.eventsink import EventSink, key_data
 from triogate.control.ids import new_id
 from triogate.control.keyfields import (
     identity_disabled,
@@ -55,6 +57,7 @@ from triogate.control.keyrules import (
     scopes_refused,
 )
 from triogate.control.keyrules import key_decision as key_decision
+from triogate.control.keysha256 import Sha256Index, drop_sha256
 from triogate.control.keyviews import OWNER_TAG, KeyReads
 from triogate.control.models import (
     CreatedKey,
@@ -78,10 +81,19 @@ _INVALID = KeyVerdict.INVALID_KEY
 
 
 class KeyService(KeyReads):
+    #: Where key events go, in each change's own write (the runtime sets
+    #: it when webhooks are configured; ``control.eventsink``).
+    events: EventSink | None = None
+
     def __repr__(self) -> str:
         return f"<KeyService {self.format!r} store={self._store!r}>"
 
     # ---- validation (hot path) --------------------------------------------
+
+    @cached_property
+    def sha256_index(self) -> Sha256Index:
+        """Keys imported by their SHA-256 (``keysha256``): tried on a miss."""
+        return Sha256Index(self._store)
 
     def lookup_nowait(self, plaintext: str) -> tuple[KeyRecord | None, bool]:
         """The key's record (None if malformed or unknown), and whether it was
@@ -89,8 +101,8 @@ class KeyService(KeyReads):
         if not self.format.is_well_formed(plaintext):
             return None, False
         found = find_by_digest(self._store, self._secrets, plaintext, Table.KEY_DIGESTS, Table.KEYS)
-        if found is None:
-            return None, False
+        if found is None:  # imported by its SHA-256, not used yet? (keysha256)
+            return self.sha256_index.find(plaintext)
         keyring = self._secrets.hmac  # after the lookup: it may have refreshed it
         raw, digest, version = found
         record = codec.key.decode(raw)
@@ -151,6 +163,7 @@ class KeyService(KeyReads):
             # The old entry stays: processes started before the rotation
             # still look the key up under the old secret.
             txn.put(Table.KEY_DIGESTS, new_digest, key_id.encode())
+            drop_sha256(txn, record)  # a SHA-256 import's weak entry does not stay
             updated = msgspec.structs.replace(
                 record, digest=new_digest, digest_version=keyring.current
             )
@@ -260,6 +273,8 @@ class KeyService(KeyReads):
                 now=now,
                 details=details,
             )
+            if self.events is not None:
+                self.events.emit(txn, "key.created", key_data(record, now), now)
 
         await self._store.write(fn)
         return self._created(record, plaintext, now)
@@ -282,12 +297,13 @@ class KeyService(KeyReads):
                 raise ValidationError(errors)
             changes: dict[str, Any] = {"updated_at": now}
             shared: dict[str, Any] = {}
-            # Credits and limits govern the state a rotation chain shares:
-            # set on one key of it, they are set on every key of it.
+            # Credits and limits govern the state a rotation chain shares,
+            # and a chain is one key to its owner (disabling the new key
+            # must not leave the old one working in its grace): set on one
+            # key of it, they and ``enabled`` are set on every key of it.
+            chained = (req.credits, req.rate_limits, req.enabled)
             members = (
-                keychain.chain(txn, record)
-                if req.credits is not UNSET or req.rate_limits is not UNSET
-                else [record]
+                keychain.chain(txn, record) if any(v is not UNSET for v in chained) else [record]
             )
             if req.name is not UNSET:
                 changes["name"] = req.name
@@ -300,7 +316,7 @@ class KeyService(KeyReads):
             if req.plan_id is not UNSET:
                 changes["plan_id"] = req.plan_id
             if req.enabled is not UNSET:
-                changes["enabled"] = req.enabled
+                shared["enabled"] = req.enabled
             if req.roles is not UNSET:
                 changes["roles"] = tuple(dict.fromkeys(req.roles))
             if req.rate_limits is not UNSET:
@@ -333,14 +349,24 @@ class KeyService(KeyReads):
                 now=now,
                 details=details,
             )
-            if updated.enabled != record.enabled:
-                append_audit(
-                    txn,
-                    actor=actor,
-                    action="key.enable" if updated.enabled else "key.disable",
-                    target_id=key_id,
-                    now=now,
-                )
+            for member in members:
+                if req.enabled is not UNSET and member.enabled != req.enabled:
+                    append_audit(
+                        txn,
+                        actor=actor,
+                        action="key.enable" if req.enabled else "key.disable",
+                        target_id=member.id,
+                        now=now,
+                        details=None if member.id == key_id else {"via": key_id},
+                    )
+            if self.events is not None:
+                data = key_data(updated, now, fields=changed)
+                self.events.emit(txn, "key.updated", data, now)
+                for member in members:  # the rotation chain's keys too
+                    if member.enabled and req.enabled is False:
+                        gone = updated if member.id == key_id else member
+                        data = key_data(msgspec.structs.replace(gone, enabled=False), now)
+                        self.events.emit(txn, "key.disabled", data, now)
             return updated
 
         updated = await self._store.write(fn)
@@ -354,7 +380,9 @@ class KeyService(KeyReads):
             record = self._load(txn, key_id)
             if record.status == "revoked":
                 raise Conflict(f"key {key_id} is already revoked")
-            revoke_record(txn, record, now=now, actor=actor)
+            revoked = revoke_record(txn, record, now=now, actor=actor)
+            if self.events is not None:
+                self.events.emit(txn, "key.revoked", key_data(revoked, now), now)
 
         await self._store.write(fn)
         return RevokeResult(id=key_id, status="revoked", revoked_at=utc_required(now))
@@ -407,6 +435,14 @@ class KeyService(KeyReads):
                 now=now,
                 details={"new_id": new_key_id, "grace_seconds": req.grace_seconds},
             )
+            if self.events is not None:
+                data = key_data(
+                    rotated,
+                    now,
+                    new_key_id=new_key_id,
+                    grace_ends_at=utc_required(grace_ends_at).isoformat(),
+                )
+                self.events.emit(txn, "key.rotated", data, now)
             return new
 
         new = await self._store.write(fn)
@@ -421,6 +457,10 @@ class KeyService(KeyReads):
 
         def fn(txn: WriteTxn) -> tuple[int, int]:
             expired, purged = keychain.sweep(txn, now)
+            if self.events is not None:
+                for expired_id in expired:  # marked expired now: once per key
+                    data = key_data(self._load(txn, expired_id), now)
+                    self.events.emit(txn, "key.expired", data, now)
             append_audit(
                 txn,
                 actor=actor,

@@ -33,6 +33,7 @@ __all__ = [
     "Health",
     "KeyPage",
     "KeyView",
+    "LimitStateView",
     "Problem",
     "RevokeResult",
     "RotateKeyRequest",
@@ -206,6 +207,15 @@ class RotateKeyRequest(Struct, forbid_unknown_fields=True):
 class ValidateKeyRequest(Struct, forbid_unknown_fields=True):
     key: Annotated[str, Meta(min_length=1, max_length=512)]
     scopes: Scopes = []
+    spend: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1_000_000,
+            description="credits to spend, admitted against the limits like a request; "
+            "0 (the default) only reports the state",
+        ),
+    ] = 0
 
 
 class SetupRequest(Struct, forbid_unknown_fields=True):
@@ -289,6 +299,20 @@ class ValidateResult(Struct, omit_defaults=True):
     expires_at: datetime | None = None
     grace_ends_at: datetime | None = None
     required_scopes: list[str] | None = None
+    # Issue 13: the key's limit state (``control.credits``); absent when
+    # the key is refused, and credits_remaining for a key without credits.
+    credits_remaining: int | None = None
+    rate_limits: list[LimitStateView] | None = None
+
+
+class LimitStateView(Struct):
+    """One of a key's effective limits as ``POST /keys/validate`` reports it:
+    how many more requests it allows now, and in how many seconds it is whole."""
+
+    name: str
+    limit: int
+    remaining: int
+    reset_seconds: int
 
 
 class UsageView(Struct):

@@ -28,6 +28,8 @@ PERMISSIONS: Final = (
     "admin:users:read",
     "admin:users:revoke",
     "admin:audit:read",
+    "admin:events:read",
+    "admin:events:write",
     "admin:system:read",
     "admin:system:maintenance",
 )

@@ -52,17 +52,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Final
+from functools import partial
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 import trio
 
-from triogate.dataplane.keyactor import ActorSnapshot, Admission, KeyActor, Refusal
+from triogate.control.history import Retention, add_minutes, run_pruner
+from triogate.dataplane.keyactor import ActorSnapshot, Admission, KeyActor, Refusal, SpentHook
 from triogate.dataplane.sharedlimits import SharedLimits
 from triogate.dataplane.usageflush import merge_usage
 from triogate.errors import StorageFull
 from triogate.policy.ratelimit import Decision, Limit, Reservation, acquire, release
 from triogate.storage import Store, Table, WriteTxn, codec
+
+if TYPE_CHECKING:
+    from triogate.cluster.limits import ClusterLimits
 
 __all__ = [
     "FLUSH_BATCH",
@@ -117,6 +122,13 @@ class ActorRegistry:
         #: The workers' shared decision table (``server.workers > 1``); None
         #: in one process, where the actors' own state decides.
         self.shared: SharedLimits | None = None
+        #: A cluster node's decisions (``[cluster] redis_url``): the plugins
+        #: get ``clusterlimiter.ClusterLimiter``; None on a single gateway.
+        self.cluster: ClusterLimits | None = None
+        #: Told of every spend of credits (``keyactor.SpentHook``; events set it).
+        self.on_spent: SpentHook | None = None
+        #: Usage history kept this long (``[storage]``); worker 0 prunes it.
+        self.retention = Retention()
 
     def set_worker(self, index: int, count: int, shared: SharedLimits | None = None) -> None:
         """This process is worker ``index`` of ``count`` (server.workers),
@@ -181,6 +193,8 @@ class ActorRegistry:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flusher)
                 nursery.start_soon(self._sweeper)
+                if self.worker == 0:
+                    nursery.start_soon(run_pruner, self.store, lambda: self.retention, self.clock)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -211,8 +225,9 @@ class ActorRegistry:
                 await self.evict_idle()
                 if self.shared is not None and self.worker == 0:
                     # Entries whose limit is whole again are worth nothing:
-                    # one worker drops them, in bounded batches.
-                    self.shared.prune(self.clock())
+                    # one worker drops them, in bounded batches, and keeps
+                    # the map from filling (``SharedLimits.sweep``).
+                    self.shared.sweep(self.clock())
             except Exception:
                 log.exception("evicting idle actors failed; will try again")
 
@@ -260,9 +275,9 @@ class ActorRegistry:
         credits version: what the admin views show (the last flush lags a
         flush interval). With several workers, the shared table's (exact);
         None if it has none, or several workers run without one."""
-        if self.shared is not None:
+        if self.shared is not None and self.cluster is None:
             return self.shared.balance(key)
-        if self.workers > 1:
+        if self.workers > 1 and self.cluster is None:
             return None
         actor = self.actors.get(key)
         if actor is None or not actor.persist or actor.credits is None:
@@ -295,32 +310,58 @@ class ActorRegistry:
             flushes = [actor.take_flush() for actor in actors]
             for actor in actors:
                 self._dirty.pop(actor.key, None)
-            shared = self.shared
+            shared = self.shared if self.cluster is None else None
             if shared is not None:
                 # The shared table's balance is the exact one: stored as is.
                 flushes = shared.exact_flushes(flushes)
 
-            def write(txn: WriteTxn) -> list[int | None]:
+            def write(txn: WriteTxn, history: bool = True) -> list[int | None]:
                 balances: list[int | None] = []
                 for flush in flushes:
                     raw = txn.get(Table.USAGE, flush.key)
                     old = None if raw is None else codec.usage.decode(raw)
                     record, balance = merge_usage(old, flush)
                     txn.put(Table.USAGE, flush.key, codec.encode(record))
+                    if history and flush.delta.minutes:
+                        add_minutes(txn, flush.key, flush.delta.minutes)
                     balances.append(balance)
                 return balances
 
+            history = True
             try:
-                balances = await self.store.write(write)
+                try:
+                    balances = await self.store.write(write)
+                except StorageFull:
+                    # The counters and balances first: the usage history
+                    # (new buckets, more pages) waits in memory for room.
+                    history = False
+                    balances = await self.store.write(partial(write, history=False))
             except Exception as exc:
                 if not isinstance(exc, StorageFull):  # the store logs that one itself
                     log.exception("flushing %d actors failed; keeping their counts", len(flushes))
                 for actor, flush in zip(actors, flushes, strict=True):
                     actor.restore_delta(flush.delta)
                 raise
+            if not history:
+                for actor, flush in zip(actors, flushes, strict=True):
+                    if flush.delta.minutes:
+                        actor.history.restore(flush.delta.minutes)
+                        actor._touch()
+            cluster = self.cluster
             for actor, stored in zip(actors, balances, strict=True):
-                if stored is not None and shared is None:
+                if stored is not None and shared is None and cluster is None:
                     actor.learn_balance(stored)
+            if cluster is not None:  # the cluster-wide usage (Redis's balance is exact)
+                for flush in flushes:
+                    delta = flush.delta
+                    if delta.requests or delta.credits_taken:
+                        cluster.add_usage(
+                            flush.key.decode(),
+                            delta.requests,
+                            delta.by_class,
+                            delta.credits_taken,
+                            delta.last_used_at or 0.0,
+                        )
             self._flushes += 1
             self._last_flush_at = self.clock()
             self._last_flush_records = len(flushes)

@@ -5,13 +5,13 @@ operation, are in ``actors``.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
+from triogate.dataplane.history import MinuteCounts
 from triogate.dataplane.usageflush import UsageDelta, UsageFlush
 from triogate.policy.ratelimit import (
     Decision,
@@ -22,12 +22,21 @@ from triogate.policy.ratelimit import (
     limit_from,
     release,
 )
+from triogate.policy.refill import next_refill, refills_due
 from triogate.storage import Credits, KeyRecord, UsageRecord
 
 if TYPE_CHECKING:
     from triogate.dataplane.actors import ActorRegistry
 
-__all__ = ["ActorSnapshot", "Admission", "CreditsSource", "KeyActor", "Refusal"]
+__all__ = ["ActorSnapshot", "Admission", "CreditsSource", "KeyActor", "Refusal", "SpentHook"]
+
+#: ``ActorRegistry.on_spent(key_id, credits, left, cost, identity_id)``:
+#: called synchronously after a spend of ``cost`` from a balance of
+#: ``credits`` that left ``left`` (``identity_id``: the identity's pool)
+#: off the request path: ``POST /keys/validate`` with ``spend``, and credit
+#: operations that lower a balance (the data plane tells ``events.live``
+#: itself). Must not block (events queue and batch).
+SpentHook = Callable[[str, Credits | None, int, int, str | None], None]
 
 
 class CreditsSource(Protocol):
@@ -89,12 +98,14 @@ class KeyActor:
         "credits_version",
         "dirty",
         "flushed_requests",
+        "history",
         "key",
         "last_active",
         "last_used_at",
         "persist",
         "policy",
         "policy_source",
+        "refill_next",
         "registry",
         "requests",
         "taken",
@@ -110,10 +121,14 @@ class KeyActor:
         self.by_class = [0, 0, 0, 0, 0]
         self.flushed_requests = 0
         self.last_used_at: float | None = None
+        # Unflushed usage history: counts per minute (``history``).
+        self.history = MinuteCounts()
         # Credits: the balance as this actor knows it, for credits_version.
         self.credits: int | None = None
         self.credits_version = -1
         self.credits_refilled_at: float | None = None
+        # (spec, last refill, next refill instant): ``sync_credits``'s cache.
+        self.refill_next: tuple[Credits, float, float] | None = None
         self.taken = 0  # credits consumed since the last flush
         self.dirty = False
         self.last_active = 0.0
@@ -181,15 +196,21 @@ class KeyActor:
             )
             self.taken = 0
         spec = record.credits
-        if spec.refill_interval_seconds > 0 and spec.refill_amount > 0:
+        if spec.refill_amount > 0 and (spec.refill_interval_seconds > 0 or spec.refill_interval):
             since = self.credits_refilled_at if self.credits_refilled_at is not None else now
-            periods = math.floor((now - since) / spec.refill_interval_seconds + 1e-9)
-            if periods > 0:
-                # A refill tops the balance up to refill_amount (as Unkey
-                # does): unused credits do not pile up without bound.
-                self.credits = max(self.credits or 0, spec.refill_amount)
-                self.credits_refilled_at = since + periods * spec.refill_interval_seconds
-                self._touch()
+            # The next refill instant, computed once per (spec, last refill):
+            # a calendar's costs a datetime or two, not worth paying per request.
+            due = self.refill_next
+            if due is None or due[0] is not spec or due[1] != since:
+                due = self.refill_next = (spec, since, next_refill(spec, since))
+            if now >= due[2]:
+                periods, refilled_at = refills_due(spec, since, now)
+                if periods > 0:
+                    # A refill tops the balance up to refill_amount (as Unkey
+                    # does): unused credits do not pile up without bound.
+                    self.credits = max(self.credits or 0, spec.refill_amount)
+                    self.credits_refilled_at = refilled_at
+                    self._touch()
 
     def admit_nowait(
         self,
@@ -276,12 +297,14 @@ class KeyActor:
             self.taken -= admission.credits_taken
         self._touch()  # the refund must reach storage even after a flush
 
-    def record_nowait(self, status: int, now: float) -> None:
+    def record_nowait(self, status: int, now: float, outcome: int = 0) -> None:
+        """Count an answered request (``outcome``: ``history.outcome_of``)."""
         self.requests += 1
         self.last_used_at = now
         self.last_active = now
         index = min(max(status // 100, 1), 5) - 1
         self.by_class[index] += 1
+        self.history.count(now, outcome, index)
         self._touch()
 
     def _touch(self) -> None:
@@ -312,6 +335,7 @@ class KeyActor:
             (by_class[0], by_class[1], by_class[2], by_class[3], by_class[4]),
             self.taken,
             self.last_used_at,
+            self.history.take(),
         )
         self.flushed_requests += self.requests
         self.requests = 0
@@ -334,6 +358,7 @@ class KeyActor:
         self.flushed_requests -= delta.requests
         self.by_class = [a + b for a, b in zip(self.by_class, delta.by_class, strict=True)]
         self.taken += delta.credits_taken
+        self.history.restore(delta.minutes)
         self._touch()
 
     def learn_balance(self, stored: int) -> None:

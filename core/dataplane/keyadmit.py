@@ -33,11 +33,11 @@ from triogate.policy.ratelimit import Decision, Limit, Reservation, limit_from
 from triogate.storage.records import RateLimit
 
 if TYPE_CHECKING:
-    from triogate.control.keyresolve import CreditsFrom
+    from triogate.control.keyresolve import CreditsFrom, KeyAccess
     from triogate.dataplane.actors import ActorRegistry
-    from triogate.dataplane.keyactor import KeyActor
+    from triogate.dataplane.keyactor import KeyActor, SpentHook
 
-__all__ = ["Grant", "LimitTable", "LimitTables", "grant"]
+__all__ = ["Grant", "LimitTable", "LimitTables", "grant", "lowest_balance", "report_spent"]
 
 #: Distinct rate-limit lists kept; past it the cache starts over.
 MAX_TABLES: Final = 65_536
@@ -223,3 +223,31 @@ def _grant_shared(
     for actor in taken:
         actor._touch()
     return Grant(registry, decisions, reservation, taken)
+
+
+def lowest_balance(credits: Sequence[tuple[KeyActor, CreditsFrom]]) -> int:
+    """The fewest credits left among ``credits``' balances (a key's own and
+    its identity pool's): how many more requests they allow together."""
+    lowest: int | None = None
+    for actor, _ in credits:
+        balance = actor.credits
+        if balance is not None and (lowest is None or balance < lowest):
+            lowest = balance
+    return 0 if lowest is None else lowest
+
+
+def report_spent(
+    hook: SpentHook,
+    access: KeyAccess,
+    credits: Sequence[tuple[KeyActor, CreditsFrom]],
+    key_actor: KeyActor,
+    cost: int,
+) -> None:
+    """Tell ``hook`` (``ActorRegistry.on_spent``) what each balance of an
+    admitted request has left."""
+    identity = access.identity
+    for actor, source in credits:
+        if actor.credits is None:
+            continue
+        pool = None if actor is key_actor or identity is None else identity.id
+        hook(access.id, source.credits, actor.credits, cost, pool)

@@ -20,13 +20,14 @@ decided and admitted as before: no extra read, no extra object.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from triogate.control.keyresolve import KeyAccess, KeyResolver
 from triogate.control.keyrules import scopes_refused
-from triogate.dataplane.keyadmit import Grant, LimitTables, grant
+from triogate.dataplane.history import count_refused, outcome_of
+from triogate.dataplane.keyactor import Refusal
+from triogate.dataplane.keyadmit import Grant, LimitTables, grant, lowest_balance
 from triogate.errors import (
     KEY_ERRORS,
     GatewayError,
@@ -40,6 +41,7 @@ from triogate.errors import (
 from triogate.plugins.contract import Consumer, Context, PluginEnv
 from triogate.policy.keyaccess import KeyRule
 from triogate.policy.ratelimit import Limit
+from triogate.policy.refill import NEVER, retry_after
 from triogate.storage import KeyRecord
 
 if TYPE_CHECKING:
@@ -47,8 +49,15 @@ if TYPE_CHECKING:
     from triogate.control.keys import KeyService
     from triogate.dataplane.actors import ActorRegistry
     from triogate.dataplane.keyactor import KeyActor
+    from triogate.events.live import LiveEvents
 
-__all__ = ["NO_REFILL_RETRY_AFTER", "ActorLimiter", "KeyValidation", "plugin_env"]
+__all__ = [
+    "NO_REFILL_RETRY_AFTER",
+    "ActorLimiter",
+    "KeyValidation",
+    "credits_header",
+    "plugin_env",
+]
 
 
 def _refusal(verdict: KeyVerdict, consumer: Consumer | None, rule: KeyRule) -> GatewayError:
@@ -91,9 +100,19 @@ class KeyValidation:
     process is refused on the very next request. A key with a plan, an
     identity or roles is resolved in one more read snapshot."""
 
-    __slots__ = ("_keys", "_lookup", "_resolver", "_validate", "reindex")
+    __slots__ = ("_actors", "_events", "_keys", "_lookup", "_resolver", "_validate", "reindex")
 
-    def __init__(self, keys: KeyService, resolver: KeyResolver) -> None:
+    def __init__(
+        self,
+        keys: KeyService,
+        resolver: KeyResolver,
+        events: LiveEvents | None = None,
+        actors: ActorRegistry | None = None,
+    ) -> None:
+        # Where a known key's refusal is counted (usage history ``invalid``).
+        self._actors = actors
+        # Told of expired keys refused (``key.expired``), when a webhook wants it.
+        self._events = events if events is not None and events.wants_expired else None
         # The key service's own clock decides expiry and grace: one source
         # of "now" for the admin API's validate and the data plane.
         self._keys = keys
@@ -111,7 +130,10 @@ class KeyValidation:
             raise InvalidKey(KEY_ERRORS[KeyVerdict.INVALID_KEY][1])
         if record.identity_id is None and record.plan_id is None and not record.roles:
             if verdict is not None:
-                raise _refusal(verdict, record, _scopes_rule(required_scopes))
+                if verdict is KeyVerdict.KEY_EXPIRED and self._events is not None:
+                    self._events.expired(record.id)
+                error = _refusal(verdict, record, _scopes_rule(required_scopes))
+                raise self._refused(error, record, None)
             return record, stale
         # Its plan and roles may grant the scopes its own lack: decided
         # again on the effective ones.
@@ -126,20 +148,33 @@ class KeyValidation:
     def _decide(self, record: KeyRecord, stale: bool, rule: KeyRule) -> tuple[Consumer, bool]:
         consumer, verdict = self._resolver.decide(record, self._keys._clock(), rule)
         if verdict is not None or consumer is None:
-            raise _refusal(verdict or KeyVerdict.INVALID_KEY, consumer, rule)
+            if verdict is KeyVerdict.KEY_EXPIRED and self._events is not None:
+                self._events.expired(record.id)
+            error = _refusal(verdict or KeyVerdict.INVALID_KEY, consumer, rule)
+            raise self._refused(error, record, consumer)
         return consumer, stale
 
+    def _refused(
+        self, error: GatewayError, record: KeyRecord, consumer: Consumer | None
+    ) -> GatewayError:
+        """Count a known key's refusal in its (and its identity's) usage
+        history as ``invalid``; a key of another keyspace (``INVALID_KEY``)
+        is unknown on this route, so not counted."""
+        if self._actors is not None and error.code != "INVALID_KEY":
+            identity = consumer.identity if type(consumer) is KeyAccess else None
+            count_refused(
+                self._actors, record.id, None if identity is None else identity.id, error.status
+            )
+        return error
 
-NO_REFILL_RETRY_AFTER = 3600  # credits that never refill: "not soon"
+
+NO_REFILL_RETRY_AFTER = NEVER  # credits that never refill: "not soon"
+_X_CREDITS = b"x-credits-remaining"
 
 
-def _next_refill(record: CreditsFrom, refilled_at: float | None, now: float) -> int:
-    """Whole seconds until the credits are next topped up (at least 1)."""
-    spec = record.credits
-    if spec is None or spec.refill_interval_seconds <= 0 or spec.refill_amount <= 0:
-        return NO_REFILL_RETRY_AFTER
-    since = refilled_at if refilled_at is not None else now
-    return max(1, math.ceil(since + spec.refill_interval_seconds - now))
+def credits_header(ctx: Context, balance: int) -> None:
+    """``X-Credits-Remaining`` (metered keys only: no string work for others)."""
+    ctx.response_headers.append((_X_CREDITS, str(balance).encode()))
 
 
 class ActorLimiter:
@@ -147,9 +182,16 @@ class ActorLimiter:
     (that of its rotation chain's first key), an identity's pool in the
     identity's, an address's or a route's in an unpersisted subject actor."""
 
-    __slots__ = ("_actors", "_clock", "_tables", "default_key_limit")
+    __slots__ = ("_actors", "_clock", "_events", "_tables", "default_key_limit")
 
-    def __init__(self, actors: ActorRegistry, default_key_limit: Limit | None = None) -> None:
+    def __init__(
+        self,
+        actors: ActorRegistry,
+        default_key_limit: Limit | None = None,
+        events: LiveEvents | None = None,
+    ) -> None:
+        # Told of credits spent and rate-limit refusals (``events.live``).
+        self._events = events
         self._actors = actors
         self._clock = actors.clock
         self._tables = LimitTables()
@@ -176,10 +218,19 @@ class ActorLimiter:
         now = self._clock()
         admission = actor.admit_nowait(limits, now, cost=cost, record=record, use_credits=True)
         ctx.rate_limits.extend(admission.decisions)
+        if record.credits is not None:
+            left = admission.credits_left
+            if admission.code is Refusal.QUOTA_EXCEEDED or left is None:
+                left = 0
+            credits_header(ctx, left)
         if not admission.allowed:
             if admission.code == "QUOTA_EXCEEDED":
                 raise _quota(record, actor, now, "the key has no credits left")
+            if self._events is not None:
+                self._events.rate_limited(record.id)
             raise RateLimited("the key's rate limit is exhausted; see Retry-After")
+        if self._events is not None and admission.credits_taken:
+            self._events.spent(record.id, record.credits, admission.credits_left, cost)
         clock = self._clock
         ctx.undo.append(lambda: actor.undo_nowait(admission, clock()))
 
@@ -211,12 +262,18 @@ class ActorLimiter:
         now = self._clock()
         result = grant(actors, items, credits, now, cost)
         ctx.rate_limits.extend(result.decisions)
+        if credits:
+            credits_header(ctx, 0 if result.short is not None else lowest_balance(credits))
         if not result.allowed:
             if result.short is not None:
                 actor, source = result.short
                 whose = "the key" if actor is key_actor else "the key's identity"
                 raise _quota(source, actor, now, f"{whose} has no credits left")
+            if self._events is not None:
+                self._events.rate_limited(access.id)
             raise RateLimited("the key's rate limit is exhausted; see Retry-After")
+        if self._events is not None and result.taken:
+            _spent(self._events, access, key_actor, credits, result.taken, cost)
         clock = self._clock
         ctx.undo.append(lambda: _undo(result, clock(), cost))
 
@@ -228,22 +285,48 @@ class ActorLimiter:
         admission = actor.admit_nowait((limit,), self._clock(), cost=cost)
         ctx.rate_limits.extend(admission.decisions)
         if not admission.allowed:
+            if key and self._events is not None and ctx.consumer is not None:
+                self._events.rate_limited(ctx.consumer.id)
             raise RateLimited("the route's rate limit is exhausted; see Retry-After")
         clock = self._clock
         ctx.undo.append(lambda: actor.undo_nowait(admission, clock()))
 
     def record_nowait(self, consumer: Consumer, status: int) -> None:
+        self.record_outcome_nowait(consumer, status, None)
+
+    def record_outcome_nowait(self, consumer: Consumer, status: int, code: str | None) -> None:
+        """Count an answered request in the key's (and its identity's) usage
+        and usage history; ``code``: the answer's problem code, None for
+        the upstream's (``history.outcome_of``)."""
         actors = self._actors
         now = self._clock()
-        actors.actor(consumer.id).record_nowait(status, now)
+        outcome = outcome_of(status, code)
+        actors.actor(consumer.id).record_nowait(status, now, outcome)
         if type(consumer) is KeyAccess and consumer.identity is not None:
             # The identity's usage: the sum of its keys', counted as it goes.
-            actors.actor(consumer.identity.id).record_nowait(status, now)
+            actors.actor(consumer.identity.id).record_nowait(status, now, outcome)
 
 
 def _route(ctx: Context) -> str:
     route = ctx.route
     return route.name if route is not None else ""
+
+
+def _spent(
+    events: LiveEvents,
+    access: KeyAccess,
+    key_actor: KeyActor,
+    credits: list[tuple[KeyActor, CreditsFrom]],
+    taken: list[KeyActor],
+    cost: int,
+) -> None:
+    """Tell ``events`` each balance the request took from (``credits.low``)."""
+    for actor, source in credits:
+        if actor in taken:
+            pool = access.identity if actor is not key_actor else None
+            events.spent(
+                access.id, source.credits, actor.credits, cost, None if pool is None else pool.id
+            )
 
 
 def _undo(result: Grant, now: float, cost: int) -> None:
@@ -252,7 +335,7 @@ def _undo(result: Grant, now: float, cost: int) -> None:
 
 def _quota(source: CreditsFrom, actor: KeyActor, now: float, detail: str) -> QuotaExceeded:
     error = QuotaExceeded(detail, credits_remaining=0)
-    error.headers["Retry-After"] = str(_next_refill(source, actor.credits_refilled_at, now))
+    error.headers["Retry-After"] = str(retry_after(source.credits, actor.credits_refilled_at, now))
     return error
 
 
@@ -263,11 +346,17 @@ def plugin_env(
     clock: Callable[[], float],
     default_key_limit: Limit | None = None,
     keyspaces: frozenset[str] | None = None,
+    events: LiveEvents | None = None,
 ) -> PluginEnv:
     """The environment the gateway hands every plugin of a config."""
+    limiter = ActorLimiter(actors, default_key_limit, events)
+    if actors.cluster is not None:  # a cluster node: decisions in Redis
+        from triogate.dataplane.clusterlimiter import ClusterLimiter
+
+        limiter = ClusterLimiter(actors, actors.cluster, default_key_limit, events)
     return PluginEnv(
-        keys=KeyValidation(keys, KeyResolver(actors.store)),
-        limiter=ActorLimiter(actors, default_key_limit),
+        keys=KeyValidation(keys, KeyResolver(actors.store), events, actors),
+        limiter=limiter,
         clock=clock,
         keyspaces=keyspaces,
     )

@@ -26,10 +26,14 @@ Two tables:
 
 A balance the table does not have yet (first use, or the environment was
 recreated) starts from what the actor loaded from the store, as one process
-would. The table is disposable: if a write does not fit, expired entries are
-pruned, then the limiter states dropped (a warning: limits start whole); if
-LMDB fails otherwise, decisions fall back to this process's own state (an
-error in the log: each worker then counts alone) rather than answering 500.
+would. The table is disposable: worker 0's sweeper drops expired entries,
+and keeps the map below ``ROOM_AT`` of its pages (expired states first, then
+every limiter state: a warning, limits start whole). If a write does not fit
+anyway, expired states are dropped at once, then, if it still does not fit,
+every limiter state; if LMDB fails otherwise (or making room did not help:
+not tried again for ``NO_ROOM_BACKOFF`` seconds), decisions, credit
+operations and peeks fall back to this process's own state (an error in the
+log: each worker then counts alone) rather than answering 500.
 """
 
 from __future__ import annotations
@@ -38,16 +42,38 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import lmdb
 import msgspec
 
+from triogate.dataplane.sharedtable import (
+    NO_ROOM_BACKOFF,
+    PRUNE_SCAN,
+    ROOM_AT,
+    SharedState,
+    change_locally,
+    drop_states,
+    pack_state,
+    peek_locally,
+    prune_batch,
+    restore_credits,
+    saved_credits,
+)
 from triogate.dataplane.usageflush import UsageFlush
-from triogate.policy.ratelimit import Decision, Limit, LimitState, Reservation, acquire, release
-from triogate.storage.limits_file import open_limits_env
+from triogate.policy.creditversion import older_credits
+from triogate.policy.ratelimit import (
+    Decision,
+    Limit,
+    LimitState,
+    Reservation,
+    acquire,
+    decide,
+    release,
+)
+from triogate.storage.limits_file import open_limits_env, used_share
 
 if TYPE_CHECKING:
     from triogate.dataplane.keyactor import CreditsSource, KeyActor
@@ -56,35 +82,11 @@ __all__ = ["SharedLimits", "SharedState"]
 
 log = logging.getLogger("triogate.dataplane.sharedlimits")
 
-_LIMIT: Final = struct.Struct("<dqqqd")  # tat, window, count, previous, whole_at
 _CREDITS: Final = struct.Struct("<qqd")  # version, balance, refilled_at (NaN: None)
-#: Entries looked at per ``prune`` call: bounded, so the writer is held briefly.
-PRUNE_SCAN: Final = 20_000
 ERROR_LOG_INTERVAL: Final = 60.0
 
 Decided = tuple[list[Decision], Reservation | None, bool]
-
-
-class SharedState(LimitState):
-    """A limit's state as read from the table, with where it lives."""
-
-    __slots__ = ("dbkey",)
-
-    def __init__(self, dbkey: bytes) -> None:  # no super().__init__: ``load`` sets them
-        self.dbkey = dbkey
-        self.tat, self.window, self.count, self.previous = 0.0, -1, 0, 0
-
-    def load(self, raw: bytes | None) -> None:
-        if raw is None:
-            self.tat, self.window, self.count, self.previous = 0.0, -1, 0, 0
-        else:
-            self.tat, self.window, self.count, self.previous, _ = _LIMIT.unpack(raw)
-
-
-def _pack(limit: Limit, state: LimitState) -> bytes:
-    # A sliding window is whole two windows on: neither count matters then.
-    whole_at = state.tat if limit.algorithm == "gcra" else (state.window + 2) * limit.period
-    return _LIMIT.pack(state.tat, state.window, state.count, state.previous, whole_at)
+_T = TypeVar("_T")
 
 
 class SharedLimits:
@@ -97,6 +99,7 @@ class SharedLimits:
         self._prune_from = b""
         self._local: dict[bytes, SharedState] = {}  # the fallback's state
         self._error_logged_at = -math.inf
+        self._no_room_until = -math.inf
         self.errors = 0
 
     @classmethod
@@ -127,15 +130,35 @@ class SharedLimits:
         refused) and whether the credits sufficed (False: refused for them)."""
         try:
             return self._decide(items, now, cost, credits, record)
-        except lmdb.MapFullError:
-            self._make_room(now)
-            try:
-                return self._decide(items, now, cost, credits, record)
-            except lmdb.Error as exc:
-                self._failed(exc)
         except lmdb.Error as exc:
-            self._failed(exc)
-        return self._decide_locally(items, now, cost, credits, record)
+            return self._recover(
+                exc,
+                lambda: self._decide(items, now, cost, credits, record),
+                lambda: self._decide_locally(items, now, cost, credits, record),
+                now,
+            )
+
+    def _recover(
+        self, exc: lmdb.Error, again: Callable[[], _T], fallback: Callable[[], _T], now: float
+    ) -> _T:
+        """After ``exc``: a full map is made room in and the call tried
+        ``again`` (unless making room failed a moment ago: a full prune per
+        request would hold every worker's writer); else, or if that fails
+        too, ``fallback`` (this process's own state): never an exception
+        for a request."""
+        if isinstance(exc, lmdb.MapFullError) and time.monotonic() >= self._no_room_until:
+            try:
+                self._prune_expired(now)
+                try:
+                    return again()
+                except lmdb.MapFullError:
+                    self._drop_states()  # still full: live states, forgotten
+                return again()
+            except lmdb.Error as failed:  # making room needs free pages too
+                self._no_room_until = time.monotonic() + NO_ROOM_BACKOFF
+                exc = failed
+        self._failed(exc)
+        return fallback()
 
     def _decide(
         self,
@@ -146,6 +169,7 @@ class SharedLimits:
         record: CreditsSource | None,
     ) -> Decided:
         limits_db = self._limits
+        saved = None if actor is None else saved_credits(actor)
         txn = self._env.begin(write=True)
         try:
             states: list[tuple[Limit, SharedState]] = []
@@ -161,32 +185,26 @@ class SharedLimits:
                 txn.abort()
                 return decisions, None, False
             for limit, state in states:
-                txn.put(state.dbkey, _pack(limit, state), db=limits_db)
+                txn.put(state.dbkey, pack_state(limit, state), db=limits_db)
             txn.commit()
         except BaseException:
             txn.abort()
+            if actor is not None and saved is not None:
+                restore_credits(actor, saved)  # the aborted transaction took nothing
             raise
         return decisions, reservation, True
 
     def _take(
         self, txn: Any, actor: KeyActor, record: CreditsSource | None, now: float, cost: int
     ) -> bool:
-        key = actor.key.encode()
-        raw = txn.get(key, db=self._credits)
-        if raw is not None:
-            version, balance, refilled = _CREDITS.unpack(raw)
-            actor.credits, actor.credits_version = balance, version
-            actor.credits_refilled_at = None if math.isnan(refilled) else refilled
-            if record is not None and record.credits_version < version:
-                record = None  # read before a PATCH another worker saw: the table is newer
-        # else: the balance the actor loaded from the store (or last knew).
-        actor.sync_credits(record, now)
+        # Without an entry: the balance the actor loaded from the store (or last knew).
+        self._load_credits(txn, actor, record, now)
         if actor.credits is None:
             return True
         if actor.credits < cost:
             return False
         actor.credits -= cost
-        self._put_credits(txn, key, actor)
+        self._put_credits(txn, actor.key.encode(), actor)
         return True
 
     def _put_credits(self, txn: Any, key: bytes, actor: KeyActor) -> None:
@@ -226,7 +244,7 @@ class SharedLimits:
                 release(reservation, now)
                 for limit, state in reservation.items:
                     assert isinstance(state, SharedState)
-                    txn.put(state.dbkey, _pack(limit, state), db=limits_db)
+                    txn.put(state.dbkey, pack_state(limit, state), db=limits_db)
             if actor is not None and amount:
                 key = actor.key.encode()
                 raw = txn.get(key, db=self._credits)
@@ -241,6 +259,102 @@ class SharedLimits:
         except BaseException:
             txn.abort()
             raise
+
+    # ---- credit operations and peeking (``dataplane.creditops``) ---------------------
+
+    def change_credits(
+        self,
+        actor: KeyActor,
+        record: CreditsSource | None,
+        now: float,
+        change: Callable[[int], int],
+    ) -> tuple[int, int] | None:
+        """Set ``actor``'s balance to ``change(balance)`` in one transaction
+        (atomic against every worker's spending): the old and new balance,
+        None when it has no credits. ``change`` raising leaves it as it was."""
+        try:
+            return self._change_credits(actor, record, now, change)
+        except lmdb.Error as exc:
+            return self._recover(
+                exc,
+                lambda: self._change_credits(actor, record, now, change),
+                lambda: change_locally(actor, record, now, change),
+                now,
+            )
+
+    def _change_credits(
+        self,
+        actor: KeyActor,
+        record: CreditsSource | None,
+        now: float,
+        change: Callable[[int], int],
+    ) -> tuple[int, int] | None:
+        saved = saved_credits(actor)
+        txn = self._env.begin(write=True)
+        try:
+            self._load_credits(txn, actor, record, now)
+            old = actor.credits
+            if old is None:
+                txn.abort()
+                return None
+            actor.credits = change(old)
+            self._put_credits(txn, actor.key.encode(), actor)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            restore_credits(actor, saved)
+            raise
+        return old, actor.credits
+
+    def peek(
+        self,
+        items: Sequence[tuple[str, Limit]],
+        credits: Sequence[tuple[KeyActor, CreditsSource | None]],
+        now: float,
+    ) -> list[Decision]:
+        """What a request would meet now, changing nothing: each limit's
+        decision for a cost of 0 (``remaining`` is what is left), and the
+        balances of ``credits`` loaded into their actors."""
+        try:
+            return self._peek(items, credits, now)
+        except lmdb.Error as exc:
+            return self._recover(
+                exc,
+                lambda: self._peek(items, credits, now),
+                lambda: peek_locally(self._local, items, credits, now),
+                now,
+            )
+
+    def _peek(
+        self,
+        items: Sequence[tuple[str, Limit]],
+        credits: Sequence[tuple[KeyActor, CreditsSource | None]],
+        now: float,
+    ) -> list[Decision]:
+        with self._env.begin() as txn:
+            decisions = []
+            for subject, limit in items:
+                state = SharedState(f"{subject}\x00{limit.state_key or limit.name}".encode())
+                state.load(txn.get(state.dbkey, db=self._limits))
+                decisions.append(decide(limit, state, now, 0))
+            for actor, record in credits:
+                self._load_credits(txn, actor, record, now)
+        return decisions
+
+    def _load_credits(
+        self, txn: Any, actor: KeyActor, record: CreditsSource | None, now: float
+    ) -> None:
+        raw = txn.get(actor.key.encode(), db=self._credits)
+        if raw is not None:
+            version, balance, refilled = _CREDITS.unpack(raw)
+            actor.credits, actor.credits_version = balance, version
+            actor.credits_refilled_at = None if math.isnan(refilled) else refilled
+            if record is not None and older_credits(record.credits_version, version):
+                # Read before a PATCH another worker saw: the table is newer.
+                # (Versions order only within one source: the key's own
+                # credits, a plan's, an identity's; another source resets.)
+                record = None
+        actor.sync_credits(record, now)
 
     # ---- reading -------------------------------------------------------------------
 
@@ -286,41 +400,63 @@ class SharedLimits:
         """Drop limiter states that are whole again (they say nothing a
         missing entry would not), looking at ``scan`` entries from where the
         last call stopped; the number dropped."""
-        dropped = 0
         try:
-            with self._env.begin(write=True, db=self._limits) as txn:
-                cursor = txn.cursor()
-                found = cursor.set_range(self._prune_from) if self._prune_from else cursor.first()
-                seen = 0
-                while found and seen < scan:
-                    seen += 1
-                    if _LIMIT.unpack(cursor.value())[4] <= now:
-                        dropped += 1
-                        cursor.delete()  # moves to the next entry, if any
-                        found = bool(cursor.key())  # LMDB keys are never empty
-                    else:
-                        found = cursor.next()
-                self._prune_from = cursor.key() if found else b""
+            return self._prune(now, scan)
         except lmdb.Error as exc:
             self._failed(exc)
+            return 0
+
+    def sweep(self, now: float) -> int:
+        """The sweeper's round (worker 0): ``prune``, then, past ``ROOM_AT``
+        of the map's pages, make room (so a request rarely meets a full
+        map, and deleting still finds free pages); the states dropped."""
+        try:
+            dropped = self._prune(now, PRUNE_SCAN)
+            if self.used() >= ROOM_AT:
+                dropped += self._prune_expired(now)
+                # Dropping limiter states helps only if the balances leave room.
+                credits = used_share(self._env, (self._credits,))
+                if self.used() >= ROOM_AT and credits < ROOM_AT:
+                    dropped += self._drop_states()
+        except lmdb.Error as exc:
+            self._failed(exc)
+            return 0
         return dropped
 
-    def _make_room(self, now: float) -> None:
-        self._prune_from = b""
-        dropped = self.prune(now, scan=1 << 62)
-        with self._env.begin() as txn:
-            left = txn.stat(self._limits)["entries"]
-        log.warning("the shared limiter table was full: dropped %d expired states", dropped)
-        if left > dropped:
-            # Still mostly live states: forget them all (limits start whole)
-            # rather than refuse or fail requests. Balances are kept.
-            with self._env.begin(write=True) as txn:
-                txn.drop(self._limits, delete=False)
-            log.warning(
-                "the shared limiter table is still mostly full (%d live states): dropped "
-                "every limiter state; rate limits start whole",
-                left,
+    def used(self) -> float:
+        """The share of the map's pages the tables use."""
+        return used_share(self._env, (self._limits, self._credits))
+
+    def _prune(self, now: float, scan: int) -> int:
+        # Batch by batch (``sharedroom.prune_batch``): only committed
+        # deletions count, and the next call goes on from the last one.
+        dropped = seen = 0
+        while seen < scan:
+            deleted, looked, self._prune_from = prune_batch(
+                self._env, self._limits, self._prune_from, now, scan - seen
             )
+            dropped += deleted
+            seen += looked
+            if not self._prune_from:
+                break
+        return dropped
+
+    def _prune_expired(self, now: float) -> int:
+        self._prune_from = b""
+        dropped = self._prune(now, 1 << 62)
+        log.warning("the shared limiter table was nearly full: dropped %d expired states", dropped)
+        return dropped
+
+    def _drop_states(self) -> int:
+        # Still mostly live states: forget them all (limits start whole;
+        # balances are kept) rather than refuse or fail requests.
+        left = drop_states(self._env, self._limits)
+        log.warning(
+            "the shared limiter table is still nearly full (%d live states): dropped "
+            "every limiter state; rate limits start whole",
+            left,
+        )
+        return left
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import msgspec
 
+from triogate.policy.creditversion import older_credits
 from triogate.storage import UsageRecord
 
 __all__ = ["UsageDelta", "UsageFlush", "merge_usage"]
@@ -27,6 +28,9 @@ class UsageDelta(msgspec.Struct, frozen=True, gc=False):
     by_class: tuple[int, int, int, int, int]
     credits_taken: int
     last_used_at: float | None
+    #: Usage history: (minute since the epoch, ten counters) pairs
+    #: (``history.MinuteCounts``), added to their buckets by the flush.
+    minutes: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 class UsageFlush(msgspec.Struct, frozen=True):
@@ -67,7 +71,7 @@ def merge_usage(old: UsageRecord | None, flush: UsageFlush) -> tuple[UsageRecord
         # this actor spent since its last flush.
         taken = delta.credits_taken
         remaining = max(0, min(credits + taken, old.credits_remaining) - taken)
-    stale = credits is not None and old.credits_version > version
+    stale = credits is not None and older_credits(version, old.credits_version)
     if stale or credits is None:
         # Storage has a newer credits version (a PATCH seen by another
         # process first), or this actor holds no balance: keep what is

@@ -35,11 +35,14 @@ from triogate.errors import (
     StoreError,
     ValidationError,
 )
+from triogate.runtime.cli_credits import add_credit_commands
 from triogate.runtime.cli_customers import (
     add_customer_commands,
     add_key_customer_options,
     key_customer_fields,
 )
+from triogate.runtime.cli_history import add_history_commands
+from triogate.runtime.cli_import import add_import_command
 from triogate.runtime.cli_roles import add_role_commands
 from triogate.runtime.gateway import Services, open_services
 from triogate.validation import convert_all
@@ -424,9 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.set_defaults(func=cmd_secrets_rotate_hmac)
     add_role_commands(sub, _data_options, _with_gateway, _print)
+    add_import_command(keys, _data_options, _with_gateway)
     add_customer_commands(
         sub, keys, _data_options, _with_gateway, _print, _parse_rate_limit, _key_line
     )
+    add_credit_commands(sub, keys, _data_options, _with_gateway, _print)
+    add_history_commands(sub, keys, _data_options, _with_gateway, _print)
     return parser
 
 

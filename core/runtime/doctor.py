@@ -330,7 +330,11 @@ class _Walk:
                     record = decode(raw)
                 except msgspec.DecodeError:
                     continue
-                if digests.get(record.digest) != key:
+                # A key imported by its SHA-256 (keysha256) is in KEY_SHA256
+                # until its first use.
+                if digests.get(record.digest) != key and (
+                    records is not Table.KEYS or tables[Table.KEY_SHA256].get(record.digest) != key
+                ):
                     unindexed.append(record.id)
             dangling = [
                 v.decode(errors="replace") for v in digests.values() if v not in tables[records]

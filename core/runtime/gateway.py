@@ -24,11 +24,16 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from triogate.cluster.limits import ClusterLimits, open_cluster_limits
+from triogate.cluster.metrics import RecordsCollector
+from triogate.cluster.node import ClusterNode, open_records
 from triogate.config import Config, config_version
 from triogate.control.admins import AdminService
 from triogate.control.audit import AuditLog
+from triogate.control.credits import CreditService
 from triogate.control.crypto import ServerSecrets
-from triogate.control.datadir import lmdb_path, open_data_dir
+from triogate.control.datadir import lmdb_path
+from triogate.control.history import HistoryService, Retention
 from triogate.control.identities import IdentityService
 from triogate.control.keyformat import Keyspaces
 from triogate.control.keys import KeyService
@@ -36,13 +41,15 @@ from triogate.control.plans import PlanService
 from triogate.control.roles import RoleService
 from triogate.control.timeutil import Clock, system_clock
 from triogate.dataplane.actors import ActorRegistry, ActorStatistics
+from triogate.dataplane.creditops import ActorMeter
 from triogate.dataplane.pipeline import Pipeline
 from triogate.dataplane.plan import PipelinePlan
 from triogate.dataplane.plugin_loader import discover
 from triogate.dataplane.plugin_services import plugin_env
 from triogate.dataplane.upstream import UpstreamStatistics
+from triogate.events import EventService
 from triogate.plugins.contract import Plugin
-from triogate.policy.ratelimit import limit_from
+from triogate.policy.ratelimit import Limit, limit_from
 from triogate.runtime.reload import ActiveConfig, Applies, ConfigManager, Swap
 from triogate.storage import Store, StoreStatistics
 from triogate.telemetry.accesslog import AccessLog
@@ -61,6 +68,12 @@ __all__ = [
 log = logging.getLogger("triogate.runtime.gateway")
 
 
+def default_key_limit(config: Config) -> Limit | None:
+    """``[keys] default_rate_limit`` as the ``Limit`` keys without limits get."""
+    default = config.keys.default_rate_limit
+    return None if default is None else limit_from(default, "default")
+
+
 class Services:
     """Storage, secrets and the control-plane services over them."""
 
@@ -69,10 +82,11 @@ class Services:
     ) -> None:
         self.store = store
         self.secrets = secrets
+        self.cluster: ClusterNode | None = None  # in a cluster: the node (open_records)
         self.clock = clock
         self.data_dir = config.data_dir
         self.keys = KeyService(store, secrets, prefix=config.keys.prefix, clock=clock)
-        self.keys.format = Keyspaces(config.keyspace_prefixes)
+        self.keys.format = Keyspaces(config.keyspace_prefixes, config.keys.import_formats)
         self.roles = RoleService(store, clock=clock)
         self.identities = IdentityService(store, clock=clock)
         self.plans = PlanService(store, clock=clock)
@@ -86,6 +100,24 @@ class Services:
         )
         self.keys.live_balance = self.actors.live_balance  # views show live credits
         self.identities.live_balance = self.actors.live_balance  # the pool's too
+        # Usage history: read by the admin API, kept for [storage]'s retention.
+        self.history = HistoryService(store, clock=clock)
+        self.actors.retention = Retention(
+            config.storage.usage_retention_days, config.storage.usage_minute_retention_hours
+        )
+        # Credit operations and validate's state: applied by the balances'
+        # owner, the actors (or the workers' shared table) of this process.
+        self.default_key_limit = default_key_limit(config)
+        meter = ActorMeter(self.actors, lambda: self.default_key_limit)
+        self.credits = CreditService(store, self.keys, meter, clock=clock)
+        # Webhooks: key changes write their events in their own transaction.
+        self.events = EventService(config.events, store, clock=clock)
+        if self.events.enabled:
+            self.keys.events = self.events.outbox
+        if self.events.live is not None:
+            # credits.low from validate's spend and credit operations too
+            # (the data plane tells the live events itself).
+            self.actors.on_spent = self.events.live.spent
 
     def __repr__(self) -> str:
         return f"<Services store={self.store!r}>"
@@ -111,8 +143,12 @@ class Gateway(Services):
         source: str | None = None,
         clock: Clock = system_clock,
         extra_plugins: Sequence[type[Plugin[Any]]] = (),
+        limits: ClusterLimits | None = None,
     ) -> None:
         super().__init__(config, store, secrets, clock=clock)
+        # A cluster node's limits and credits are decided in Redis: set before
+        # the pipeline is built, whose plugins get the cluster's limiter.
+        self.actors.cluster = limits
         self.active = ActiveConfig(config, config_version(config), time.time(), source)
         # Plugin classes not installed as entry points (tests, triogate.testing).
         self.extra_plugins = tuple(extra_plugins)
@@ -139,8 +175,11 @@ class Gateway(Services):
     def use_keyspaces(self, swap: Swap) -> None:
         """A reload's keyspaces: keys of an added one validate from now on,
         keys of a removed one are malformed (401) until it is back."""
+        self.default_key_limit = default_key_limit(swap.config)  # validate's, as the pipeline's
         if Applies.KEYS in swap.changed:
-            self.keys.format = Keyspaces(swap.config.keyspace_prefixes)
+            self.keys.format = Keyspaces(
+                swap.config.keyspace_prefixes, swap.config.keys.import_formats
+            )
 
     def current_pipeline(self) -> Pipeline:
         """The active config's pipeline (a front door reads it per request)."""
@@ -159,6 +198,7 @@ class Gateway(Services):
             default_key_limit=None if default is None else limit_from(default, "default"),
             clock=self.clock,
             keyspaces=frozenset(config.keyspace_prefixes),
+            events=self.events.live,
         )
         registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
         return Pipeline.plan(config, registry, env, previous=previous)
@@ -193,11 +233,10 @@ class Gateway(Services):
 async def open_services(config: Config, *, clock: Clock = system_clock) -> AsyncIterator[Services]:
     """The services on ``config.data_dir``, once the data directory proves
     to be what it was (``core/datadir.py``: else ``DataDirError``)."""
-    async with open_data_dir(config.data_dir, map_size=config.storage.map_size_mb << 20) as (
-        store,
-        secrets,
-    ):
-        yield Services(config, store, secrets, clock=clock)
+    async with open_records(config, heartbeat=False) as (store, secrets, cluster):
+        services = Services(config, store, secrets, clock=clock)
+        services.cluster = cluster
+        yield services
 
 
 @asynccontextmanager
@@ -210,14 +249,31 @@ async def open_gateway(
 ) -> AsyncIterator[Gateway]:
     """The whole gateway on ``config.data_dir`` (see ``open_services``), its
     pipeline built (``ConfigError`` for a bad route or plugin)."""
-    async with open_data_dir(config.data_dir, map_size=config.storage.map_size_mb << 20) as (
-        store,
-        secrets,
-    ):
+    async with open_records(config) as (store, secrets, cluster), _open_limits(config) as limits:
         gw = Gateway(
-            config, store, secrets, source=source, clock=clock, extra_plugins=extra_plugins
+            config,
+            store,
+            secrets,
+            source=source,
+            clock=clock,
+            extra_plugins=extra_plugins,
+            limits=limits,
         )
+        gw.cluster = cluster
+        if cluster is not None:
+            gw.metrics.registry.register(RecordsCollector(cluster.status, cluster.store))
         try:
             yield gw
         finally:
             gw.pipeline.close()
+
+
+@asynccontextmanager
+async def _open_limits(config: Config) -> AsyncIterator[ClusterLimits | None]:
+    """A cluster node's ``ClusterLimits`` (its own Redis link, health-checked,
+    and its batcher); None without ``[cluster] redis_url``."""
+    if config.cluster.redis_url is None:
+        yield None
+        return
+    async with open_cluster_limits(config.cluster) as limits:
+        yield limits

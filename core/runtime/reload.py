@@ -115,9 +115,12 @@ RELOAD_TABLE: Final[Mapping[str, Applies]] = {
     "server.allow_path_parameters": Applies.LISTENER,
     "keys.prefix": Applies.RESTART,
     "keys.default_rate_limit": Applies.PIPELINE,  # lent to the plugins (PluginEnv)
+    "keys.import_formats": Applies.KEYS,  # which foreign keys are looked up
     "storage.map_size_mb": Applies.RESTART,
     "storage.flush_interval_seconds": Applies.ACTORS,
     "storage.actor_idle_seconds": Applies.ACTORS,
+    "storage.usage_retention_days": Applies.ACTORS,  # the next prune uses it
+    "storage.usage_minute_retention_hours": Applies.ACTORS,
     "log.level": Applies.LOGGING,
     "log.format": Applies.RESTART,
     "log.access_log": Applies.RESTART,
@@ -127,6 +130,23 @@ RELOAD_TABLE: Final[Mapping[str, Applies]] = {
     "routes": Applies.PIPELINE,
     "api_versions": Applies.PIPELINE,
     "keyspaces": Applies.KEYS,
+    # Read once at start by the event service (core/events): restart.
+    "events.webhooks": Applies.RESTART,
+    "events.credits_low_percent": Applies.RESTART,
+    "events.timeout_seconds": Applies.RESTART,
+    "events.max_attempts": Applies.RESTART,
+    "events.retry_base_seconds": Applies.RESTART,
+    "events.retry_max_seconds": Applies.RESTART,
+    "events.retention_days": Applies.RESTART,
+    # Read once at start by the cluster service (core/cluster): restart.
+    "cluster.redis_url": Applies.RESTART,
+    "cluster.fallback": Applies.RESTART,
+    "cluster.connect_timeout_seconds": Applies.RESTART,
+    "cluster.command_timeout_seconds": Applies.RESTART,
+    "cluster.health_interval_seconds": Applies.RESTART,
+    "cluster.batch_max": Applies.RESTART,
+    "cluster.local_routes": Applies.RESTART,
+    "cluster.local_keyspaces": Applies.RESTART,
 }
 
 

@@ -34,6 +34,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from triogate.admin.app import DrainUnreadBody, create_admin_app
 from triogate.config import Config
 from triogate.control.audit import Actor
+from triogate.control.history import Retention
 from triogate.control.timeutil import Clock, system_clock
 from triogate.dataplane.asgi import GatewayASGI
 from triogate.dataplane.health import run_health_checks
@@ -45,6 +46,7 @@ from triogate.plugins.contract import Plugin
 from triogate.runtime.gateway import Gateway, open_gateway
 from triogate.runtime.reasons import install_reason_phrases
 from triogate.runtime.reload import Applies, ConfigManager, Swap
+from triogate.storage.limits_file import discard_limits_env
 
 __all__ = ["Server", "ServerInfo"]
 
@@ -167,6 +169,9 @@ class Server:
         if Applies.ACTORS in swap.changed:
             self.gateway.actors.flush_interval = config.storage.flush_interval_seconds
             self.gateway.actors.idle_timeout = config.storage.actor_idle_seconds
+            self.gateway.actors.retention = Retention(
+                config.storage.usage_retention_days, config.storage.usage_minute_retention_hours
+            )
         if Applies.LOGGING in swap.changed:
             logging.getLogger().setLevel(config.log.level)
         # Applies.SERVER (the shutdown grace) is read from self.config when used.
@@ -194,6 +199,10 @@ class Server:
             index, workers = self.worker
             # Several workers decide limits and credits in one shared table.
             shared = SharedLimits.open(self.config.data_dir) if workers > 1 else None
+            if workers == 1:
+                # One process spends what the table would not see: a later
+                # start with workers must not find its stale balances.
+                discard_limits_env(self.config.data_dir)
             gw.actors.set_worker(index, workers, shared)
             app = DrainUnreadBody(create_admin_app(gw))
             if self.config.server.proxy_server == "native":
@@ -209,6 +218,8 @@ class Server:
                     # request, before storage closes.
                     self._tasks = tasks
                     await tasks.start(gw.actors.run)
+                    # Data-plane events' writer; worker 0 delivers webhooks.
+                    await tasks.start(partial(gw.events.run, deliver=index == 0))
                     if gw.access_log is not None:
                         # Outlives the listeners too: drains the last lines.
                         await tasks.start(gw.access_log.run)
@@ -255,6 +266,8 @@ class Server:
                 info = ServerInfo(
                     admin_url=admin_url, proxy_url=proxy_url, data_dir=self.config.data_dir
                 )
+                if self.gateway.cluster is not None:  # its heartbeat names them
+                    self.gateway.cluster.announce(proxy_url=proxy_url, admin_url=admin_url)
                 # Lines on stdout that scripts (and tests) can wait for.
                 suffix = f" (worker {self.worker[0]})" if self.worker[1] > 1 else ""
                 announce(f"triogate: proxy listening on {info.proxy_url}{suffix}")

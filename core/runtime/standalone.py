@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -23,6 +24,7 @@ from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.pipeline import Pipeline
 from triogate.runtime.gateway import Gateway, open_gateway
 from triogate.runtime.reasons import install_reason_phrases
+from triogate.storage.limits_file import discard_limits_env
 
 __all__ = ["app", "open_standalone", "run_services"]
 
@@ -39,6 +41,7 @@ async def run_services(
     in memory only, and lost both on stop."""
     async with trio.open_nursery() as tasks:
         await tasks.start(gw.actors.run)
+        await tasks.start(partial(gw.events.run, deliver=True))  # webhooks
         if gw.access_log is not None:
             await tasks.start(gw.access_log.run)
         await tasks.start(run_health_checks, gw.pipeline.upstreams)
@@ -53,6 +56,7 @@ async def open_standalone() -> AsyncIterator[Callable[[], Pipeline]]:
     path = os.environ.get("TRIOGATE_CONFIG")
     config = load_config(Path(path) if path else None)
     async with open_gateway(config, source=path) as gw, trio.open_nursery() as services:
+        discard_limits_env(config.data_dir)  # one process decides: the table would go stale
         await services.start(run_services, gw)
         try:
             yield gw.current_pipeline

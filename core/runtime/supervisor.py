@@ -10,7 +10,11 @@ API; the others serve only the proxy.
 The supervisor forwards SIGTERM/SIGINT to every worker and waits for them
 (each drains its in-flight requests and flushes its actors), and restarts a
 worker that dies on its own, with a growing back-off so a crash loop does
-not spin.
+not spin. A supervisor that dies without stopping them (SIGKILL, the OOM
+killer) takes them along: on Linux each worker is started with
+``prctl(PR_SET_PDEATHSIG, SIGTERM)``, so the kernel sends it SIGTERM (it
+drains and flushes as on a stop) rather than leaving it serving, orphaned,
+on the port.
 
 Limits across workers (see docs/rate-limits.md): every rate-limit and
 credit decision is made in a table all workers share
@@ -20,12 +24,14 @@ exact whichever worker a connection lands on.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 __all__ = ["run_supervisor"]
@@ -33,6 +39,26 @@ __all__ = ["run_supervisor"]
 log = logging.getLogger("triogate.runtime.supervisor")
 
 RESTART_BACKOFF_MAX = 30.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_supervisor() -> Callable[[], None] | None:
+    """The hook run in a new worker before it executes (Linux; None
+    elsewhere): SIGTERM for it when this process dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    supervisor = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != supervisor:  # it died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 class _Worker:
@@ -48,7 +74,8 @@ class _Worker:
         return f"<worker {self.index} pid={pid} restarts={self.restarts}>"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv)
+        # (No threads here, so a pre-exec hook is safe.)
+        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_supervisor())
         self.started_at = time.monotonic()
 
 

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the system programs the tests drive for real, from Debian's own
-# packages: `mdb_copy` (lmdb-utils, the backup test). Idempotent: installs only
+# packages: `mdb_copy` (lmdb-utils, the backup test) and `redis-server` (the
+# cluster tests start their own on a free loopback port). Idempotent: installs only
 # what is missing and runs `apt-get update` only when the package lists do not
 # know a package yet. The tests never skip when a program is missing: they fail
 # and name the package, so run this first (tests/run.sh does).
@@ -8,7 +9,7 @@ set -eu
 PATH="$PATH:/usr/sbin:/sbin"
 
 # program -> Debian package
-wanted="mdb_copy:lmdb-utils"
+wanted="mdb_copy:lmdb-utils redis-server:redis-server"
 
 missing=""
 for pair in $wanted; do
