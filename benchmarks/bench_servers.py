@@ -334,6 +334,32 @@ def _create_key(data_dir: Path, name: str, options: Sequence[str] = ()) -> ApiKe
     return ApiKey(_secret("keys create", printed, "id"), _secret("keys create", printed, "key"))
 
 
+@dataclass(frozen=True)
+class BenchKeys:
+    """The benchmark's two keys: a plain one (the ``key`` route) and one with
+    its own never-refusing limit and never-ending credits (``limited``)."""
+
+    key: ApiKey
+    limited: ApiKey
+
+    def headers(self, route: str) -> tuple[tuple[str, str], ...]:
+        """The ``X-API-Key`` header for the proxy benchmark's ``route``."""
+        secret = {"limited": self.limited.key, "key": self.key.key}.get(route)
+        return (("X-API-Key", secret),) if secret else ()
+
+
+def create_bench_keys(data_dir: Path) -> BenchKeys:
+    return BenchKeys(
+        _create_key(data_dir, "bench"),
+        # Its own limit and credits: checked on every request, usage counted.
+        _create_key(
+            data_dir,
+            "bench-limited",
+            ["--rate-limit", f"burst={NEVER}/1", "--credits", str(CREDITS)],
+        ),
+    )
+
+
 def _create_admin(data_dir: Path) -> str:
     """An admin (super_admin) for the admin API; its key."""
     argv = ["admin", "create", "--name", "b", "--email", "b@example.com"]

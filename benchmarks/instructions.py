@@ -111,12 +111,7 @@ def _measure(args: argparse.Namespace, name: str, wrk: str, nginx: str, out_dir:
         else:
             data_dir = tmp / "data"
             data_dir.mkdir()
-            key = servers._create_key(data_dir, "bench")
-            limited = servers._create_key(
-                data_dir,
-                "bench-limited",
-                ["--rate-limit", f"burst={servers.NEVER}/1", "--credits", str(servers.CREDITS)],
-            )
+            keys = servers.create_bench_keys(data_dir)
             conf = servers._triogate_conf(tmp, data_dir, upstream_port)
             stdout = tmp / "out"
             argv = [*grind, sys.executable, "-m", "triogate", "serve", "-c", str(conf)]
@@ -131,8 +126,7 @@ def _measure(args: argparse.Namespace, name: str, wrk: str, nginx: str, out_dir:
                 time.sleep(0.2)
             if found is None:
                 servers._fail(f"{name}: triogate under callgrind did not start")
-            secret = {"limited": limited.key, "key": key.key, "nokey": ""}[name]
-            headers = (("X-API-Key", secret),) if secret else ()
+            headers = keys.headers(name)
             target = load.Target(name, f"{found.group(1)}/{name}/{servers.REQUEST_PATH}", headers)
         load._verify(target)
         # Warm-up: caches filled, upstream connections open, code paths hot.

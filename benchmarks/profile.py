@@ -110,16 +110,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             data_dir = tmp / "data"
             data_dir.mkdir()
-            key = servers._create_key(data_dir, "bench")
-            limited = servers._create_key(
-                data_dir,
-                "bench-limited",
-                ["--rate-limit", f"burst={servers.NEVER}/1", "--credits", str(servers.CREDITS)],
-            )
+            keys = servers.create_bench_keys(data_dir)
             conf = servers._triogate_conf(tmp, data_dir, upstream_port)
             server, url, _admin = servers._start_triogate(stack, tmp, conf, server_core)
-            secret = {"limited": limited.key, "key": key.key, "nokey": ""}[args.target]
-            headers = (("X-API-Key", secret),) if secret else ()
+            headers = keys.headers(args.target)
             target = load.Target(
                 args.target, f"{url}/{args.target}/{servers.REQUEST_PATH}", headers
             )

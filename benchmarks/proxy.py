@@ -87,7 +87,6 @@ from .bench_servers import (
     _cpu_seconds,
     _cpus_allowed,
     _create_admin,
-    _create_key,
     _fail,
     _free_port,
     _start_bare,
@@ -98,6 +97,7 @@ from .bench_servers import (
     _wait_port,
     _write_proxy_conf,
     _write_upstream_conf,
+    create_bench_keys,
 )
 from .bench_summary import (
     AIOHTTP,
@@ -231,13 +231,8 @@ def run(args: argparse.Namespace) -> int:
                 peer_servers.append((server, port, target))
         data_dir = tmp / "data"
         data_dir.mkdir()
-        key = _create_key(data_dir, "bench")
-        # Its own limit and credits: checked on every request, usage counted.
-        limited_key = _create_key(
-            data_dir,
-            "bench-limited",
-            ["--rate-limit", f"burst={NEVER}/1", "--credits", str(CREDITS)],
-        )
+        keys = create_bench_keys(data_dir)
+        key, limited_key = keys.key, keys.limited
         admin_key = _create_admin(data_dir)
         gateway, gateway_url, admin_url = _start_triogate(
             stack, tmp, _triogate_conf(tmp, data_dir, upstream_port), server_core
