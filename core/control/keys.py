@@ -71,7 +71,7 @@ from triogate.control.models import (
     ValidateResult,
 )
 from triogate.control.timeutil import epoch, utc, utc_required
-from triogate.errors import Conflict, KeyVerdict, StorageFull, ValidationError
+from triogate.errors import Conflict, KeyVerdict, StorageFull, StoreUnreachable, ValidationError
 from triogate.policy.keyaccess import KeyRule
 from triogate.storage import KeyRecord, Table, WriteTxn, codec
 
@@ -170,7 +170,9 @@ class KeyService(KeyReads):
             txn.put(Table.KEYS, key_id.encode(), codec.encode(updated))
 
         # A full store must not refuse a valid key: re-indexed at a later use.
-        with contextlib.suppress(StorageFull):
+        # Nor a cluster node cut off from Redis (the key is still found under
+        # its old digest or SHA-256 entry, and re-indexed at a later use).
+        with contextlib.suppress(StorageFull, StoreUnreachable):
             await self._store.write(fn)
 
     # ---- mutations --------------------------------------------------------
