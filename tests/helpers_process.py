@@ -279,10 +279,13 @@ class _Ok(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def threaded_upstream() -> Iterator[str]:
-    """An upstream answering every GET with 200 "ok", served by threads (so a
-    child process can load it while the test thread blocks); yields its URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+def threaded_upstream(
+    handler: type[http.server.BaseHTTPRequestHandler] = _Ok,
+) -> Iterator[str]:
+    """An upstream answering every GET with 200 "ok" (or as ``handler``
+    does), served by threads (so a child process can load it while the test
+    thread blocks); yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

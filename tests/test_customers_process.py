@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.helpers_process import free_ports, serving
+from tests.helpers_process import free_ports, serving, threaded_upstream
 from tests.test_reload import config_doc, route, write_doc
 
 JSON = dict[str, Any]
@@ -40,17 +38,8 @@ class _Echo(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def echo_upstream() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def echo_upstream() -> AbstractContextManager[str]:
+    return threaded_upstream(_Echo)
 
 
 def _setup(c: httpx.Client) -> dict[str, str]:

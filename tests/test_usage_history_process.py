@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.helpers_process import free_ports, run_cli, serving
+from tests.helpers_process import free_ports, run_cli, serving, threaded_upstream
 from tests.test_reload import config_doc, route, write_doc
 
 JSON = dict[str, Any]
@@ -41,17 +39,8 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def upstream() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def upstream() -> AbstractContextManager[str]:
+    return threaded_upstream(_Upstream)
 
 
 def _iso(ts: float) -> str:
