@@ -114,7 +114,8 @@ def run_supervisor(config_path: str | None, workers: int, server: str | None) ->
     while True:
         alive = False
         for w in pool:
-            assert w.proc is not None
+            if w.proc is None:
+                continue  # not restarted: the stop came first
             code = w.proc.poll()
             if code is None:
                 alive = True
@@ -129,6 +130,11 @@ def run_supervisor(config_path: str | None, workers: int, server: str | None) ->
                 "worker %d exited with %s; restarting in %.1f s", w.index, code, backoff[w.index]
             )
             time.sleep(backoff[w.index])
+            if stopping:
+                # The stop came during the back-off: nothing to restart, and
+                # the death (logged above) is not the stop's exit status.
+                w.proc = None
+                continue
             backoff[w.index] = min(backoff[w.index] * 2, RESTART_BACKOFF_MAX)
             w.restarts += 1
             w.start()
