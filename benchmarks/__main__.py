@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from . import actors, hotpath, instructions, profile, proxy, scaling, sharedlimits, soak, validate
+from . import jwt as jwt_bench
 from .cluster import main as cluster_main
 from .history_storage import main as history_main
 
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "sharedlimits": sharedlimits.main,
     "history": history_main,
     "cluster": cluster_main,
+    "jwt": jwt_bench.main,
 }
 
 

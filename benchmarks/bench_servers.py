@@ -31,7 +31,7 @@ STOP_TIMEOUT = 5.0  # seconds for a server to go after SIGTERM, then SIGKILL
 NEVER = 1_000_000_000  # a rate limit (per second) that never refuses
 CREDITS = 1_000_000_000_000  # credits that never run out
 USAGE_TIMEOUT = 10.0  # seconds for the actors to flush a key's usage after the load
-_LISTENING = re.compile(r"^triogate: proxy listening on (http://\S+)$", re.MULTILINE)
+_LISTENING = re.compile(r"^triogate: proxy listening on (https?://\S+)$", re.MULTILINE)
 _ADMIN_LISTENING = re.compile(r"^triogate: admin listening on (http://\S+)$", re.MULTILINE)
 _LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Group)\b.*")
@@ -257,16 +257,69 @@ def _start_nginx(
 # --- triogate --------------------------------------------------------------
 
 
-def _triogate_conf(tmp: Path, data_dir: Path, upstream_port: int) -> Path:
-    conf = tmp / "triogate.toml"
+def bench_certificate(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (P-256, a day long) and its
+    key, for the TLS target: (cert file, key file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "triogate bench")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "bench-cert.pem", tmp / "bench-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def _triogate_conf(
+    tmp: Path,
+    data_dir: Path,
+    upstream_port: int,
+    *,
+    tls: tuple[Path, Path] | None = None,
+    name: str = "triogate",
+) -> Path:
+    """The benchmark's config; with ``tls`` (cert, key) the listener is HTTPS."""
+    conf = tmp / f"{name}.toml"
     q = json.dumps  # a JSON string is a valid TOML basic string
+    tls_table = (
+        ""
+        if tls is None
+        else f"\n[server.tls]\ncert_file = {q(str(tls[0]))}\nkey_file = {q(str(tls[1]))}\n"
+    )
     conf.write_text(
         f"""[server]
 proxy_listen = "{HOST}:0"
 admin_listen = "{HOST}:0"
 data_dir = {q(str(data_dir))}
 shutdown_grace_seconds = 1
-
+{tls_table}
 [log]
 access_log = ""  # as the nginx peers run: access_log off
 
@@ -368,17 +421,18 @@ def _create_admin(data_dir: Path) -> str:
 
 
 def _start_triogate(
-    stack: contextlib.ExitStack, tmp: Path, conf: Path, core: int | None
+    stack: contextlib.ExitStack, tmp: Path, conf: Path, core: int | None, name: str = "triogate"
 ) -> tuple[Managed, str, str]:
-    """The server, its proxy URL and its admin URL (both printed by serve)."""
-    stdout = tmp / "triogate.out"
+    """The server, its proxy URL and its admin URL (both printed by serve);
+    its output in ``tmp/NAME.out`` and ``tmp/NAME.err``."""
+    stdout = tmp / f"{name}.out"
     server = _start(
         stack,
-        "triogate",
+        name,
         [sys.executable, "-m", "triogate", "serve", "-c", str(conf)],
         core=core,
         stdout=stdout,
-        stderr=tmp / "triogate.err",
+        stderr=tmp / f"{name}.err",
     )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

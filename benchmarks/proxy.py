@@ -1,7 +1,7 @@
 """End-to-end proxy throughput: wrk against nginx, nginx as a proxy, a bare
 trio proxy, the Python gateways a team could write instead, and triogate.
 
-Nine targets in one run, each loaded the same way (wrk, one thread, N
+Ten targets in one run, each loaded the same way (wrk, one thread, N
 keep-alive connections, after a short warm-up):
 
   direct          wrk -> nginx serving a fixed 20-byte body (the upstream)
@@ -20,6 +20,13 @@ keep-alive connections, after a short warm-up):
   starlette       ``benchmarks/peers/starlette_proxy.py``: Starlette + httpx on
                   uvicorn (uvloop, httptools), the usual FastAPI-style gateway
   triogate        wrk -> ``triogate serve``, a route without plugins -> upstream
+  triogate TLS    the same over HTTPS: a second ``triogate serve`` with
+                  ``[server.tls]`` (a self-signed P-256 certificate made for
+                  the run), wrk speaking TLS 1.3 on its keep-alive
+                  connections, so the handshakes are paid once per
+                  connection and the figure is what TLS termination costs
+                  per request (encrypting and decrypting each exchange);
+                  its CPU per request next to the plain one's is printed
   triogate+key    the same with ``key-auth`` on the route (X-API-Key header)
   triogate+limit  ``key-auth`` and ``rate-limit`` (by key) on the route, and a
                   key with its own rate limit and credits: every request is
@@ -97,6 +104,7 @@ from .bench_servers import (
     _wait_port,
     _write_proxy_conf,
     _write_upstream_conf,
+    bench_certificate,
     create_bench_keys,
 )
 from .bench_summary import (
@@ -119,6 +127,8 @@ from .bench_summary import (
     _version,
 )
 from .machine import describe
+
+NOKEY_TLS = "triogate, no plugins, TLS"
 
 # --- the run -------------------------------------------------------------------
 
@@ -173,6 +183,18 @@ def _progress(round_no: int, rounds: int, index: int, total: int, name: str, lef
         f"(about {minutes}:{seconds:02d} left)",
         file=sys.stderr,
         flush=True,
+    )
+
+
+def _tls_cost(plain: WrkResult, tls: WrkResult, connections: int) -> None:
+    """What TLS termination costs per request, same run, same route."""
+    extra = tls.cpu_us_per_request - plain.cpu_us_per_request
+    share = extra / plain.cpu_us_per_request * 100 if plain.cpu_us_per_request else 0.0
+    print(
+        f"TLS termination: {NOKEY_TLS!r} {tls.cpu_us_per_request:.0f} µs CPU per request vs "
+        f"{plain.cpu_us_per_request:.0f} µs plain: {extra:+.0f} µs ({share:+.0f}%), "
+        f"{tls.requests_per_second:,.0f} vs {plain.requests_per_second:,.0f} req/s "
+        f"({connections} keep-alive connections: one handshake each, amortised)"
     )
 
 
@@ -237,6 +259,16 @@ def run(args: argparse.Namespace) -> int:
         gateway, gateway_url, admin_url = _start_triogate(
             stack, tmp, _triogate_conf(tmp, data_dir, upstream_port), server_core
         )
+        # The TLS target: its own process and data directory (one LMDB
+        # environment per server), made ready by the CLI like the first.
+        tls_data = tmp / "data-tls"
+        tls_data.mkdir()
+        _create_admin(tls_data)
+        tls_name = "triogate-tls"
+        tls_conf = _triogate_conf(
+            tmp, tls_data, upstream_port, tls=bench_certificate(tmp), name=tls_name
+        )
+        tls_gateway, tls_url, _ = _start_triogate(stack, tmp, tls_conf, server_core, tls_name)
         _wait_port(upstream, upstream_port)
         _wait_port(proxy, proxy_port)
         _wait_port(bare, bare_port)
@@ -249,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
             Target(BARE, f"http://{HOST}:{bare_port}/nokey/{REQUEST_PATH}"),
             *(target for _, _, target in peer_servers),
             Target(NOKEY, f"{gateway_url}/nokey/{REQUEST_PATH}"),
+            Target(NOKEY_TLS, f"{tls_url}/nokey/{REQUEST_PATH}"),
             Target(KEY, f"{gateway_url}/key/{REQUEST_PATH}", (("X-API-Key", key.key),)),
             Target(
                 LIMITED,
@@ -272,7 +305,14 @@ def run(args: argparse.Namespace) -> int:
             if status != 401:
                 _fail(f"{name!r} answered {status} without a key; expected 401")
 
-        servers = (upstream, proxy, bare, *(s for s, _, _ in peer_servers), gateway)
+        servers = (
+            upstream,
+            proxy,
+            bare,
+            *(s for s, _, _ in peer_servers),
+            gateway,
+            tls_gateway,
+        )
         # CPU spent per request by the process answering wrk (not the
         # upstream): steady under load from other programs, where req/s
         # is not.
@@ -282,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
             BARE: bare,
             **{target.name: server for server, _, target in peer_servers},
             NOKEY: gateway,
+            NOKEY_TLS: tls_gateway,
             KEY: gateway,
             LIMITED: gateway,
         }
@@ -378,11 +419,16 @@ def run(args: argparse.Namespace) -> int:
             admin_url, admin_key, limited_key.id, usage_before, answered
         )
         usage = UsageCheck(limited_key.id, usage_before, usage_after, answered, policy, waited)
-        triogate_log = _problems(tmp / "triogate.err")
+        triogate_log = "\n".join(
+            log
+            for log in (_problems(tmp / "triogate.err"), _problems(tmp / f"{tls_name}.err"))
+            if log
+        )
         bare_log = _stderr_text(tmp / "bare.err")
         load_after = os.getloadavg()[0]
 
     code = _report(targets, results, warmups, triogate_log, bare_log, usage)
+    _tls_cost(results[NOKEY], results[NOKEY_TLS], args.connections)
     load_text = f"1-min load average {load_before:.2f} before, {load_after:.2f} after"
     print(f"machine {load_text}; anything else running on the servers' core skews these figures")
     if args.report is not None:

@@ -25,6 +25,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from triogate.config_admin import AdminConfig
+from triogate.config_cluster import ClusterConfig
+from triogate.config_tls import ServerTLSConfig, tls_checks
+from triogate.config_websocket import WebSocketConfig
 from triogate.errors import ConfigError, FieldError, ValidationError
 from triogate.events_config import EventsConfig, EventType, WebhookConfig, webhook_checks
 from triogate.validation import convert_all
@@ -65,8 +69,8 @@ Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z
 TargetUrl = Annotated[
     str,
     Meta(
-        pattern=r"^http://[^/\s]+(/[^\s]*)?$",
-        description="http://host:port[/base path] (TLS to upstreams is not supported yet)",
+        pattern=r"^https?://[^/\s]+(/[^\s]*)?$",
+        description="http(s)://host:port[/base path] (https: see ca_file and verify)",
     ),
 ]
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -139,6 +143,7 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
         bool,
         Meta(description="accept ';params' in path segments, routed without them (400 by default)"),
     ] = False
+    tls: ServerTLSConfig | None = None  # [server.tls]: HTTPS on the native listener
 
 
 # One underscore, at the end: no prefix can then start another one, and the
@@ -215,6 +220,8 @@ class UpstreamConfig(Struct, frozen=True, forbid_unknown_fields=True):
     connect_timeout_seconds: PositiveSeconds = 2.0
     read_timeout_seconds: PositiveSeconds = 30.0
     health_check: HealthCheckConfig | None = None
+    ca_file: str | None = None  # https targets: CAs to trust instead of the system's
+    verify: bool = True  # https targets: false checks no certificate (testing only)
 
 
 class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -240,6 +247,7 @@ class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
         | None
     ) = None
     plugins: PluginConfigs = {}
+    websocket: bool | WebSocketConfig = True  # docs/websockets.md
 
 
 class ApiVersionConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -276,39 +284,6 @@ class LogConfig(Struct, frozen=True, forbid_unknown_fields=True):
         return self.access_log or None
 
 
-RedisUrl = Annotated[
-    str,
-    Meta(
-        pattern=r"^(redis|rediss|unix|redis\+sentinel|rediss\+sentinel)://\S+$",
-        max_length=2048,
-        description="redis://, rediss:// (TLS), unix:// or redis+sentinel:// URL",
-    ),
-]
-
-
-class ClusterConfig(Struct, frozen=True, forbid_unknown_fields=True):
-    """``[cluster]``: nodes sharing one Redis (``triogate.cluster``). Without
-    ``redis_url`` the node is a single gateway, as before."""
-
-    redis_url: RedisUrl | None = None
-    fallback: Annotated[
-        Literal["local", "deny"],
-        Meta(description="limits while Redis is unreachable: this node decides, or 503"),
-    ] = "local"
-    connect_timeout_seconds: Annotated[float, Meta(ge=0.01, le=60)] = 2.0
-    command_timeout_seconds: Annotated[
-        float, Meta(ge=0.001, le=60, description="a limit decision's wait before the fallback")
-    ] = 0.25
-    health_interval_seconds: Annotated[float, Meta(ge=0.01, le=60)] = 1.0
-    batch_max: Annotated[int, Meta(ge=1, le=10_000, description="decisions per pipeline")] = 256
-    local_routes: Annotated[
-        list[Identifier], Meta(max_length=1024, description="routes whose limits stay per node")
-    ] = []
-    local_keyspaces: Annotated[
-        list[Identifier], Meta(max_length=64, description="keyspaces whose limits stay per node")
-    ] = []
-
-
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerConfig = ServerConfig()
     keys: KeysConfig = KeysConfig()
@@ -321,6 +296,7 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     keyspaces: dict[str, KeyspaceConfig] = {}
     events: EventsConfig = EventsConfig()
     cluster: ClusterConfig = ClusterConfig()
+    admin: AdminConfig = AdminConfig()
 
     @property
     def data_dir(self) -> Path:
@@ -384,6 +360,7 @@ def _cross_checks(config: Config) -> list[FieldError]:
     errors.extend(_keyspace_checks(config))
     errors.extend(_import_format_checks(config.keys.import_formats))
     errors.extend(webhook_checks(config.events))
+    errors.extend(tls_checks(config))
     return errors
 
 
@@ -458,15 +435,27 @@ def _keyspace_checks(config: Config) -> list[FieldError]:
 def parse_config(
     raw: dict[str, Any], *, source: str = "<config>", environ: Mapping[str, str] | None = None
 ) -> Config:
-    _apply_env(raw, os.environ if environ is None else environ)
     try:
-        config = convert_all(raw, Config)
+        config = decode_config(raw, environ)
     except ValidationError as exc:
         raise ConfigError(exc.errors, source) from None
-    errors = _cross_checks(config)
+    errors = cross_checks(config)
     if errors:
         raise ConfigError(errors, source)
     return config
+
+
+def decode_config(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """The environment overrides applied to ``raw`` (in place), then the
+    typed decode: raises ``ValidationError`` with every field error. The
+    checks across sections (``cross_checks``) are not made."""
+    _apply_env(raw, os.environ if environ is None else environ)
+    return convert_all(raw, Config)
+
+
+def cross_checks(config: Config) -> list[FieldError]:
+    """What a typed decode cannot see: references between sections."""
+    return _cross_checks(config)
 
 
 def load_config(path: Path | None, *, environ: Mapping[str, str] | None = None) -> Config:

@@ -94,12 +94,43 @@ def _join(path: str, suffix: str) -> str:
     return f"{path}{suffix}" if path else suffix.lstrip(".")
 
 
+# A regular expression is no answer for a person: the patterns people meet
+# (config and admin API fields), said in a sentence. An unknown one stays as
+# msgspec words it.
+_HTTP_URL = "an http:// or https:// URL with a host, e.g. http://10.0.0.5:8080"
+PATTERN_SENTENCES: dict[str, str] = {
+    r"^https?://[^/\s]+(/[^\s]*)?$": _HTTP_URL,
+    r"^https?://[^/\s?#]+(/[^\s#]*)?$": _HTTP_URL + " (no #fragment)",
+    r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$": (
+        "host:port, e.g. 127.0.0.1:8000, 0.0.0.0:8000 or [::]:8000"
+    ),
+    r"^[A-Za-z0-9_.-]+$": "letters, digits, '_', '.' and '-' only",
+    r"^[A-Za-z0-9._-]{1,32}$": "1 to 32 letters, digits, '_', '.' or '-'",
+    r"^[a-z][a-z0-9]{0,15}_$": (
+        "a lowercase letter, up to 15 lowercase letters or digits, then '_' (e.g. tg_)"
+    ),
+    r"^/": "a path starting with '/'",
+    r"^(redis|rediss|unix|redis\+sentinel|rediss\+sentinel)://\S+$": (
+        "a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL"
+    ),
+    r"^[^@\s]+@[^@\s]+$": "an email address (name@domain)",
+    r"^[\x21-\x7e]+$": "printable ASCII without spaces",
+}
+_PATTERN_RE = re.compile(r"^Expected `str` matching regex '(.*)'$")
+
+
 def _message(exc: msgspec.ValidationError, path: str) -> FieldError:
     text = str(exc)
     m = _AT_RE.search(text)
     if m:
         text = text[: m.start()]
         path = _join(path, m.group(1))
+    p = _PATTERN_RE.match(text)
+    if p:
+        # msgspec doubles the backslashes of the pattern it quotes.
+        sentence = PATTERN_SENTENCES.get(p.group(1).replace("\\\\", "\\"))
+        if sentence is not None:
+            text = f"must be {sentence}"
     return FieldError(path or "$", text)
 
 

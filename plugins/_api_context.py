@@ -13,7 +13,7 @@ decision modules only, so the gateway's insides can change under it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,7 +24,7 @@ from triogate.policy.ratelimit import Decision
 if TYPE_CHECKING:
     from triogate.config import RouteConfig
 
-__all__ = ["Consumer", "Context", "RouteView", "UpstreamView"]
+__all__ = ["Consumer", "Context", "RouteView", "Subject", "UpstreamView"]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -88,6 +88,24 @@ class Consumer(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Subject:
+    """Who a request comes from as a verified token says (``ctx.subject``,
+    set by the ``jwt`` plugin). Not an API key: the gateway keeps no record
+    of it, and its limits (a ``rate-limit`` with ``by = "consumer"``) live
+    in memory like an address's."""
+
+    #: The value of the configured consumer claim (``sub`` by default).
+    id: str
+    #: The token's ``iss``, None without one.
+    issuer: str | None
+    #: Whose requests count together: the issuer and the id (two issuers
+    #: may both have a subject ``42``).
+    state_key: str
+    #: Every verified claim of the token (read-only by convention).
+    claims: Mapping[str, Any]
+
+
 class UpstreamView(Protocol):
     """The upstream a route sends to (``bind``'s second argument, and
     ``ctx.upstream`` for the upstream wrappers)."""
@@ -124,8 +142,9 @@ class Context:
     ``request`` is what will be sent upstream (plugins may change it), and
     ``upstream_path`` the path it goes to; ``route`` (a ``RouteView``),
     ``params`` and ``version`` come from the router; ``consumer`` is the key
-    once key-auth has run; ``response_headers`` are added to whatever
-    response goes back (also to errors and early answers).
+    once key-auth has run, ``subject`` the token's subject once jwt has;
+    ``response_headers`` are added to whatever response goes back (also to
+    errors and early answers).
 
     ``rate_limits`` collects every limit decision made for the request (the
     gateway reports the most restrictive in the ``RateLimit`` headers);
@@ -160,6 +179,7 @@ class Context:
         "route",
         "sent_upstream",
         "started_at",
+        "subject",
         "tried_targets",
         "undo",
         "upstream",
@@ -186,6 +206,7 @@ class Context:
         self.params = params or {}
         self.version = version
         self.consumer: Consumer | None = None
+        self.subject: Subject | None = None
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.upstream_path: str = request.path
         self.rate_limits: list[Decision] = []
@@ -200,6 +221,14 @@ class Context:
     def __repr__(self) -> str:
         route = self.route.name if self.route is not None else None
         return f"<Context {self.request_id} {self.request!r} route={route}>"
+
+    @property
+    def client_cert(self) -> str | None:
+        """The subject of the client's verified TLS certificate (mTLS on
+        ``[server.tls]``), RFC 4514 like ``CN=alice,O=Example``; None on a
+        plain connection or without a certificate. Read from the request,
+        so a plain request pays nothing for it."""
+        return self.request.client_cert
 
     @property
     def state(self) -> dict[str, Any]:

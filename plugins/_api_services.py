@@ -25,7 +25,7 @@ from triogate.plugins._api_context import Consumer, Context
 from triogate.policy.keyaccess import KeyRule
 from triogate.policy.ratelimit import Limit
 
-__all__ = ["KeyValidator", "Limiter", "PluginEnv"]
+__all__ = ["KeyValidator", "Limiter", "PluginEnv", "TracerSource"]
 
 
 class KeyValidator(Protocol):
@@ -121,8 +121,27 @@ class _NoLimits:
         return None
 
 
+class TracerSource(Protocol):
+    """OpenTelemetry tracers, one provider per export setting, owned by the
+    gateway (flushed and shut down when it stops). Typed ``Any``: the SDK is
+    an optional extra (``triogate[otel]``) the contract does not import."""
+
+    def tracer(self, settings: Any) -> Any:
+        """An ``opentelemetry.trace.Tracer`` exporting as ``settings`` (the
+        ``tracing`` plugin's config) say; None: no export here (a stand-in)."""
+        ...
+
+
+class _NoTracers:
+    """No gateway (a unit test, ``check-config``): nothing is exported."""
+
+    def tracer(self, settings: Any) -> Any:
+        return None
+
+
 NO_KEYS: KeyValidator = _NoKeys()
 NO_LIMITS: Limiter = _NoLimits()
+NO_TRACERS: TracerSource = _NoTracers()
 
 
 def _no_clock() -> float:
@@ -142,5 +161,8 @@ class PluginEnv:
     #: for a plugin to refuse a setting naming another; None: not known here.
     keyspaces: frozenset[str] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("triogate.plugins"))
+    #: OpenTelemetry tracers (the ``tracing`` plugin's); a stand-in that
+    #: exports nothing when made without the gateway.
+    tracers: TracerSource = NO_TRACERS
     #: Anything else an embedding application wants to hand its own plugins.
     extras: dict[str, Any] = field(default_factory=dict)

@@ -24,7 +24,8 @@ Phases, in the order a request meets them:
     Wraps the call to the upstream: ``await call_next()`` performs it (through
     the plugins below this one) and returns the upstream ``Response``. Retry
     and circuit breaking live here. The highest priority is the outermost
-    wrapper.
+    wrapper; a plugin with ``wraps_each_try = True`` wraps each single try
+    instead (innermost, inside ``retry``).
 
 ``response(ctx, response)``
     After the upstream answered (or a plugin answered early), before anything
@@ -59,6 +60,12 @@ breaker on each target with ``upstream.use_breaker``). A ``ValueError``
 raised there is a load error naming the plugin and the route; nothing of a
 refused config takes effect.
 
+``background()`` is work a plugin does off the request path (the ``jwt``
+plugin fetching a JWKS): the gateway runs it as a task owned by the config's
+pipeline, from when the config serves until a reload replaces it or the
+gateway stops, and cancels it then. It handles its own failures; an
+exception that escapes it is logged and ends that task only.
+
 What a plugin gets from the gateway is typed and lives here: ``Context``
 (one request: the route, the key, the upstream call's ``upstream``,
 ``tried_targets``, ``retries`` and ``upstream_seconds``), ``RouteView``,
@@ -77,7 +84,7 @@ band                  priority  built-ins
 tracing               >= 10000  request-id (100000)
 edge / filtering      2000-9999 ip-restriction (3000), cors (2000)
 limits on the request 1400-1999 request-size-limiting (1500)
-authentication        1000-1399 key-auth (1250)
+authentication        1000-1399 jwt (1300), key-auth (1250)
 rate limiting         900-999   rate-limit (910)
 transformation        700-899   request-transformer (800), response-transformer (790)
 upstream wrappers     100-699   retry (600); circuit-breaker (500) only binds
@@ -100,8 +107,8 @@ import msgspec
 from triogate.config import RateLimitConfig
 from triogate.errors import GatewayError
 from triogate.http import Body, Headers, Request, Response
-from triogate.plugins._api_context import Consumer, Context, RouteView, UpstreamView
-from triogate.plugins._api_services import KeyValidator, Limiter, PluginEnv
+from triogate.plugins._api_context import Consumer, Context, RouteView, Subject, UpstreamView
+from triogate.plugins._api_services import KeyValidator, Limiter, PluginEnv, TracerSource
 from triogate.policy.breaker import BreakerSettings, FailurePolicy
 from triogate.policy.keyaccess import KeyRule
 from triogate.policy.ratelimit import Decision, Limit
@@ -128,6 +135,8 @@ __all__ = [
     "Request",
     "Response",
     "RouteView",
+    "Subject",
+    "TracerSource",
     "UpstreamView",
     "settle",
 ]
@@ -154,6 +163,10 @@ class Plugin(Generic[C]):
     #: up to ``max_buffer_bytes``).
     buffers_response: bool = False
     max_buffer_bytes: int = 1 << 20
+    #: True: the ``upstream`` wrapper runs around each single try of the
+    #: upstream call, innermost (inside ``retry``), whatever the priority
+    #: (``tracing``'s span per try). Decided when the chain is built.
+    wraps_each_try: ClassVar[bool] = False
 
     def __init__(self, config: C, env: PluginEnv) -> None:
         self.config = config
@@ -191,9 +204,17 @@ class Plugin(Generic[C]):
         """Once per route and config load, before any request (see above)."""
         return None
 
+    async def background(self) -> None:
+        """Off the request path, while this plugin's config serves (above)."""
+        return None
+
     @classmethod
     def binds(cls) -> bool:
         return cls.bind is not Plugin.bind
+
+    @classmethod
+    def has_background(cls) -> bool:
+        return cls.background is not Plugin.background
 
     @classmethod
     def phases(cls) -> tuple[str, ...]:

@@ -25,13 +25,21 @@ is counted under the key's own id, so each key reports its own requests.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from triogate.errors import MissingKey
-from triogate.plugins.contract import Consumer, Context, KeyRule, Plugin, PluginEnv, Response
+from triogate.plugins.contract import (
+    Consumer,
+    Context,
+    KeyRule,
+    Limit,
+    Plugin,
+    PluginEnv,
+    Response,
+)
 
 __all__ = ["KeyAuth"]
 
@@ -114,6 +122,7 @@ class KeyAuth(Plugin[KeyAuthConfig]):
             known = ", ".join(sorted(env.keyspaces))
             raise ValueError(f"keyspace {keyspace!r} is not configured (configured: {known})")
         self.cost = config.cost
+        self._hide = config.hide_credentials
         # Bound once: the hot path calls the gateway's services directly.
         # Scopes alone: the validator's check_nowait, as any validator has.
         self._plain = self.rule.plain
@@ -133,6 +142,25 @@ class KeyAuth(Plugin[KeyAuthConfig]):
             env.limiter, "record_outcome_nowait", None
         )
 
+    def fuse_access(self, following: Plugin[Any]) -> bool:
+        """Plan time (``triogate.dataplane.plan``): take over the access phase
+        of ``following``, the plugin whose access phase runs right after
+        this one, when it is ``rate-limit`` by key: the key's limits and
+        credits and the route's limit are then admitted in one step, with
+        the outcome of the two phases in a row. False: nothing changed."""
+        route_limit = getattr(following, "key_route_limit", None)
+        fused = getattr(self.env.limiter, "key_route_admission", None)
+        if route_limit is None or fused is None:
+            return False
+        found: tuple[Limit, int] | None = route_limit()
+        if found is None:
+            return False
+        admit = fused(*found)
+        if admit is None:
+            return False
+        self._admit = admit
+        return True
+
     def access_nowait(self, ctx: Context) -> Awaitable[None] | None:
         headers = ctx.request.headers
         raw_key = _extract(headers.raw)
@@ -150,7 +178,7 @@ class KeyAuth(Plugin[KeyAuthConfig]):
         # its rotation chain.
         # A cluster node's limiter decides in Redis: an awaitable then.
         deciding = self._admit(ctx, consumer, self.cost)
-        if self.config.hide_credentials:
+        if self._hide:
             headers.raw = [(k, v) for k, v in headers.raw if k not in _STRIP]
         if stale:
             # Found under an older HMAC secret: move it to the current one

@@ -1,9 +1,10 @@
 """``request-id``: echo the request id to the client.
 
 The gateway always gives a request an id (the client's ``X-Request-ID`` if it
-is a sane token, else a new random one) and forwards it upstream; problem
-bodies carry it as ``request_id``. This plugin also returns it in a response
-header, so a client can quote it in a support ticket.
+is a sane token, else a new one: a random prefix per process and a counter)
+and forwards it upstream; problem bodies carry it as ``request_id``. This
+plugin also returns it in a response header, so a client can quote it in a
+support ticket.
 """
 
 from __future__ import annotations

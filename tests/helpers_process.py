@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import queue
 import re
@@ -51,6 +52,18 @@ __all__ = [
 READY_RE = re.compile(r"^triogate: admin listening on (http://127\.0\.0\.1:\d+)\s*$")
 PROXY_RE = re.compile(r"^triogate: proxy listening on (http://\S+)\s*$")
 DEFAULT_START_TIMEOUT = 20.0
+
+
+def readiness_text(line: str) -> str:
+    """A stdout line's text: with ``log.format = "json"`` the readiness lines
+    are JSON log lines, their text in ``message``."""
+    if line.startswith("{"):
+        try:
+            message = json.loads(line).get("message")
+        except ValueError:
+            return line
+        return message if isinstance(message, str) else line
+    return line
 
 
 def triogate_command() -> list[str]:
@@ -147,7 +160,7 @@ class ServeProcess:
                     f"triogate serve exited with status {rc} before it was ready\n"
                     f"stdout: {self.stdout_lines}\nstderr:\n{self.stderr()}"
                 )
-            m = READY_RE.match(line)
+            m = READY_RE.match(readiness_text(line))
             if m:
                 self.url = m.group(1)
                 return self.url
@@ -160,7 +173,7 @@ class ServeProcess:
     def proxy_url(self) -> str:
         """The proxy listener's URL, from its readiness line."""
         for line in self.stdout_lines:
-            m = PROXY_RE.match(line)
+            m = PROXY_RE.match(readiness_text(line))
             if m:
                 return m.group(1)
         raise AssertionError(f"no proxy line in {self.stdout_lines}")

@@ -2,8 +2,7 @@
 Redis: a key limited to 9 a minute, called round-robin over three nodes,
 gets exactly 9; 11 credits give exactly 11; Redis killed: known keys go on
 (fallback ``local``), a node with fallback ``deny`` answers 503
-``LIMITS_UNAVAILABLE``; Redis back: the limits are the cluster's again.
-Credit operations on a cluster node answer 409 (no cluster path yet)."""
+``LIMITS_UNAVAILABLE``; Redis back: the limits are the cluster's again."""
 
 from __future__ import annotations
 
@@ -94,17 +93,18 @@ def test_limits_and_credits_are_the_clusters(tmp_path: Path, redis: RedisServer)
         ]
         assert _proxy(deny, limited["key"]).status_code == 429  # the fourth node agrees
 
-        # Credit operations have no cluster path yet: refused, nothing changed.
+        # A credit operation is the cluster's: a top-up on one node, spent
+        # by validate on another (tests/test_cluster_credits_process.py).
         r = clients[0].post(
-            f"/keys/{metered['id']}/credits", json={"op": "increment", "amount": 5}, headers=admin
+            f"/keys/{metered['id']}/credits", json={"op": "increment", "amount": 1}, headers=admin
         )
-        _problem(r, 409, "CONFLICT")
+        assert r.status_code == 200 and r.json()["credits_remaining"] == 1, r.text
         r = clients[1].post(
             "/keys/validate", json={"key": metered["key"], "spend": 1}, headers=admin
         )
-        _problem(r, 409, "CONFLICT")
-        # validate's peek: the balance the node last had from the cluster.
-        r = clients[1].post("/keys/validate", json={"key": metered["key"]}, headers=admin)
+        assert r.status_code == 200 and r.json()["valid"] is True, r.text
+        # validate's peek: the cluster's balance.
+        r = clients[2].post("/keys/validate", json={"key": metered["key"]}, headers=admin)
         assert r.status_code == 200, r.text
         assert r.json()["valid"] is True and r.json()["credits_remaining"] == 0, r.text
 

@@ -85,9 +85,10 @@ def test_every_error_has_a_path() -> None:
         "server.bogus: unknown field",
         "server.proxy_listen: Expected `str`, got `int`",
         "server.shutdown_grace_seconds: Expected `float` >= 0.0",
-        "keys.prefix: Expected `str` matching regex '^[a-z][a-z0-9]{0,15}_$'",
+        "keys.prefix: must be a lowercase letter, up to 15 lowercase letters or digits, "
+        "then '_' (e.g. tg_)",
         "upstreams.u.targets: Expected `array` of length >= 1",
-        "routes[0].path: Expected `str` matching regex '^/'",
+        "routes[0].path: must be a path starting with '/'",
     ]
 
 
@@ -144,3 +145,28 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.server = config.server  # type: ignore[misc]
+
+
+def test_every_pattern_in_the_config_is_said_in_a_sentence() -> None:
+    """No operator meets a bare regular expression: each ``pattern`` of the
+    config's types has its sentence (``validation.PATTERN_SENTENCES``)."""
+    import re
+    from pathlib import Path
+
+    import triogate.config
+    from triogate.validation import PATTERN_SENTENCES
+
+    core = Path(triogate.config.__file__ or "").parent
+    modules = [*core.glob("config*.py"), core / "events_config.py"]
+    assert len(modules) >= 3
+    for module in modules:
+        for pattern in re.findall(r'pattern=r"([^"]+)"', module.read_text()):
+            assert pattern in PATTERN_SENTENCES, f"{module.name}: {pattern}"
+
+
+def test_a_bad_upstream_target_is_a_sentence() -> None:
+    lines = errors({"upstreams": {"u": {"targets": ["ftp://x"]}}})
+    assert lines == [
+        "upstreams.u.targets[0]: must be an http:// or https:// URL with a host, "
+        "e.g. http://10.0.0.5:8080"
+    ]

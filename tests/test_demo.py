@@ -307,6 +307,18 @@ def test_demo_prints_curl_lines_that_work_and_stops_on_sigint(tmp_path: Path) ->
         with httpx.Client(timeout=10) as client:
             r = second["admin"].send(client)
         assert sum(item["name"] == "demo key" for item in r.json()["items"]) == 2
+        # The same admin with a new key, not a second super_admin; the first
+        # run's admin key is refused now.
+        with httpx.Client(base_url=demo.admin_url, timeout=10) as client:
+            admins = client.get(
+                "/admins", headers={"authorization": f"Bearer {bearer(second['admin'])}"}
+            )
+            assert admins.status_code == 200, admins.text
+            assert len(admins.json()["items"]) == 1, admins.text
+            old = client.get(
+                "/admins", headers={"authorization": f"Bearer {bearer(first['admin'])}"}
+            )
+            assert old.status_code == 401, old.text
         stop_with_sigint(demo)
 
 

@@ -470,7 +470,7 @@ BAD_REQUESTS: Final[list[tuple[str, bytes, int, str]]] = [
         "upgrade",
         b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
         400,
-        "BAD_REQUEST",
+        "INVALID_WEBSOCKET_HANDSHAKE",  # no Sec-WebSocket-Key (docs/websockets.md)
     ),
     (
         "unsupported-expect",

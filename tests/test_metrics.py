@@ -89,6 +89,24 @@ async def test_requests_counted_by_route_status_class_and_outcome(
     assert not [k for k in got if k[0] == "triogate_upstream_errors_total"]
 
 
+async def test_no_created_series_and_process_metrics(memory_gateway: Gateway) -> None:
+    """Counters and histograms without their ``_created`` twins (a gauge
+    family each in the text format: noise, and twice the series), and the
+    process's own memory, CPU and open files."""
+    metrics = memory_gateway.metrics
+    metrics.observe(record())
+    metrics.observe(record(status=502, outcome="UPSTREAM_UNAVAILABLE", retries=1))
+    body, _ = metrics.render()
+    text = body.decode()
+    assert "_created" not in text
+    lines = [line.split(" ")[0] for line in text.splitlines() if not line.startswith("#")]
+    assert len(lines) == len(set(lines)), "a series is written twice"
+    got = render(metrics)
+    assert value(got, "process_resident_memory_bytes") > 0
+    assert value(got, "process_cpu_seconds_total") > 0
+    assert value(got, "process_open_fds") > 0
+
+
 async def test_histograms_split_gateway_and_upstream_time(memory_gateway: Gateway) -> None:
     metrics = memory_gateway.metrics
     # Binary fractions: sums are exact.

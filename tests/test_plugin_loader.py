@@ -24,11 +24,13 @@ from triogate.plugins import CallNext, Context, NoConfig, Plugin, PluginEnv, Res
 from triogate.plugins.circuit_breaker import CircuitBreaker
 from triogate.plugins.cors import Cors
 from triogate.plugins.ip_restriction import IpRestriction
+from triogate.plugins.jwt_auth import Jwt
 from triogate.plugins.key_auth import KeyAuth
 from triogate.plugins.rate_limit import RateLimit
 from triogate.plugins.request_id import RequestId
 from triogate.plugins.request_size import RequestSizeLimiting
 from triogate.plugins.retry import Retry
+from triogate.plugins.tracing import Tracing
 from triogate.plugins.transformers import RequestTransformer, ResponseTransformer
 
 BUILTINS: dict[str, type[Plugin[Any]]] = {
@@ -42,6 +44,8 @@ BUILTINS: dict[str, type[Plugin[Any]]] = {
     "rate-limit": RateLimit,
     "retry": Retry,
     "circuit-breaker": CircuitBreaker,
+    "tracing": Tracing,
+    "jwt": Jwt,
 }
 
 # ---- plugin classes for the tests ------------------------------------------------

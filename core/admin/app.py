@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -20,6 +21,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
+from triogate.admin.accesslog import log_admin_request
 from triogate.admin.backend import AdminBackend
 from triogate.admin.endpoints import ENDPOINTS, Call, Endpoint, Raw
 from triogate.admin.openapi import build_openapi
@@ -62,6 +64,7 @@ def _request_id() -> str:
 def problem_response(error: GatewayError) -> Response:
     if isinstance(error, Unauthorized):
         error.challenge(ADMIN_REALM)
+    g.problem_code = error.code  # the access log's outcome
     response = _json(error.problem(_request_id()), error.status, "application/problem+json")
     for name, value in error.headers.items():
         response.headers[name] = value
@@ -90,6 +93,7 @@ def _view(gw: AdminBackend, ep: Endpoint) -> Any:
                     f"this admin lacks {ep.permission}", required_permission=ep.permission
                 )
             actor = Actor(principal.id, source_ip)
+            g.admin_id = principal.id  # the access log's key_id
             permissions = principal.permissions
         if ep.precheck is not None:
             ep.precheck(gw)
@@ -173,16 +177,33 @@ def create_admin_app(gw: AdminBackend) -> QuartTrio:
         return Response(openapi, content_type="application/json")
 
     app.add_url_rule("/openapi.json", endpoint="openapi", view_func=openapi_json, methods=["GET"])
+    # The console (/ui) is built on this table; imported here, not at the top:
+    # it imports the admin package itself.
+    from triogate.console import install_console
+
+    install_console(app, gw)
 
     @app.before_request
     async def assign_request_id() -> None:
         sent = request.headers.get("X-Request-ID", "")
         g.request_id = sent if _REQUEST_ID_RE.match(sent) else uuid.uuid4().hex
+        g.started = time.monotonic()
 
     @app.after_request
     async def add_request_id(response: Response) -> Response:
         response.headers["X-Request-ID"] = _request_id()
         response.headers.setdefault("Cache-Control", "no-store")
+        log_admin_request(
+            gw.metrics.access_log,
+            request_id=_request_id(),
+            method=request.method,
+            path=request.path,
+            status=response.status_code,
+            problem_code=getattr(g, "problem_code", None),
+            admin_id=getattr(g, "admin_id", None),
+            remote=request.remote_addr,
+            started=getattr(g, "started", time.monotonic()),
+        )
         return response
 
     @app.errorhandler(GatewayError)

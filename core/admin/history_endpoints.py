@@ -21,11 +21,11 @@ __all__ = ["history_endpoints"]
 
 
 async def key_history(gw: AdminBackend, call: Call) -> Struct:
-    return gw.history.key_history(call.params["id"], call.query)
+    return await gw.history.read_key_history(call.params["id"], call.query)
 
 
 async def identity_history(gw: AdminBackend, call: Call) -> Struct:
-    return gw.history.identity_history(call.params["id"], call.query)
+    return await gw.history.read_identity_history(call.params["id"], call.query)
 
 
 def history_endpoints(endpoint: type[Endpoint]) -> tuple[Endpoint, ...]:

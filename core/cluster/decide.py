@@ -61,6 +61,25 @@ def _f(x: float) -> str:
     return repr(float(x))
 
 
+#: A limit's arguments (limit, period, algorithm) as sent: the same for
+#: every decision, so formatted once per ``Limit`` (bounded: cleared when full).
+_LIMIT_ARGS: dict[Limit, tuple[str, str, str]] = {}
+LIMIT_ARGS_MAX: Final = 4096
+
+
+def _limit_args(limit: Limit) -> tuple[str, str, str]:
+    args = _LIMIT_ARGS.get(limit)
+    if args is None:
+        if len(_LIMIT_ARGS) >= LIMIT_ARGS_MAX:
+            _LIMIT_ARGS.clear()
+        args = _LIMIT_ARGS[limit] = (
+            str(limit.limit),
+            _f(limit.period),
+            "g" if limit.algorithm == "gcra" else "s",
+        )
+    return args
+
+
 def limit_key(ns: str, subject: str, limit: Limit) -> str:
     return f"{{{ns}}}:l:{subject}\x00{limit.state_key or limit.name}"
 
@@ -141,7 +160,7 @@ def decide_call(
     keys += [credit_key(ns, b.subject) for b in balances]
     args = ["" if now is None else _f(now), str(cost), str(len(items)), str(len(balances))]
     for _, limit in items:
-        args += [str(limit.limit), _f(limit.period), "g" if limit.algorithm == "gcra" else "s"]
+        args += _limit_args(limit)
     for b in balances:
         args += [
             str(b.version),
@@ -153,18 +172,17 @@ def decide_call(
     return keys, args
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def parse_decide(
     reply: Sequence[Any],
     ns: str,
     items: Sequence[tuple[str, Limit]],
     cost: int,
+    keys: Sequence[str] | None = None,
 ) -> Verdict:
-    """What a ``DECIDE`` reply means, for the request ``decide_call`` built."""
-    now = float(_text(reply[0]))
+    """What a ``DECIDE`` reply means, for the request ``decide_call`` built
+    (``keys``: the keys it built, else built again). Numbers come as bytes
+    or str: ``float`` and ``int`` read both."""
+    now = float(reply[0])
     status = int(reply[1])
     decisions: list[Decision] = []
     at = 3
@@ -172,23 +190,20 @@ def parse_decide(
         allowed, remaining, reset, wait = reply[at : at + 4]
         at += 4
         decisions.append(
-            Decision(
-                limit, bool(int(allowed)), int(remaining), float(_text(reset)), float(_text(wait))
-            )
+            Decision(limit, bool(int(allowed)), int(remaining), float(reset), float(wait))
         )
     balances = []
     while at + 3 <= len(reply):
         v, b, r = reply[at : at + 3]
         at += 3
-        text = _text(r)
-        balances.append(BalanceAfter(int(v), int(b), float(text) if text else None))
+        balances.append(BalanceAfter(int(v), int(b), float(r) if r else None))
     if len(decisions) > 1:
         decisions.sort(key=_severity)
     reservation = None
     if status == GRANTED:
         states = tuple(
-            (limit, ClusterState(subject, limit_key(ns, subject, limit)))
-            for subject, limit in items
+            (limit, ClusterState(subject, keys[i] if keys else limit_key(ns, subject, limit)))
+            for i, (subject, limit) in enumerate(items)
         )
         reservation = Reservation(states, cost, now)
     short = int(reply[2]) - 1 if status == SHORT else None
@@ -213,7 +228,7 @@ def undo_call(
     for limit, state in items:
         assert isinstance(state, ClusterState), "a reservation from Redis"
         keys.append(state.rkey)
-        args += [str(limit.limit), _f(limit.period), "g" if limit.algorithm == "gcra" else "s"]
+        args += _limit_args(limit)
     for subject, after, amount in refunds:
         keys.append(credit_key(ns, subject))
         args += [

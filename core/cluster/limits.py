@@ -58,6 +58,7 @@ from triogate.cluster.decide import (
 )
 from triogate.cluster.lua import DECIDE, UNDO, USAGE
 from triogate.cluster.redis import REDIS_ERRORS, RedisLink, open_redis
+from triogate.cluster.resp import RespPath, target_of
 from triogate.config import ClusterConfig
 from triogate.errors import LimitsUnavailable
 from triogate.policy.ratelimit import Decision, Limit, LimitState, Reservation, acquire, release
@@ -153,66 +154,100 @@ class ClusterLimits:
         ``balances`` (an actor and the record its credits sync from), all or
         nothing, in one script run. The short balance's index on a refusal
         for credits."""
+        verdict, sent = await self._remote(items, balances, now, cost)
+        if verdict is not None:
+            short = sent[verdict.short] if verdict.short is not None else None
+            return verdict.decisions, verdict.reservation, short
+        return self._fallback(items, balances, now, cost)
+
+    async def peek(
+        self,
+        items: Sequence[tuple[str, Limit]],
+        balances: Sequence[tuple[CreditHolder, Any]],
+        now: float,
+    ) -> list[Decision] | None:
+        """What the next request meets, from Redis (a decision of cost 0:
+        it takes nothing; the balances are reconciled and mirrored as a
+        decision would). None when Redis does not answer: the actors then
+        keep the balance they last had from the cluster."""
+        verdict, _ = await self._remote(items, balances, now, 0)
+        if verdict is None:
+            for holder, record in balances:
+                holder.sync_credits(record, now)
+            return None
+        return verdict.decisions
+
+    def balance_of(self, holder: CreditHolder, record: Any) -> Balance:
+        """What this node knows of ``holder``'s balance, as sent to Redis
+        (``holder.credits`` must be set: synced first)."""
+        assert holder.credits is not None, "a holder with credits"
+        debt = self._debt.get(holder.key)
+        owed = debt[1] if debt is not None and debt[0] == holder.credits_version else 0
+        return Balance(
+            holder.key,
+            holder.credits_version,
+            holder.credits,
+            holder.credits_refilled_at,
+            _refill_amount(record),
+            owed,
+        )
+
+    async def _remote(
+        self,
+        items: Sequence[tuple[str, Limit]],
+        balances: Sequence[tuple[CreditHolder, Any]],
+        now: float,
+        cost: int,
+    ) -> tuple[Verdict | None, list[int]]:
+        """The decision in Redis, mirrored into the actors; None when Redis
+        is unreachable or does not answer in time (then marked so). Also
+        the indexes of ``balances`` sent (those with a balance)."""
         sent: list[int] = []  # indexes of ``balances`` with a balance to spend
         wire: list[Balance] = []
         for index, (holder, record) in enumerate(balances):
             holder.sync_credits(record, now)
             if holder.credits is None:
                 continue
-            debt = self._debt.get(holder.key)
-            owed = debt[1] if debt is not None and debt[0] == holder.credits_version else 0
             sent.append(index)
-            wire.append(
-                Balance(
-                    holder.key,
-                    holder.credits_version,
-                    holder.credits,
-                    holder.credits_refilled_at,
-                    _refill_amount(record),
-                    owed,
-                )
+            wire.append(self.balance_of(holder, record))
+        if not self.link.reachable:
+            return None, sent
+        keys, args = decide_call(
+            self.namespace, items, wire, None if self.redis_clock else now, cost
+        )
+        reply: Any = None
+        try:
+            # No answer in time (TimeoutError): a frozen or overloaded Redis,
+            # fall back until a ping answers.
+            reply = await self.batcher.call_with(
+                DECIDE,
+                keys,
+                args,
+                self._late_undo(items, wire, cost),
+                self.config.command_timeout_seconds,
             )
-        if self.link.reachable:
-            keys, args = decide_call(
-                self.namespace, items, wire, None if self.redis_clock else now, cost
-            )
-            reply: Any = None
-            try:
-                with trio.move_on_after(self.config.command_timeout_seconds) as waited:
-                    reply = await self.batcher.call_with(
-                        DECIDE, keys, args, self._late_undo(items, wire, cost)
-                    )
-                if waited.cancelled_caught:
-                    # A frozen or overloaded Redis: fall back until a ping answers.
-                    self._failed(TimeoutError("no answer within command_timeout_seconds"))
-            except REDIS_ERRORS as exc:
-                self._failed(exc)
-            if reply is not None:
-                verdict = parse_decide(reply, self.namespace, items, cost)
-                self._mirror(verdict, balances, sent, wire)
-                short = sent[verdict.short] if verdict.short is not None else None
-                return verdict.decisions, verdict.reservation, short
-        return self._fallback(items, balances, now, cost)
-
-    def _mirror(
-        self,
-        verdict: Verdict,
-        balances: Sequence[tuple[CreditHolder, Any]],
-        sent: list[int],
-        wire: list[Balance],
-    ) -> None:
+        except REDIS_ERRORS as exc:
+            self.failed(exc)
+        if reply is None:
+            return None, sent
+        verdict = parse_decide(reply, self.namespace, items, cost, keys)
         for index, sent_as, after in zip(sent, wire, verdict.balances, strict=True):
-            holder = balances[index][0]
-            holder.credits = after.balance
-            holder.credits_version = after.version
-            holder.credits_refilled_at = after.refilled_at
-            if sent_as.debt:
-                debt = self._debt.get(holder.key)
-                left = (debt[1] - sent_as.debt) if debt is not None else 0
-                if left > 0 and debt is not None:
-                    self._debt[holder.key] = (debt[0], left)
-                else:
-                    self._debt.pop(holder.key, None)
+            self.mirror(balances[index][0], sent_as, after)
+        return verdict, sent
+
+    def mirror(self, holder: CreditHolder, sent_as: Balance, after: BalanceAfter) -> None:
+        """``holder`` shows the balance Redis answered; the debt sent with it
+        is paid."""
+        holder.credits = after.balance
+        holder.credits_version = after.version
+        holder.credits_refilled_at = after.refilled_at
+        if sent_as.debt:
+            debt = self._debt.get(holder.key)
+            left = (debt[1] - sent_as.debt) if debt is not None else 0
+            if left > 0 and debt is not None:
+                self._debt[holder.key] = (debt[0], left)
+            else:
+                self._debt.pop(holder.key, None)
 
     def _late_undo(
         self, items: Sequence[tuple[str, Limit]], wire: list[Balance], cost: int
@@ -312,7 +347,7 @@ class ClusterLimits:
             with trio.fail_after(self.config.command_timeout_seconds):
                 await self.batcher.call(UNDO, keys, args)
         except REDIS_ERRORS as exc:
-            self._failed(exc)
+            self.failed(exc)
             return
         for holder, amount in refunds:
             if holder.credits is not None:
@@ -382,7 +417,9 @@ class ClusterLimits:
 
     # ---- errors --------------------------------------------------------------------
 
-    def _failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException) -> None:
+        """A call to Redis failed: the link marks it unreachable (logged at most
+        once a minute)."""
         self.link.failed(exc)
         now = time.monotonic()
         if now - self._error_logged_at >= ERROR_LOG_INTERVAL:
@@ -403,11 +440,20 @@ async def open_cluster_limits(
     link: RedisLink | None = None,
     namespace: str = DEFAULT_NAMESPACE,
     redis_clock: bool = True,
+    thin: bool = True,
 ) -> AsyncIterator[ClusterLimits]:
     """The process's ``ClusterLimits`` with its batcher running (and its own
-    ``RedisLink`` unless one is given)."""
+    ``RedisLink`` unless one is given). Decisions go over the batcher's own
+    connection (``resp.py``) unless ``thin`` is False or the URL names no
+    fixed server (Sentinel): then by coredis."""
     async with _maybe_link(config, link) as own, trio.open_nursery() as nursery:
-        batcher = Batcher(own, max_items=config.batch_max)
+        target = target_of(own.client) if thin else None
+        path = (
+            RespPath(target, connect_timeout=config.connect_timeout_seconds)
+            if target is not None
+            else None
+        )
+        batcher = Batcher(own, max_items=config.batch_max, thin=path)
         await nursery.start(batcher.run)
         yield ClusterLimits(own, batcher, config, namespace=namespace, redis_clock=redis_clock)
         nursery.cancel_scope.cancel()

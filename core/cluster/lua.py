@@ -25,18 +25,20 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-__all__ = ["DECIDE", "SCRIPTS", "UNDO", "USAGE", "Script"]
+__all__ = ["CREDIT", "DECIDE", "SCRIPTS", "UNDO", "USAGE", "Script"]
 
 
 class Script:
     """A script's source and SHA1 (what ``EVALSHA`` names it by)."""
 
-    __slots__ = ("name", "sha", "source")
+    __slots__ = ("decision", "name", "sha", "source")
 
-    def __init__(self, name: str, source: str) -> None:
+    def __init__(self, name: str, source: str, *, decision: bool = True) -> None:
         self.name = name
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        #: Sent by the batcher's thin path (``resp.py``); False: by coredis.
+        self.decision = decision
 
     def __repr__(self) -> str:
         return f"<Script {self.name} {self.sha[:8]}>"
@@ -312,4 +314,58 @@ return 1
 """,
 )
 
-SCRIPTS: Final = (DECIDE, UNDO, USAGE)
+CREDIT: Final = Script(
+    "credit",
+    r"""
+-- A credit operation (set, increment, decrement) on one balance, atomic
+-- against every node's spending. KEYS[1]: the balance.
+-- ARGV: version, balance if new, refilled_at or '', refill amount, debt
+--       (as DECIDE's), op ('set' | 'increment' | 'decrement'), amount, the
+--       largest balance.
+-- Returns {status, old, new, version, refilled_at}: status 1 applied,
+-- 2 a decrement past the balance, 3 past the largest balance; refused,
+-- nothing is written (not even the reconciliation).
+local key = KEYS[1]
+local version = tonumber(ARGV[1])
+local v, b, r = unpack(redis.call('HMGET', key, 'v', 'b', 'r'))
+local fresh = false
+if not v or tonumber(v) < version then
+  v, b, r = version, tonumber(ARGV[2]), ARGV[3]
+  fresh = true
+else
+  v, b = tonumber(v), tonumber(b)
+  local given = ARGV[3]
+  if v == version and given ~= '' and (r == '' or tonumber(given) > tonumber(r)) then
+    local amount = tonumber(ARGV[4])
+    if amount > b then b = amount end
+    r = given
+  end
+end
+local debt = tonumber(ARGV[5])
+if debt > 0 and not fresh and v == version then
+  b = b - debt
+  if b < 0 then b = 0 end
+end
+local old = b
+local op = ARGV[6]
+local amount = tonumber(ARGV[7])
+local status = 1
+if op == 'set' then
+  b = amount
+elseif op == 'increment' then
+  if b + amount > tonumber(ARGV[8]) then status = 3 else b = b + amount end
+elseif op == 'decrement' then
+  if amount > b then status = 2 else b = b - amount end
+else
+  return redis.error_reply('unknown credit operation ' .. op)
+end
+if status == 1 then
+  redis.call('HSET', key, 'v', string.format('%d', v), 'b', string.format('%d', b), 'r', r)
+end
+return {status, old, b, v, r}
+""",
+    # An admin operation: by coredis, like every other admin write.
+    decision=False,
+)
+
+SCRIPTS: Final = (DECIDE, UNDO, USAGE, CREDIT)

@@ -198,6 +198,37 @@ class AdminService:
         view = self._view(record)
         return CreatedAdmin(**msgspec.structs.asdict(view), key=plaintext)
 
+    def setup_admin_id(self) -> str | None:
+        """The id of the admin ``setup`` created, if setup was done."""
+        with self._store.read() as txn:
+            raw = txn.get(Table.META, _SETUP)
+        return raw.decode() if raw is not None else None
+
+    async def reissue(self, admin_id: str, actor: Actor) -> CreatedAdmin:
+        """A new key for an active admin, the old one refused from now on: the
+        same admin (id, role, audit trail), not another one. ``triogate demo``
+        uses it on a re-run, where the first key was shown once and is gone."""
+        now = self._clock()
+        plaintext = self.format.generate()
+
+        def fn(txn: WriteTxn) -> AdminRecord:
+            record = self._load(txn, admin_id)
+            if record.status != "active":
+                raise Conflict(f"admin {admin_id} is {record.status}")
+            txn.delete(Table.ADMIN_DIGESTS, record.digest)
+            updated = msgspec.structs.replace(
+                record,
+                digest=self._secrets.hmac.digest(plaintext),
+                digest_version=self._secrets.hmac.current,
+                start=self.format.start(plaintext),
+            )
+            self._put(txn, updated)
+            append_audit(txn, actor=actor, action="admin.reissue", target_id=admin_id, now=now)
+            return updated
+
+        view = self._view(await self._store.write(fn))
+        return CreatedAdmin(**msgspec.structs.asdict(view), key=plaintext)
+
     def list(self) -> AdminList:
         with self._store.read() as txn:
             items = [

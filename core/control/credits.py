@@ -24,7 +24,7 @@ limits exactly as a proxied request of that cost would.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from typing import Annotated, Literal, Protocol
 
 from msgspec import Meta, Struct
@@ -35,11 +35,19 @@ from triogate.control.keyresolve import CreditsFrom, KeyAccess, KeyResolver, Pla
 from triogate.control.keys import KeyService
 from triogate.control.models import LimitStateView, ValidateKeyRequest, ValidateResult
 from triogate.control.timeutil import Clock
-from triogate.errors import InsufficientCredits, NoCredits, NotFound, ValidationError
+from triogate.errors import (
+    Conflict,
+    InsufficientCredits,
+    NoCredits,
+    NotFound,
+    StoreUnreachable,
+    ValidationError,
+)
 from triogate.storage import KeyRecord, Store, Table, WriteTxn, codec
 
 __all__ = [
     "MAX_BALANCE",
+    "CreditChange",
     "CreditOp",
     "CreditService",
     "CreditsResult",
@@ -47,6 +55,8 @@ __all__ = [
     "MeterState",
     "apply_op",
 ]
+
+log = logging.getLogger("triogate.control.credits")
 
 #: The largest balance (``Credits.remaining``'s bound).
 MAX_BALANCE = 10**15
@@ -105,6 +115,18 @@ def apply_op(op: Op, amount: int, balance: int) -> int:
     return balance + amount
 
 
+class CreditChange(Struct, frozen=True):
+    """An operation to apply to a balance: callable as ``apply_op`` on the
+    balance (in-process owners), or sent as it is (a cluster node's Redis
+    applies the same rule in its script)."""
+
+    op: Op
+    amount: int
+
+    def __call__(self, balance: int) -> int:
+        return apply_op(self.op, self.amount, balance)
+
+
 class Meter(Protocol):
     """The owner of live balances and limiter state (``dataplane.creditops``)."""
 
@@ -112,7 +134,7 @@ class Meter(Protocol):
         self,
         subject: str,
         source: CreditsFrom,
-        change: Callable[[int], int],
+        change: CreditChange,
         now: float,
         *,
         identity: bool = False,
@@ -122,7 +144,7 @@ class Meter(Protocol):
         subject is an identity's pool."""
         ...
 
-    def state(self, consumer: KeyRecord | KeyAccess, spend: int, now: float) -> MeterState:
+    async def state(self, consumer: KeyRecord | KeyAccess, spend: int, now: float) -> MeterState:
         """The consumer's limit state now; with ``spend`` > 0, admitted (and
         spent) as a request of that cost."""
         ...
@@ -149,6 +171,9 @@ class CreditService:
             if raw is None:
                 raise NotFound(f"no key {key_id}")
             record = codec.key.decode(raw)
+            if record.status == "revoked":
+                # As rotating one: a revoked key's balance serves nothing.
+                raise Conflict(f"key {key_id} is revoked: its credits cannot change")
             source: CreditsFrom | None = record if record.credits is not None else None
             if has_extras(record):
                 source = self._resolver.resolve_in(txn, record).credits
@@ -192,7 +217,7 @@ class CreditService:
         now = self._clock()
         op, amount = req.op, req.amount
         changed = await self._meter.change(
-            subject, source, lambda balance: apply_op(op, amount, balance), now, identity=identity
+            subject, source, CreditChange(op, amount), now, identity=identity
         )
         if changed is None:
             raise NoCredits(f"{target} has no credits")
@@ -208,7 +233,21 @@ class CreditService:
                 details={"amount": amount, "old": old, "new": new},
             )
 
-        await self._store.write(audit)
+        try:
+            await self._store.write(audit)
+        except StoreUnreachable:
+            # A cluster node whose Redis went away between the operation
+            # (applied: Redis answered) and its audit entry. Say so plainly,
+            # so the operation is not repeated; the log keeps the entry.
+            log.error(
+                "credit operation applied but not audited (Redis unreachable): %s %d on %s "
+                "by %s: %d -> %d",
+                op, amount, target, actor, old, new,
+            )  # fmt: skip
+            raise StoreUnreachable(
+                f"the operation was applied ({old} -> {new} credits) but its audit entry could "
+                "not be written (the cluster's Redis became unreachable): do not repeat it"
+            ) from None
         return CreditsResult(
             id=target, op=op, amount=amount, previous_remaining=old, credits_remaining=new
         )
@@ -230,7 +269,7 @@ class CreditService:
             if access is None:
                 return result
             consumer = access
-        state = self._meter.state(consumer, req.spend, self._clock())
+        state = await self._meter.state(consumer, req.spend, self._clock())
         result.credits_remaining = state.credits_remaining
         result.rate_limits = state.rate_limits
         if state.refused is not None:

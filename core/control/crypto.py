@@ -356,7 +356,7 @@ def load_secrets(
     if not path.exists():
         if not create:
             raise SecretsMissing(f"the secrets file {path} is missing")
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _generate_file(path)
     signature = file_signature(path)  # before the read: a later change is seen
     file_hmac, file_enc = _read_file(path)

@@ -259,6 +259,13 @@ def _settle(
         # The first start. Generated here, under the writer lock, so that
         # every process starting on this directory now ends up with one file.
         secrets = load_secrets(data_dir, create=True)
+        log.warning(
+            "%s: generated new secrets in %s. BACK THIS FILE UP with the data "
+            "directory: without it no key or admin in this store can be validated "
+            "or read again",
+            data_dir,
+            secrets_file(data_dir),
+        )
     marker = _new_marker(secrets, now)
     if not dry:
         txn.put(Table.META, MARKER_KEY, _marker_encoder.encode(marker))

@@ -42,7 +42,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import partial
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, Protocol
 
 import msgspec
 import trio
@@ -61,6 +61,8 @@ __all__ = [
     "HistoryItem",
     "HistoryQuery",
     "HistoryService",
+    "HistoryUnavailable",
+    "RemoteHistory",
     "Retention",
     "UsageHistory",
     "add_minutes",
@@ -159,6 +161,9 @@ class UsageHistory(Struct):
     to: datetime = msgspec.field()
     #: Buckets with at least one request, oldest first (empty ones omitted).
     items: list[HistoryItem] = msgspec.field(default_factory=list)
+    #: True only on a cluster node that could not read the cluster's sums
+    #: (Redis unreachable): the items are this node's own requests.
+    partial: bool = False
 
 
 def _item(minute: int, counts: Sequence[int]) -> HistoryItem:
@@ -217,12 +222,33 @@ def read_range(
     return out
 
 
+class HistoryUnavailable(Exception):
+    """The cluster's history could not be read (its Redis does not answer)."""
+
+
+class RemoteHistory(Protocol):
+    """Where a cluster node reads the cluster's sums (``cluster.usage_history``)."""
+
+    async def read(
+        self, owner: str, granularity: str, first: int, end: int
+    ) -> list[tuple[int, list[int]]]:
+        """Buckets starting in [first, end) minutes, oldest first; raises
+        ``HistoryUnavailable``."""
+        ...
+
+
 class HistoryService:
-    """``GET /keys/{id}/usage/history`` and ``/identities/{id}/usage/history``."""
+    """``GET /keys/{id}/usage/history`` and ``/identities/{id}/usage/history``.
+
+    On a cluster node (``cluster`` set) the API's reads (``read_key_history``,
+    ``read_identity_history``) answer the cluster's sums, or this node's own
+    buckets marked ``partial`` while Redis is unreachable; the synchronous
+    ones (the CLI on a data directory) always read the node's own."""
 
     def __init__(self, store: Store, *, clock: Clock = system_clock) -> None:
         self._store = store
         self._clock = clock
+        self.cluster: RemoteHistory | None = None
 
     def __repr__(self) -> str:
         return "<HistoryService>"
@@ -232,6 +258,31 @@ class HistoryService:
 
     def identity_history(self, identity_id: str, query: HistoryQuery) -> UsageHistory:
         return self._history(identity_id, "idn", Table.IDENTITIES, query)
+
+    async def read_key_history(self, key_id: str, query: HistoryQuery) -> UsageHistory:
+        return await self._read(key_id, "key", Table.KEYS, query)
+
+    async def read_identity_history(self, identity_id: str, query: HistoryQuery) -> UsageHistory:
+        return await self._read(identity_id, "idn", Table.IDENTITIES, query)
+
+    async def _read(
+        self, owner: str, prefix: str, table: Table, query: HistoryQuery
+    ) -> UsageHistory:
+        local = self._history(owner, prefix, table, query)  # 400 and 404 as on one node
+        cluster = self.cluster
+        if cluster is None:
+            return local
+        first, end, _, _ = window(query, local.to.timestamp())
+        try:
+            rows = await cluster.read(owner, query.granularity, first, end)
+        except HistoryUnavailable as exc:
+            log.warning(
+                "usage history of %s: this node's own, the cluster's is not (%s)", owner, exc
+            )
+            return msgspec.structs.replace(local, partial=True)
+        return msgspec.structs.replace(
+            local, items=[_item(minute, counts) for minute, counts in rows]
+        )
 
     def _history(self, owner: str, prefix: str, table: Table, query: HistoryQuery) -> UsageHistory:
         what = "key" if prefix == "key" else "identity"

@@ -68,6 +68,7 @@ from triogate.storage import Store, Table, WriteTxn, codec
 
 if TYPE_CHECKING:
     from triogate.cluster.limits import ClusterLimits
+    from triogate.cluster.usage_history import ClusterHistory
 
 __all__ = [
     "FLUSH_BATCH",
@@ -129,6 +130,9 @@ class ActorRegistry:
         self.on_spent: SpentHook | None = None
         #: Usage history kept this long (``[storage]``); worker 0 prunes it.
         self.retention = Retention()
+        #: A cluster node's share of the cluster-wide usage history: each
+        #: flush's minutes go there too (``cluster.usage_history``).
+        self.cluster_history: ClusterHistory | None = None
 
     def set_worker(self, index: int, count: int, shared: SharedLimits | None = None) -> None:
         """This process is worker ``index`` of ``count`` (server.workers),
@@ -195,6 +199,8 @@ class ActorRegistry:
                 nursery.start_soon(self._sweeper)
                 if self.worker == 0:
                     nursery.start_soon(run_pruner, self.store, lambda: self.retention, self.clock)
+                if self.cluster_history is not None:  # what waited for Redis, once it answers
+                    nursery.start_soon(self.cluster_history.run)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -362,6 +368,10 @@ class ActorRegistry:
                             delta.credits_taken,
                             delta.last_used_at or 0.0,
                         )
+            if self.cluster_history is not None and history:
+                await self.cluster_history.push(
+                    [(f.key, f.delta.minutes) for f in flushes if f.delta.minutes]
+                )
             self._flushes += 1
             self._last_flush_at = self.clock()
             self._last_flush_records = len(flushes)

@@ -42,6 +42,7 @@ import trio
 
 from triogate.dataplane import sockio
 from triogate.dataplane.pipeline import new_request_id, problem_response
+from triogate.dataplane.websocket import serve_upgrade
 from triogate.errors import (
     BadRequest,
     ClientDisconnected,
@@ -85,6 +86,7 @@ class Connection:
         "parsed",
         "requests",
         "sock",
+        "upgrade_rest",
         "waited",
     )
 
@@ -98,6 +100,7 @@ class Connection:
         self.requests = 0
         self.idle = False
         self._continue_sent = False
+        self.upgrade_rest: bytes | None = None  # set when llhttp stops at an upgrade
 
     async def _send_all(self, data: bytes | memoryview) -> None:
         # A client that stops reading for body_timeout_seconds is dropped.
@@ -110,7 +113,9 @@ class Connection:
     def _feed(self, data: bytes) -> None:
         try:
             self.parsed.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            # What came after the upgrade's head: the new protocol's bytes.
+            self.upgrade_rest = data[exc.args[0] :]
             raise BadRequest("protocol upgrades are not supported") from None
         except httptools.HttpParserError as exc:
             cause = exc.__context__
@@ -215,6 +220,9 @@ class Connection:
                 self._feed(data)
         except (GatewayError, ClientDisconnected):
             pending.broken = True
+            # Out of step (e.g. an upgrade head right after a complete body):
+            # close after the answer, never serve what follows.
+            pending.keep_alive = False
             raise
 
     def _request(self, pending: PendingRequest) -> Request:
@@ -262,6 +270,9 @@ class Connection:
             try:
                 pending = await self.next_request()
             except GatewayError as exc:
+                if self.upgrade_rest is not None:  # a WebSocket's, or refused there
+                    await serve_upgrade(self, self.upgrade_rest)
+                    return
                 # Garbage, oversized or too-slow headers: answer and hang up
                 # (logged as the request being read, if it got that far).
                 current = self.parsed.current

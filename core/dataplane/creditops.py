@@ -3,6 +3,12 @@
 shared table (``server.workers > 1``) do when the admin API changes a balance
 or asks what a key's next request would meet.
 
+A cluster node (``[cluster] redis_url``): the balance is Redis's, and an
+operation is one script run there (``cluster.credits.change_credits``),
+mirrored into the actor and written to this node's usage record as Redis
+answered it; validate decides in Redis too (a peek is a decision of cost 0,
+a spend is the request path's own decision, with its fallback).
+
 One process: an operation is applied synchronously in the actor, between
 two requests (atomic under trio), and kept as a negative spend (``taken``),
 so the flush merges it into storage as it merges spending
@@ -24,15 +30,18 @@ import logging
 import math
 from collections.abc import Callable
 
-from triogate.control.credits import MeterState
+import msgspec
+
+from triogate.cluster.credits import change_credits, records_writable
+from triogate.control.credits import MAX_BALANCE, CreditChange, MeterState
 from triogate.control.keyresolve import CreditsFrom, KeyAccess
 from triogate.control.models import LimitStateView
 from triogate.dataplane.actors import ActorRegistry
 from triogate.dataplane.keyactor import KeyActor
 from triogate.dataplane.keyadmit import LimitTables, grant, lowest_balance, report_spent
-from triogate.errors import Conflict
+from triogate.policy.creditversion import older_credits
 from triogate.policy.ratelimit import Decision, Limit, decide
-from triogate.storage import KeyRecord
+from triogate.storage import KeyRecord, Table, UsageRecord, WriteTxn, codec
 
 __all__ = ["ActorMeter"]
 
@@ -83,18 +92,24 @@ class ActorMeter:
         self,
         subject: str,
         source: CreditsFrom,
-        change: Callable[[int], int],
+        change: CreditChange,
         now: float,
         *,
         identity: bool = False,
     ) -> tuple[int, int] | None:
         actors = self._actors
-        if actors.cluster is not None:
-            raise _not_in_cluster("credit operations")
         actor = actors.actor(subject)
         actor.last_active = now
         shared = actors.shared
-        if shared is not None:
+        cluster = actors.cluster
+        if cluster is not None:
+            records_writable(actors.store)
+            changed = await change_credits(
+                cluster, actor, source, change.op, change.amount, now, most=MAX_BALANCE
+            )
+            if changed is None:
+                return None
+        elif shared is not None:
             changed = shared.change_credits(actor, source, now, change)
             if changed is None:
                 return None
@@ -116,6 +131,8 @@ class ActorMeter:
             hook(subject, source.credits, new, old - new, subject if identity else None)
         try:
             await actors.flush([actor])
+            if cluster is not None:
+                await actors.store.write(lambda txn: _store_balance(txn, actor))
         except Exception:
             # Applied and kept in memory: the flusher writes it on its next round.
             log.warning("a credit operation on %s is applied but not flushed yet", subject)
@@ -154,17 +171,10 @@ class ActorMeter:
                     credits.append((pool_actor, consumer.pool_credits))
         return items, credits, key_actor
 
-    def state(self, consumer: KeyRecord | KeyAccess, spend: int, now: float) -> MeterState:
+    async def state(self, consumer: KeyRecord | KeyAccess, spend: int, now: float) -> MeterState:
         items, credits, key_actor = self._parts(consumer)
-        cluster = self._actors.cluster
-        if cluster is not None:
-            # No cluster path yet: the balance this node last had from the
-            # cluster (exact as of its last decision here), no limit state.
-            if spend > 0:
-                raise _not_in_cluster("validate with spend")
-            for actor, source in credits:
-                actor.sync_credits(source, now)
-            return MeterState(lowest_balance(credits) if credits else None, [])
+        if self._actors.cluster is not None:
+            return await self._cluster_state(consumer, items, credits, key_actor, spend, now)
         if spend > 0:
             return self._spend(consumer, items, credits, key_actor, spend, now)
         shared = self._actors.shared
@@ -176,6 +186,46 @@ class ActorMeter:
                 actor.sync_credits(source, now)
         decisions.sort(key=_severity)
         balance = lowest_balance(credits) if credits else None
+        return MeterState(balance, _views(decisions))
+
+    async def _cluster_state(
+        self,
+        consumer: KeyRecord | KeyAccess,
+        items: _Items,
+        credits: _Credits,
+        key_actor: KeyActor,
+        spend: int,
+        now: float,
+    ) -> MeterState:
+        """On a cluster node: decided in Redis. A peek (cost 0) takes
+        nothing and reports the cluster's balance and limits; when Redis
+        does not answer, the balance this node last had from the cluster
+        and no limits. A spend is the request path's decision, with its
+        fallback (``deny``: 503 ``LIMITS_UNAVAILABLE``)."""
+        cluster = self._actors.cluster
+        assert cluster is not None
+        wire = [(actor.key, limit) for actor, limit in items]
+        for actor, _ in items:
+            actor.last_active = now
+        if spend <= 0:
+            peeked = await cluster.peek(wire, credits, now)
+            balance = lowest_balance(credits) if credits else None
+            return MeterState(balance, _views(peeked) if peeked is not None else [])
+        decisions, reservation, short = await cluster.grant(wire, credits, now, spend)
+        balance = lowest_balance(credits) if credits else None
+        if reservation is None:
+            refused = "QUOTA_EXCEEDED" if short is not None else "RATE_LIMITED"
+            return MeterState(0 if short is not None else balance, _views(decisions), refused)
+        taken = [actor for actor, _ in credits if actor.credits is not None]
+        for actor in taken:
+            actor.taken += spend
+            actor._touch()
+        hook = self._actors.on_spent
+        if taken and hook is not None:
+            if isinstance(consumer, KeyAccess):
+                report_spent(hook, consumer, credits, key_actor, spend)
+            else:
+                hook(consumer.id, consumer.credits, balance or 0, spend, None)
         return MeterState(balance, _views(decisions))
 
     def _spend(
@@ -203,10 +253,24 @@ class ActorMeter:
         return MeterState(balance, _views(result.decisions), refused)
 
 
-def _not_in_cluster(what: str) -> Conflict:
-    # Documented in docs/cluster.md: PATCHing a key's credits sets the
-    # cluster's balance (a new credits version), the one way for now.
-    return Conflict(
-        f"{what}: not available on a cluster node yet; set the balance with "
-        "PATCH /keys/{id} (credits) instead"
+def _store_balance(txn: WriteTxn, actor: KeyActor) -> None:
+    """Keep this node's stored balance the one Redis answered (the usage
+    flush merges spending, which would keep the lower of a top-up and what
+    it stored): the views, a restart and the fallback start from it."""
+    key = actor.key.encode()
+    raw = txn.get(Table.USAGE, key)
+    old = UsageRecord() if raw is None else codec.usage.decode(raw)
+    if older_credits(actor.credits_version, old.credits_version):
+        return  # a newer PATCH's balance is stored: the actor learns it from the record
+    txn.put(
+        Table.USAGE,
+        key,
+        codec.encode(
+            msgspec.structs.replace(
+                old,
+                credits_remaining=actor.credits,
+                credits_version=actor.credits_version,
+                credits_refilled_at=actor.credits_refilled_at,
+            )
+        ),
     )

@@ -19,7 +19,6 @@ from typing import Final
 import trio
 
 from triogate.config import HealthCheckConfig
-from triogate.dataplane import sockio
 from triogate.dataplane.exchange import UpstreamConnection
 from triogate.dataplane.upstream import TargetPool, Upstream
 from triogate.errors import UpstreamError
@@ -51,8 +50,8 @@ async def check_once(pool: TargetPool, check: HealthCheckConfig) -> bool:
     timeout = check.timeout_seconds
     with trio.move_on_after(timeout):
         try:
-            sock = await sockio.connect(pool.host, pool.port, timeout)
-        except (OSError, trio.TooSlowError):
+            sock = await pool.open_socket(timeout)  # TLS too for an https target
+        except (OSError, UpstreamError):
             return False
         conn = UpstreamConnection(sock, _Probe(pool.authority, timeout))
         try:

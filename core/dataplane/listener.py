@@ -20,6 +20,14 @@ file-descriptor limit carries with a reserve left for the admin listener,
 LMDB and upstream connections; one more is answered 503
 ``TOO_MANY_CONNECTIONS`` and closed.
 
+TLS (``[server.tls]``, docs/tls.md): the context is built from the files
+at start and again on every reload (a bad file keeps the old context); a
+connection accepted while it is on is a ``TLSConnection`` (tls_connection.py)
+that shakes hands within ``handshake_timeout_seconds`` and then runs the
+same connection code. The choice is made per accepted connection, never per
+request. Over the connection cap a TLS connection is closed without a word
+(a 503 in plain text means nothing to a TLS client).
+
 Shutdown: stop accepting, close idle connections at once, let in-flight
 requests finish (answered with ``Connection: close``) until the grace
 period ends, then cancel what is left.
@@ -32,6 +40,7 @@ import errno
 import logging
 import resource
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Final
@@ -43,7 +52,9 @@ from triogate.config import ServerConfig
 from triogate.dataplane import sockio
 from triogate.dataplane.connection import READ_SIZE, Connection
 from triogate.dataplane.pipeline import Pipeline, new_request_id, problem_response
-from triogate.errors import ClientDisconnected, GatewayError, TooManyConnections
+from triogate.dataplane.tls import server_context
+from triogate.dataplane.tls_connection import TLSConnection
+from triogate.errors import ClientDisconnected, ConfigError, GatewayError, TooManyConnections
 from triogate.http.h1write import response_head
 from triogate.http.netaddr import client_ip
 
@@ -91,6 +102,8 @@ class ListenerStatistics(msgspec.Struct, frozen=True):
     accepted: int  # connections accepted in all
     refused: int  # connections refused over the cap
     closing: bool  # draining for shutdown
+    tls: bool = False  # [server.tls] is on
+    tls_failures: int = 0  # TLS handshakes failed or timed out
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -149,11 +162,15 @@ class ProxyListener:
         self._accept_scope: trio.CancelScope | None = None
         self.config = config
         self.cap = 0  # set by reconfigure
+        self.tls_context: ssl.SSLContext | None = None  # set by reconfigure
+        self.tls_failures = 0
         self.reconfigure(config)
 
     def reconfigure(self, config: ServerConfig) -> None:
         """New settings (a reload): timeouts and caps apply to the next read
-        and the next accepted connection."""
+        and the next accepted connection; the TLS certificates are read
+        again (new connections get them, open ones keep theirs)."""
+        self._load_tls(config)
         self.config = config
         limit = fd_limit()
         previous = self.cap
@@ -170,6 +187,22 @@ class ProxyListener:
                 config.max_connections,
                 self.cap,
                 limit,
+            )
+
+    def _load_tls(self, config: ServerConfig) -> None:
+        tls = config.tls
+        if tls is None:
+            self.tls_context = None
+            return
+        try:
+            self.tls_context = server_context(tls)
+        except ConfigError as exc:
+            if self.tls_context is None and config is self.config:
+                raise  # at start: the listener cannot serve without its certificate
+            # A reload validated these files moments ago; they changed since.
+            log.error(
+                "TLS certificates not reloaded, the previous ones stay in use: %s",
+                "; ".join(exc.lines()),
             )
 
     def __repr__(self) -> str:
@@ -191,6 +224,8 @@ class ProxyListener:
             accepted=self.accepted,
             refused=self.refused,
             closing=self.closing,
+            tls=self.tls_context is not None,
+            tls_failures=self.tls_failures,
         )
 
     def _bind(self) -> socket.socket:
@@ -248,20 +283,29 @@ class ProxyListener:
         self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             async with trio.open_nursery() as nursery:
-                task_status.started(f"http://{self.address}")
+                scheme = "http" if self.tls_context is None else "https"
+                task_status.started(f"{scheme}://{self.address}")
                 with trio.CancelScope() as self._accept_scope:
                     while True:
                         conn, peer = await self._accept(listen)
                         self.accepted += 1
+                        tls = self.tls_context
                         if len(self.connections) < self.cap:
                             # Counted now, not when its task first runs: a
                             # burst of accepts must not overshoot the cap.
-                            served = Connection(conn, peer, self)
-                            self.connections.add(served)
-                            nursery.start_soon(self._serve, served)
+                            if tls is None:
+                                served = Connection(conn, peer, self)
+                                self.connections.add(served)
+                                nursery.start_soon(self._serve, served)
+                            else:
+                                secured = TLSConnection(conn, peer, self)
+                                self.connections.add(secured)
+                                nursery.start_soon(self._serve_tls, secured, tls)
                             continue
                         self._count_refused()
-                        if self.refusing < REFUSING_MAX:
+                        if tls is not None:
+                            sockio.close(conn)  # no plain-text 503 for a TLS client
+                        elif self.refusing < REFUSING_MAX:
                             nursery.start_soon(self._refuse, conn)
                         else:
                             sockio.close(conn)  # a flood: no words to spare
@@ -329,6 +373,23 @@ class ProxyListener:
         finally:
             self.connections.discard(conn)
             sockio.close(conn.sock)
+
+    async def _serve_tls(self, conn: TLSConnection, context: ssl.SSLContext) -> None:
+        """The handshake, then the connection's requests (``_serve``)."""
+        tls = self.config.tls
+        seconds = tls.handshake_timeout_seconds if tls is not None else 10.0
+        started = False
+        try:
+            started = await conn.start(context, seconds)
+        except Exception:
+            # A bug, not the client's doing: this connection only.
+            log.exception("TLS connection from %s failed", conn.client_ip)
+        finally:
+            if not started:  # failed, or cancelled (shutdown) mid-handshake
+                self.connections.discard(conn)
+                sockio.close(conn.sock)
+        if started:
+            await self._serve(conn)
 
     def shutdown(self) -> None:
         """Stop accepting; close idle connections; let in-flight ones finish."""

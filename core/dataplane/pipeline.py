@@ -88,6 +88,9 @@ class Pipeline:
         # What ctx.route is: one read-only view per route, made once.
         self.route_views = tuple(RouteView.of(r, i) for i, r in enumerate(config.routes))
         self.max_body = config.server.max_request_body_bytes
+        # Accept-Version picks among a path's versioned routes only: without
+        # one, the header is not looked for (a scan of the headers less).
+        self._versioned = any(route.version is not None for route in config.routes)
         self.requests = 0
         self.in_flight = 0  # handle() .. after(): a retired pipeline waits for 0
         self._idle: trio.Event | None = None
@@ -175,7 +178,9 @@ class Pipeline:
             chain = self.global_chain
             match: Match | None = None
             try:
-                accept_version = request.headers.get_raw(b"accept-version")
+                accept_version = (
+                    request.headers.get_raw(b"accept-version") if self._versioned else None
+                )
                 match = self.router.match(
                     request.method,
                     request.path,
@@ -397,20 +402,39 @@ class Pipeline:
 
     def _record(self, ctx: Context, response: Response) -> RequestRecord:
         route = ctx.route
+        request = ctx.request
+        consumer = ctx.consumer
+        # Positional (the fields' order): msgspec matches no keyword names.
+        if route is None:
+            return RequestRecord(
+                time.time(),
+                ctx.request_id,
+                request.method,
+                request.path,
+                None,
+                None,
+                response.status,
+                outcome_of(response),
+                consumer.id if consumer is not None else None,
+                ctx.client_ip,
+                time.monotonic() - ctx.started_at,
+                ctx.upstream_seconds,
+                ctx.retries,
+            )
         return RequestRecord(
-            at=time.time(),
-            request_id=ctx.request_id,
-            method=ctx.request.method,
-            path=ctx.request.path,
-            route=route.name if route is not None else None,
-            upstream=route.upstream if route is not None else None,
-            status=response.status,
-            outcome=outcome_of(response),
-            key_id=ctx.consumer.id if ctx.consumer is not None else None,
-            client_ip=ctx.client_ip,
-            duration_seconds=time.monotonic() - ctx.started_at,
-            upstream_seconds=ctx.upstream_seconds,
-            retries=ctx.retries,
+            time.time(),
+            ctx.request_id,
+            request.method,
+            request.path,
+            route.name,
+            route.upstream,
+            response.status,
+            outcome_of(response),
+            consumer.id if consumer is not None else None,
+            ctx.client_ip,
+            time.monotonic() - ctx.started_at,
+            ctx.upstream_seconds,
+            ctx.retries,
         )
 
     # ---- the innermost call: the upstream ------------------------------------

@@ -161,6 +161,20 @@ def _plan_upstreams(
     )
 
 
+def _fuse_access(chain: Chain) -> None:
+    """Let a plugin take over the access phase of the one right after it
+    (its ``fuse_access(following)`` says whether it did): key-auth admits
+    ``rate-limit`` by key with the key's own limits in one step
+    (``triogate.dataplane.keyroute``). After ``bind``: the route's limit is
+    known then. The plugins are this plan's own, so nothing live changes."""
+    plugins = [p for p in chain.plugins if "access" in p.phases()]
+    for first, following in zip(plugins, plugins[1:], strict=False):
+        fuse = getattr(first, "fuse_access", None)
+        if fuse is not None and fuse(following):
+            chain.access = tuple(p.phase("access") for p in plugins if p is not following)
+            return
+
+
 def plan_pipeline(
     config: Config,
     registry: Mapping[str, type[Plugin[Any]]],
@@ -215,6 +229,8 @@ def plan_pipeline(
                     )
     if errors or router is None:
         raise ConfigError(errors, "config")
+    for chain in chains.values():
+        _fuse_access(chain)
     return PipelinePlan(
         config=config,
         router=router,

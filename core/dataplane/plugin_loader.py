@@ -78,7 +78,12 @@ class Chain:
         # Each phase's synchronous form when the plugin has one (no coroutine
         # per request); it may still hand back an awaitable (``Pipeline``).
         self.access = tuple(p.phase("access") for p in plugins if "access" in p.phases())
-        self.upstream = tuple(p.upstream for p in plugins if "upstream" in p.phases())
+        # Outermost first; the wrappers of each single try (wraps_each_try)
+        # innermost, inside retry (a stable sort keeps priority order).
+        wrappers = sorted(
+            (p for p in plugins if "upstream" in p.phases()), key=lambda p: p.wraps_each_try
+        )
+        self.upstream = tuple(p.upstream for p in wrappers)
         self.response = tuple(p.phase("response") for p in plugins if "response" in p.phases())
         self.log = tuple(p.phase("log") for p in plugins if "log" in p.phases())
         self.buffering = tuple(p for p in plugins if p.buffers_response)

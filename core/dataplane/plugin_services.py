@@ -38,7 +38,7 @@ from triogate.errors import (
     QuotaExceeded,
     RateLimited,
 )
-from triogate.plugins.contract import Consumer, Context, PluginEnv
+from triogate.plugins.contract import Consumer, Context, PluginEnv, TracerSource
 from triogate.policy.keyaccess import KeyRule
 from triogate.policy.ratelimit import Limit
 from triogate.policy.refill import NEVER, retry_after
@@ -277,6 +277,18 @@ class ActorLimiter:
         clock = self._clock
         ctx.undo.append(lambda: _undo(result, clock(), cost))
 
+    def key_route_admission(
+        self, limit: Limit, route_cost: int
+    ) -> Callable[[Context, Consumer, int], None] | None:
+        """Plan time: ``admit_key_nowait`` and then ``admit_nowait`` of the
+        route's ``limit`` by key, in one step (``keyroute``); None on a
+        cluster node (its decisions are Redis's)."""
+        if self._actors.cluster is not None:
+            return None
+        from triogate.dataplane.keyroute import KeyRouteAdmission
+
+        return KeyRouteAdmission(self, limit, route_cost).admit
+
     def admit_nowait(
         self, ctx: Context, subject: str, limit: Limit, cost: int, *, key: bool
     ) -> None:
@@ -347,6 +359,7 @@ def plugin_env(
     default_key_limit: Limit | None = None,
     keyspaces: frozenset[str] | None = None,
     events: LiveEvents | None = None,
+    tracers: TracerSource | None = None,
 ) -> PluginEnv:
     """The environment the gateway hands every plugin of a config."""
     limiter = ActorLimiter(actors, default_key_limit, events)
@@ -354,9 +367,12 @@ def plugin_env(
         from triogate.dataplane.clusterlimiter import ClusterLimiter
 
         limiter = ClusterLimiter(actors, actors.cluster, default_key_limit, events)
-    return PluginEnv(
+    env = PluginEnv(
         keys=KeyValidation(keys, KeyResolver(actors.store), events, actors),
         limiter=limiter,
         clock=clock,
         keyspaces=keyspaces,
     )
+    if tracers is not None:
+        env.tracers = tracers
+    return env

@@ -33,6 +33,7 @@ __all__ = [
     "close",
     "connect",
     "interrupt",
+    "park",
     "recv",
     "send_all",
     "still_open",
@@ -81,7 +82,7 @@ def _dog() -> _Watchdog:
         return dog
 
 
-async def _park(sock: socket.socket, deadline: float | None, *, write: bool) -> bool:
+async def park(sock: socket.socket, deadline: float | None, *, write: bool) -> bool:
     """Wait until ``sock`` is ready; False if ``deadline`` passed first.
     Raises trio.ClosedResourceError if someone else interrupted the wait."""
     if deadline is None:
@@ -129,7 +130,7 @@ async def send_all(
         except BlockingIOError:
             waited = True
             deadline = None if stall_seconds is None else trio.current_time() + stall_seconds
-            if not await _park(sock, deadline, write=True):
+            if not await park(sock, deadline, write=True):
                 raise TimeoutError("the peer stopped reading") from None
             continue
         view = view[sent:]
@@ -212,11 +213,19 @@ def close(sock: socket.socket) -> None:
         sock.close()
 
 
+_raw_recv = socket.socket.recv
+
+
 def still_open(sock: socket.socket) -> bool:
     """An idle keep-alive connection has nothing to read: readable (EOF or
     unasked data) means the peer closed it or it is out of step."""
     try:
-        sock.recv(1, socket.MSG_PEEK)
+        # The descriptor's own recv, also under a TLS socket (which refuses
+        # flags): raw bytes on an idle TLS connection are a close_notify or
+        # an alert, so "readable" means the same there (or, rarely, a late
+        # post-handshake message: the pool then opens a new connection,
+        # which costs a handshake, never a wrong answer).
+        _raw_recv(sock, 1, socket.MSG_PEEK)
     except BlockingIOError:
         return True
     except OSError:

@@ -10,6 +10,16 @@ least-connections balancing). One request and its answer on one connection
 is exchange.py's job (``UpstreamConnection``); the bytes of both are the
 codec's (``triogate.http.h1client``).
 
+https targets (docs/tls.md): the upstream's one client context (the system's
+CAs or ``ca_file``, the host name checked, SNI sent) wraps each new
+connection after its TCP connect, within the same ``connect_timeout_seconds``;
+the exchange then runs on the ``TLSSocket`` as on a plain socket, and the
+connection is pooled and reused like a plain one (no handshake per request).
+A certificate that does not verify is a 502 ``UPSTREAM_TLS_ERROR`` with the
+reason in its detail, which the pipeline logs once per failed request (a
+WARNING, no traceback), counted per target (``tls_failures``) and in the
+upstream error metrics by code.
+
 Errors are mapped once, in exchange.py and here: refused/reset/protocol
 garbage -> 502 ``BAD_GATEWAY``, no answer within the timeouts -> 504
 ``UPSTREAM_TIMEOUT``. A pooled connection is checked before reuse (an idle
@@ -29,7 +39,10 @@ as sent: the gateway cannot know that the upstream did not read them.
 
 from __future__ import annotations
 
+import logging
 import math
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -41,7 +54,13 @@ import trio
 from triogate.config import UpstreamConfig
 from triogate.dataplane import sockio
 from triogate.dataplane.exchange import SentSink, StaleConnection, UpstreamConnection
-from triogate.errors import BadGateway, UpstreamTimeout, UpstreamUnavailable
+from triogate.dataplane.tls import client_context, handshake
+from triogate.errors import (
+    BadGateway,
+    UpstreamTimeout,
+    UpstreamTLSError,
+    UpstreamUnavailable,
+)
 from triogate.http import Body, Response
 from triogate.policy.breaker import Breaker, BreakerSettings, BreakerSnapshot, FailurePolicy
 
@@ -51,6 +70,8 @@ __all__ = [
     "Upstream",
     "UpstreamStatistics",
 ]
+
+log = logging.getLogger("triogate.dataplane.upstream")
 
 LIVENESS_CHECK_AFTER = 1.0  # seconds idle before a pooled connection is checked
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -77,6 +98,7 @@ class TargetStatistics(msgspec.Struct, frozen=True):
     opened: int  # connections made in all
     healthy: bool  # active health checks (if any) pass
     breaker: BreakerSnapshot | None  # None: no circuit-breaker plugin on it
+    tls_failures: int = 0  # https: connections whose TLS handshake failed
 
 
 class UpstreamStatistics(msgspec.Struct, frozen=True):
@@ -90,15 +112,23 @@ class UpstreamStatistics(msgspec.Struct, frozen=True):
 
 
 class TargetPool:
-    """Keep-alive connections to one target (``http://host:port``)."""
+    """Keep-alive connections to one target (``http://host:port``, or
+    ``https://`` with ``tls``, the upstream's client context)."""
 
-    def __init__(self, url: str, *, connect_timeout: float) -> None:
+    def __init__(
+        self, url: str, *, connect_timeout: float, tls: ssl.SSLContext | None = None
+    ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"unsupported upstream target {url!r} (http://host:port only)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"unsupported upstream target {url!r} (http(s)://host:port only)")
+        https = parts.scheme == "https"
+        if https and tls is None:
+            raise ValueError(f"upstream target {url!r} needs a TLS context")
         self.url = url
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = parts.port or (443 if https else 80)
+        self.tls = tls if https else None
+        self.tls_failures = 0
         self.authority = f"{self.host}:{self.port}" if parts.port else self.host
         self.base_path = parts.path.rstrip("/")
         self.connect_timeout = connect_timeout
@@ -127,6 +157,7 @@ class TargetPool:
             opened=self.opened,
             healthy=self.healthy,
             breaker=breaker.snapshot(trio.current_time()) if breaker is not None else None,
+            tls_failures=self.tls_failures,
         )
 
     def usable(self, now: float) -> bool:
@@ -169,18 +200,44 @@ class TargetPool:
             raise
 
     async def _connect(self) -> UpstreamConnection:
+        sock = await self.open_socket(self.connect_timeout)
+        self.opened += 1
+        return UpstreamConnection(sock, self)
+
+    async def open_socket(self, seconds: float) -> socket.socket:
+        """A new connection to the target within ``seconds``: TCP, then the
+        TLS handshake for https. Raises BadGateway, UpstreamTLSError or
+        UpstreamTimeout (the health probes use it too)."""
+        deadline = trio.current_time() + seconds
         try:
-            sock = await sockio.connect(self.host, self.port, self.connect_timeout)
+            sock = await sockio.connect(self.host, self.port, seconds)
         except trio.TooSlowError:
             raise UpstreamTimeout(
-                f"could not connect to {self.authority} within {self.connect_timeout:g} s"
+                f"could not connect to {self.authority} within {seconds:g} s"
             ) from None
         except OSError as exc:
             raise BadGateway(
                 f"could not connect to upstream {self.authority}: {exc.strerror}"
             ) from exc
-        self.opened += 1
-        return UpstreamConnection(sock, self)
+        if self.tls is None:
+            return sock
+        try:
+            return await handshake(sock, self.tls, deadline, server_hostname=self.host)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"TLS handshake with {self.authority} not done within {seconds:g} s"
+            ) from None
+        except ssl.SSLError as exc:
+            self.tls_failures += 1
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"certificate verify failed: {exc.verify_message}"
+            else:
+                reason = exc.reason or str(exc)
+            raise UpstreamTLSError(f"TLS with upstream {self.authority} failed: {reason}") from None
+        except OSError as exc:
+            raise BadGateway(
+                f"upstream {self.authority} failed during the TLS handshake: {exc}"
+            ) from exc
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         self.active -= 1
@@ -222,6 +279,21 @@ BALANCERS: dict[str, Callable[[Upstream, list[TargetPool]], TargetPool]] = {
 }
 
 
+def _tls_context(name: str, config: UpstreamConfig) -> ssl.SSLContext | None:
+    """The upstream's client context when a target is https (one for all)."""
+    if not any(url.startswith("https://") for url in config.targets):
+        return None
+    field = f"upstreams.{name}"
+    context = client_context(config.ca_file, config.verify, field)  # ConfigError if bad
+    if not config.verify:
+        log.warning(
+            "upstream %s: verify = false, its TLS certificates are NOT checked "
+            "(anyone on the path can pose as it); for testing only",
+            name,
+        )
+    return context
+
+
 class Upstream:
     """One named upstream: its target pools, how to pick among them, and the
     retry budget its routes share."""
@@ -229,8 +301,9 @@ class Upstream:
     def __init__(self, name: str, config: UpstreamConfig) -> None:
         self.name = name
         self.config = config
+        tls = _tls_context(name, config)
         self.pools = [
-            TargetPool(url, connect_timeout=config.connect_timeout_seconds)
+            TargetPool(url, connect_timeout=config.connect_timeout_seconds, tls=tls)
             for url in config.targets
         ]
         for pool in self.pools:

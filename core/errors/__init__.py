@@ -30,8 +30,9 @@ The tree::
     │   └── SecretsMissing
     └── GatewayError               a request refused: status + code -> problem+json
         ├── 400 ValidationError (VALIDATION_ERROR, with ``errors``), BadRequest,
-        │       InvalidPathParameter
-        ├── 401 Unauthorized (family: MissingKey, InvalidKey, KeyRevoked, KeyExpired, KeyRotated)
+        │       InvalidPathParameter, InvalidWebSocketHandshake, WebSocketDisabled
+        ├── 401 Unauthorized (family: MissingKey, InvalidKey, KeyRevoked, KeyExpired, KeyRotated,
+        │       MissingToken, InvalidToken, TokenExpired)
         ├── 403 InsufficientScope, KeyDisabled, RoleDenied, Forbidden
         ├── 404 RouteNotFound, NotFound        405 MethodNotAllowed
         ├── 408 RequestTimeout                 409 Conflict (IdentityHasKeys, PlanInUse,
@@ -41,7 +42,8 @@ The tree::
         ├── 429 RateLimited, QuotaExceeded     431 HeadersTooLarge
         ├── 500 InternalError                  503 TooManyConnections, StoreUnreachable*,
         │                                          LimitsUnavailable
-        ├── 502-504 UpstreamError (family: BadGateway, UpstreamUnavailable, UpstreamTimeout)
+        ├── 502-504 UpstreamError (family: BadGateway, UpstreamTLSError,
+        │                                          UpstreamUnavailable, UpstreamTimeout)
         └── 507 StorageFull*   (* also StoreErrors)
 
 Not errors: ``ClientDisconnected`` is a signal (the client went away; nobody
@@ -79,6 +81,7 @@ from triogate.errors._base import (
     GatewayError,
     InternalError,
     InvalidPathParameter,
+    InvalidWebSocketHandshake,
     PluginLoadError,
     Problem,
     SecretsError,
@@ -88,18 +91,22 @@ from triogate.errors._base import (
     StoreUnavailable,
     TriogateError,
     ValidationError,
+    WebSocketDisabled,
 )
 from triogate.errors._keys import (
     KEY_ERRORS,
     InsufficientScope,
     InvalidKey,
+    InvalidToken,
     KeyDisabled,
     KeyExpired,
     KeyRevoked,
     KeyRotated,
     KeyVerdict,
     MissingKey,
+    MissingToken,
     RoleDenied,
+    TokenExpired,
     Unauthorized,
 )
 from triogate.errors._refusals import (
@@ -127,6 +134,7 @@ from triogate.errors._refusals import (
     TooManyConnections,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamTLSError,
     UpstreamUnavailable,
 )
 
@@ -149,6 +157,8 @@ __all__ = [
     "InternalError",
     "InvalidKey",
     "InvalidPathParameter",
+    "InvalidToken",
+    "InvalidWebSocketHandshake",
     "KeyDisabled",
     "KeyExpired",
     "KeyRevoked",
@@ -158,6 +168,7 @@ __all__ = [
     "LimitsUnavailable",
     "MethodNotAllowed",
     "MissingKey",
+    "MissingToken",
     "NoCredits",
     "NotFound",
     "PayloadTooLarge",
@@ -177,11 +188,14 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoreUnreachable",
+    "TokenExpired",
     "TooManyConnections",
     "TriogateError",
     "Unauthorized",
     "UpstreamError",
+    "UpstreamTLSError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "ValidationError",
+    "WebSocketDisabled",
 ]

@@ -155,6 +155,22 @@ class InvalidPathParameter(GatewayError):
     title = "Bad Request"
 
 
+class InvalidWebSocketHandshake(GatewayError):
+    """A WebSocket upgrade whose opening handshake RFC 6455 refuses (key, version)."""
+
+    status = 400
+    code = "INVALID_WEBSOCKET_HANDSHAKE"
+    title = "Bad Request"
+
+
+class WebSocketDisabled(GatewayError):
+    """A WebSocket upgrade on a route with ``websocket = false``."""
+
+    status = 400
+    code = "WEBSOCKET_DISABLED"
+    title = "Bad Request"
+
+
 # ---- signals -------------------------------------------------------------------
 
 

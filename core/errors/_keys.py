@@ -40,6 +40,24 @@ class InvalidKey(Unauthorized):
     code = "INVALID_KEY"
 
 
+class MissingToken(Unauthorized):
+    """The jwt plugin's: no bearer token sent."""
+
+    code = "MISSING_TOKEN"
+    key_given = False
+
+
+class InvalidToken(Unauthorized):
+    """The jwt plugin's: a token that is not one, forged, not yet valid, for
+    another issuer or audience, or signed by a key the gateway does not know."""
+
+    code = "INVALID_TOKEN"
+
+
+class TokenExpired(Unauthorized):
+    code = "TOKEN_EXPIRED"
+
+
 class KeyRevoked(Unauthorized):
     code = "KEY_REVOKED"
 

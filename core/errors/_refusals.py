@@ -154,6 +154,15 @@ class BadGateway(UpstreamError):
     public_detail = "the upstream could not be reached or broke the protocol"
 
 
+class UpstreamTLSError(BadGateway):
+    """An https upstream failed its TLS handshake: a certificate that does
+    not verify (expired, self-signed, another host's name) or no common
+    protocol. A BadGateway, so breakers and retries treat it as one."""
+
+    code = "UPSTREAM_TLS_ERROR"
+    public_detail = "the upstream's TLS certificate or handshake failed verification"
+
+
 class UpstreamUnavailable(UpstreamError):
     status = 503
     code = "UPSTREAM_UNAVAILABLE"

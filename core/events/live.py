@@ -28,17 +28,24 @@ cheaply (no I/O, no await, no allocation on the common path):
 Each is queued in memory (``QUEUE_MAX`` at most: past it new ones are
 dropped, counted and logged) and ``run`` writes the queue in one write
 transaction per ``BATCH_SECONDS``, and a last time when it stops.
+
+On a cluster node (``gate`` set) a ``rate_limit.exceeded`` is first
+claimed in Redis (``cluster.events``), so one node in the cluster writes
+it per key and ``MARK_SECONDS``; while Redis is unreachable it waits in the
+queue. The other events are once per cluster already (see that module).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
 import trio
 
+from triogate.cluster.events import ClaimsUnavailable, EventClaims
 from triogate.config import EventsConfig
 from triogate.control.eventsink import key_data
 from triogate.control.keyrules import effective_status
@@ -77,10 +84,12 @@ class LiveEvents:
         "_expired",
         "_levels",
         "_limited_at",
+        "_node",
         "_outbox",
         "_pending",
         "_store",
         "dropped",
+        "gate",
         "wants_expired",
         "wants_limited",
         "wants_low",
@@ -103,6 +112,9 @@ class LiveEvents:
         self._pending: list[_Pending] = []
         self.dropped = 0
         self.written = 0
+        #: A cluster node's claims (``cluster.events``); None on a single gateway.
+        self.gate: EventClaims | None = None
+        self._node = secrets.token_hex(8)  # names this process's claims
 
     def __repr__(self) -> str:
         return f"<LiveEvents {len(self._pending)} queued, {self.written} written>"
@@ -210,6 +222,8 @@ class LiveEvents:
         """Write what is queued in one transaction; the events written. On
         failure (a full store) the batch goes back to the queue."""
         batch, self._pending = self._pending, []
+        if batch and self.gate is not None:
+            batch = await self._claim(self.gate, batch)
         if not batch:
             return 0
         try:
@@ -220,6 +234,35 @@ class LiveEvents:
             raise
         self.written += written
         return written
+
+    async def _claim(self, gate: EventClaims, batch: list[_Pending]) -> list[_Pending]:
+        """``batch`` without the marked events another node claimed first;
+        those claimed here lose their mark (no local check after the
+        cluster's). While Redis is unreachable the marked ones go back to
+        the queue."""
+        asks = [i for i, item in enumerate(batch) if item[3] is not None]
+        if not asks:
+            return batch
+        claims = [
+            (batch[i][0], str(batch[i][3]), MARK_SECONDS, f"{self._node}:{batch[i][2]!r}")
+            for i in asks
+        ]
+        try:
+            made = await gate.claim(claims)
+        except ClaimsUnavailable:
+            held = [batch[i] for i in asks]
+            self._pending = (held + self._pending)[:QUEUE_MAX]
+            waiting = set(asks)
+            return [item for i, item in enumerate(batch) if i not in waiting]
+        verdict = dict(zip(asks, made, strict=True))
+        out: list[_Pending] = []
+        for i, item in enumerate(batch):
+            mine = verdict.get(i)
+            if mine is None:
+                out.append(item)
+            elif mine:
+                out.append((item[0], item[1], item[2], None))
+        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write the queue every ``BATCH_SECONDS`` until cancelled, then once more."""

@@ -358,6 +358,11 @@ class Request:
         "query",
         "scheme",
     )
+    #: The subject of the client's verified TLS certificate (mTLS), RFC 4514
+    #: (``CN=alice,O=Example``); None without one. A class default: only the
+    #: TLS listener's requests (a subclass with its slot) carry a value, so
+    #: plain requests pay nothing for it.
+    client_cert: str | None = None
 
     def __init__(
         self,

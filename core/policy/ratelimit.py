@@ -255,7 +255,9 @@ def acquire(
         if not decision.allowed:
             return [decision], None
         state.tat = new_tat
-        return [decision], Reservation(tuple(items), cost, now)
+        return [decision], Reservation(
+            items if type(items) is tuple else tuple(items), cost, now
+        )
     decisions: list[Decision] = []
     commits: list[tuple[LimitState, float]] = []
     for limit, state in items:
@@ -353,6 +355,21 @@ def _limit_parts(limit: Limit) -> tuple[Limit, bytes, bytes, bytes]:
     return parts
 
 
+# Two limits' policy by the pair's ids, as ``_limit_cache`` (the entry keeps
+# both limits, so ids are trusted only while those objects are alive).
+_pair_cache: dict[tuple[int, int], tuple[Limit, Limit, bytes]] = {}
+
+
+def _pair_policy(first: Limit, second: Limit) -> bytes:
+    entry = _pair_cache.get((id(first), id(second)))
+    if entry is None or entry[0] is not first or entry[1] is not second:
+        entry = (first, second, _policy_value((first, second)))
+        if len(_pair_cache) >= _CACHE_SIZE:
+            _pair_cache.clear()
+        _pair_cache[(id(first), id(second))] = entry
+    return entry[2]
+
+
 def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
     """The response headers for every limit a request met: ``RateLimit-Policy``
     lists each policy and ``RateLimit`` reports the most restrictive (IETF
@@ -364,6 +381,18 @@ def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
     if len(decisions) == 1:
         worst = decisions[0]
         _, name_part, limit_value, policy = _limit_parts(worst.limit)
+    elif len(decisions) == 2:
+        # A key's limit and a route's: the most restrictive picked without a
+        # key tuple per decision, the policy cached by the pair's identity.
+        first, second = decisions
+        if first.allowed is not second.allowed:
+            worst = second if first.allowed else first
+        elif first.remaining != second.remaining:
+            worst = first if first.remaining < second.remaining else second
+        else:
+            worst = first if first.retry_after >= second.retry_after else second
+        _, name_part, limit_value, _ = _limit_parts(worst.limit)
+        policy = _pair_policy(first.limit, second.limit)
     else:
         worst = min(decisions, key=_severity)
         _, name_part, limit_value, _ = _limit_parts(worst.limit)

@@ -1,7 +1,11 @@
 """The ``triogate`` command line (argparse).
 
-``keys`` and ``admin`` work directly on the data directory: LMDB is
-multi-process safe, so they may run while a server is serving the same data.
+``keys``, ``admin``, ``identities``, ``plans``, ``roles``, ``audit``,
+``events`` and ``maintenance`` work directly on the data directory: LMDB is
+multi-process safe, so they may run while a server is serving the same data
+(each write is one transaction, as the admin API's are). What only a running
+server holds (its config and history, routes, upstreams, cluster, metrics) is
+asked of its admin API (``cli_server``). docs/cli.md lists every command.
 Errors are the gateway's own (``GatewayError``), printed as ``CODE: detail``
 with exit status 1; usage errors exit 2. A data directory that is not what
 it was (``core/datadir.py``) is one sentence on stderr and exit status 1,
@@ -23,7 +27,7 @@ import msgspec
 import trio
 
 from triogate import __version__
-from triogate.config import Config, load_config, parse_config
+from triogate.config import Config, load_config
 from triogate.control.audit import Actor
 from triogate.control.crypto import add_hmac_version
 from triogate.control.models import CreateAdminRequest, CreateKeyRequest, RotateKeyRequest
@@ -35,6 +39,7 @@ from triogate.errors import (
     StoreError,
     ValidationError,
 )
+from triogate.runtime.cli_admin import add_admin_commands
 from triogate.runtime.cli_credits import add_credit_commands
 from triogate.runtime.cli_customers import (
     add_customer_commands,
@@ -42,8 +47,10 @@ from triogate.runtime.cli_customers import (
     key_customer_fields,
 )
 from triogate.runtime.cli_history import add_history_commands
-from triogate.runtime.cli_import import add_import_command
+from triogate.runtime.cli_keyexport import add_keyexport_commands
 from triogate.runtime.cli_roles import add_role_commands
+from triogate.runtime.cli_server import add_server_commands
+from triogate.runtime.cli_tools import add_echo_command, global_options_everywhere, run_bench
 from triogate.runtime.gateway import Services, open_services
 from triogate.validation import convert_all
 
@@ -152,9 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from triogate.dataplane.pipeline import Pipeline
-    from triogate.dataplane.plugin_loader import discover
-    from triogate.plugins.contract import PluginEnv
+    from triogate.runtime.configcheck import check_document
 
     # Read once: the checksum printed is of exactly the bytes validated.
     path = Path(args.file)
@@ -166,11 +171,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         doc = tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([FieldError("$", f"invalid TOML: {exc}")], args.file) from None
-    config = parse_config(doc, source=args.file)
-    # Routes compiled and every plugin validated, exactly as serve would;
-    # nothing is opened or bound.
-    env = PluginEnv(keyspaces=frozenset(config.keyspace_prefixes))
-    Pipeline.build(config, discover(), env).close()
+    # Every error in one pass: fields, references, routes and every plugin's
+    # settings, compiled exactly as serve would; nothing opened or bound.
+    config = check_document(doc, args.file)
     # The checksum of the bytes read (a reload reads the file again: compare
     # with `sha256sum FILE` to know the file is still the one checked).
     digest = hashlib.sha256(raw).hexdigest()
@@ -283,9 +286,7 @@ def cmd_admin_create(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from triogate.benchmarks.__main__ import main as bench_main
-
-    return bench_main(args.bench_args)
+    return run_bench(args.bench_args)
 
 
 def cmd_secrets_rotate_hmac(args: argparse.Namespace) -> int:
@@ -302,7 +303,7 @@ def cmd_secrets_rotate_hmac(args: argparse.Namespace) -> int:
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="config file (its server.data_dir is used)")
     p.add_argument("--data-dir", help="data directory (overrides the config's)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="print JSON (the admin API's shapes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "check-config", help="validate a config file, print every error and its sha256"
     )
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help="the TOML config file to check")
     p.set_defaults(func=cmd_check_config)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
@@ -358,9 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = keys.add_parser("create", help="create a key; prints the plaintext once")
     _data_options(p)
-    p.add_argument("--name", required=True)
-    p.add_argument("--owner", required=True)
-    p.add_argument("--scope", action="append", help="repeatable")
+    p.add_argument("--name", required=True, help="a label for people, e.g. 'CI key'")
+    p.add_argument("--owner", required=True, help="who holds the key (sealed at rest)")
+    p.add_argument("--scope", action="append", help="a scope the key carries, repeatable")
     p.add_argument("--expires-at", help="RFC 3339, e.g. 2027-01-01T00:00:00Z")
     p.add_argument(
         "--rate-limit",
@@ -368,18 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_rate_limit,
         help="name=limit/seconds, repeatable",
     )
-    p.add_argument("--credits", type=int)
+    p.add_argument("--credits", type=int, help="requests the key may make (a quota)")
     p.add_argument("--keyspace", help="a [keyspaces.NAME] of the config (default: default)")
     add_key_customer_options(p)
     p.set_defaults(func=cmd_keys_create)
 
     p = keys.add_parser("list", help="list keys, newest first")
     _data_options(p)
-    p.add_argument("--owner")
-    p.add_argument("--status", choices=["active", "revoked", "rotated", "expired"])
+    p.add_argument("--owner", help="only the keys of this owner")
+    p.add_argument(
+        "--status",
+        choices=["active", "revoked", "rotated", "expired"],
+        help="only the keys in this state",
+    )
     p.add_argument("--identity", metavar="IDN_ID", help="only the keys of this identity")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--cursor")
+    p.add_argument("--limit", type=int, default=50, help="keys per page, 1-100 (default 50)")
+    p.add_argument("--cursor", help="the next cursor a previous page printed")
     p.set_defaults(func=cmd_keys_list)
 
     for name, func, helptext in (
@@ -388,34 +393,47 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = keys.add_parser(name, help=helptext)
         _data_options(p)
-        p.add_argument("id")
+        p.add_argument("id", metavar="KEY_ID", help="the key's id (key_…)")
         p.set_defaults(func=func)
 
     p = keys.add_parser("rotate", help="issue a replacement key with a grace period")
     _data_options(p)
-    p.add_argument("id")
-    p.add_argument("--grace-seconds", type=int, default=86400)
+    p.add_argument("id", metavar="KEY_ID", help="the key's id (key_…)")
+    p.add_argument(
+        "--grace-seconds",
+        type=int,
+        default=86400,
+        help="how long the old key keeps working (default 86400: a day)",
+    )
     p.set_defaults(func=cmd_keys_rotate)
 
-    admin = sub.add_parser("admin", help="manage admin users").add_subparsers(
-        dest="admin_command", required=True
-    )
+    admin = sub.add_parser(
+        "admin", aliases=["admins"], help="manage admin users (also: admins)"
+    ).add_subparsers(dest="admin_command", required=True)
     p = admin.add_parser("create", help="create an admin; prints its key once")
     _data_options(p)
-    p.add_argument("--name", required=True)
-    p.add_argument("--email", required=True)
+    p.add_argument("--name", required=True, help="the admin's name")
+    p.add_argument("--email", required=True, help="the admin's e-mail (sealed at rest)")
     p.add_argument(
         "--role",
         default="super_admin",
         choices=["super_admin", "key_admin", "key_viewer", "auditor"],
+        help="what the admin may do (default super_admin; docs/admin-api.md lists the roles)",
     )
     p.add_argument(
         "--permission", action="append", help="explicit permission instead of a role, repeatable"
     )
     p.set_defaults(func=cmd_admin_create)
 
-    p = sub.add_parser("bench", help="run the benchmarks (same as python -m benchmarks)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="NAME [options]")
+    p = sub.add_parser(
+        "bench", help="run a benchmark (same as python -m benchmarks); no NAME: list them"
+    )
+    p.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        metavar="NAME [options]",
+        help="a benchmark and its options; without one, the benchmarks are listed",
+    )
     p.set_defaults(func=cmd_bench)
 
     secrets = sub.add_parser("secrets", help="server secrets").add_subparsers(
@@ -427,12 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.set_defaults(func=cmd_secrets_rotate_hmac)
     add_role_commands(sub, _data_options, _with_gateway, _print)
-    add_import_command(keys, _data_options, _with_gateway)
+    add_keyexport_commands(keys, _data_options, _with_gateway)
     add_customer_commands(
         sub, keys, _data_options, _with_gateway, _print, _parse_rate_limit, _key_line
     )
     add_credit_commands(sub, keys, _data_options, _with_gateway, _print)
     add_history_commands(sub, keys, _data_options, _with_gateway, _print)
+    add_admin_commands(sub, keys, _data_options, _with_gateway, _print)
+    add_server_commands(sub)
+    add_echo_command(sub)
+    global_options_everywhere(parser)
     return parser
 
 

@@ -158,8 +158,8 @@ def add_customer_commands(
         )
         p.add_argument("--credits", type=int, help="credits remaining")
         if patch:
-            p.add_argument("--clear-rate-limits", action="store_true")
-            p.add_argument("--clear-credits", action="store_true")
+            p.add_argument("--clear-rate-limits", action="store_true", help="remove every limit")
+            p.add_argument("--clear-credits", action="store_true", help="remove the credits")
 
     def one(
         command: str,
@@ -178,7 +178,7 @@ def add_customer_commands(
 
         p: argparse.ArgumentParser = group.add_parser(command, help=helptext)
         data_options(p)
-        p.add_argument("id")
+        p.add_argument("id", help="its id")
         p.set_defaults(func=func)
         return p
 
@@ -203,8 +203,8 @@ def add_customer_commands(
 
     p = keys.add_parser("patch", help="change a key: name, scopes, limits, identity, plan, roles")
     data_options(p)
-    p.add_argument("id")
-    p.add_argument("--name")
+    p.add_argument("id", metavar="KEY_ID", help="the key's id (key_…)")
+    p.add_argument("--name", help="a new label")
     p.add_argument("--scope", action="append", help="the new scopes, repeatable")
     p.add_argument("--expires-at", help="RFC 3339")
     limit_options(p, patch=True)
@@ -236,9 +236,9 @@ def add_customer_commands(
     p = ids.add_parser("create", help="create an identity")
     data_options(p)
     p.add_argument("--external-id", required=True, help="your id for the customer; unique")
-    p.add_argument("--name")
+    p.add_argument("--name", help="a name for people")
     p.add_argument("--metadata", help="a JSON object")
-    p.add_argument("--plan", metavar="PLN_ID")
+    p.add_argument("--plan", metavar="PLN_ID", help="the plan whose settings apply")
     p.add_argument("--disable", action="store_true", help="create it disabled")
     limit_options(p, patch=False)
     p.set_defaults(func=identity_create)
@@ -261,9 +261,9 @@ def add_customer_commands(
 
     p = ids.add_parser("list", help="list identities, newest first")
     data_options(p)
-    p.add_argument("--external-id")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--cursor")
+    p.add_argument("--external-id", help="only the identity with this external id")
+    p.add_argument("--limit", type=int, default=50, help="per page, 1-100 (default 50)")
+    p.add_argument("--cursor", help="the next cursor a previous page printed")
     p.set_defaults(func=identity_list)
 
     one("get", "show one identity", lambda gw, a: gw.identities.get(a.id), _identity_line, ids)
@@ -302,15 +302,15 @@ def add_customer_commands(
 
     p = ids.add_parser("patch", help="change an identity (--disable suspends all its keys)")
     data_options(p)
-    p.add_argument("id")
-    p.add_argument("--external-id")
-    p.add_argument("--name")
+    p.add_argument("id", metavar="IDN_ID", help="the identity's id (idn_…)")
+    p.add_argument("--external-id", help="a new external id (unique)")
+    p.add_argument("--name", help="a new name")
     p.add_argument("--metadata", help="a JSON object")
-    p.add_argument("--plan", metavar="PLN_ID")
+    p.add_argument("--plan", metavar="PLN_ID", help="put the identity on this plan")
     p.add_argument("--no-plan", action="store_true", help="take the identity off its plan")
     state = p.add_mutually_exclusive_group()
-    state.add_argument("--disable", action="store_true")
-    state.add_argument("--enable", action="store_true")
+    state.add_argument("--disable", action="store_true", help="suspend it and all its keys")
+    state.add_argument("--enable", action="store_true", help="restore a disabled identity")
     limit_options(p, patch=True)
     p.set_defaults(func=identity_patch)
 
@@ -328,7 +328,7 @@ def add_customer_commands(
 
     p = ids.add_parser("delete", help="delete an identity (refused while it has live keys)")
     data_options(p)
-    p.add_argument("id")
+    p.add_argument("id", metavar="IDN_ID", help="the identity's id (idn_…)")
     p.add_argument("--revoke-keys", action="store_true", help="revoke its live keys too")
     p.set_defaults(func=identity_delete)
 
@@ -347,8 +347,8 @@ def add_customer_commands(
 
     p = plans.add_parser("create", help="create a plan")
     data_options(p)
-    p.add_argument("--name", required=True)
-    p.add_argument("--scope", action="append", help="repeatable")
+    p.add_argument("--name", required=True, help="the plan's name (unique)")
+    p.add_argument("--scope", action="append", help="a scope its members get, repeatable")
     limit_options(p, patch=False)
     p.set_defaults(func=plan_create)
 
@@ -368,8 +368,8 @@ def add_customer_commands(
 
     p = plans.add_parser("list", help="list plans, newest first")
     data_options(p)
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--cursor")
+    p.add_argument("--limit", type=int, default=50, help="plans per page, 1-100 (default 50)")
+    p.add_argument("--cursor", help="the next cursor a previous page printed")
     p.set_defaults(func=plan_list)
 
     one("get", "show one plan", lambda gw, a: gw.plans.get(a.id), _plan_line, plans)
@@ -392,10 +392,10 @@ def add_customer_commands(
 
     p = plans.add_parser("patch", help="change a plan (every key on it, next request on)")
     data_options(p)
-    p.add_argument("id")
-    p.add_argument("--name")
+    p.add_argument("id", metavar="PLN_ID", help="the plan's id (pln_…)")
+    p.add_argument("--name", help="a new name (unique)")
     p.add_argument("--scope", action="append", help="the new scopes, repeatable")
-    p.add_argument("--clear-scopes", action="store_true")
+    p.add_argument("--clear-scopes", action="store_true", help="set the scopes to none")
     limit_options(p, patch=True)
     p.set_defaults(func=plan_patch)
 

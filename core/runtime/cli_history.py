@@ -94,7 +94,7 @@ def add_history_commands(
 
         p: argparse.ArgumentParser = group.add_parser("usage-history", help=helptext)
         data_options(p)
-        p.add_argument("id")
+        p.add_argument("id", help="its id (key_… or idn_…)")
         p.add_argument(
             "--granularity",
             default="hour",

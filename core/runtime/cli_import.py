@@ -48,7 +48,7 @@ def read_items(text: str) -> list[Any]:
     if body.startswith("["):
         try:
             items = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # nested too deeply
             raise ValidationError([FieldError("$", f"invalid JSON: {exc}")]) from None
         if not isinstance(items, list):
             raise ValidationError.single("$", "expected a JSON array or JSON lines")
@@ -58,7 +58,7 @@ def read_items(text: str) -> list[Any]:
         if line.strip():
             try:
                 out.append(msgspec.json.decode(line))
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 out.append(_BAD_LINE)
     return out
 

@@ -101,15 +101,15 @@ def add_role_commands(
 
     p = commands.add_parser("create", help="create a role")
     data_options(p)
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, help="the role's name: what keys name")
     p.add_argument("--scope", action="append", help="repeatable; none: a role without scopes")
-    p.add_argument("--description")
+    p.add_argument("--description", help="a sentence for people")
     p.set_defaults(func=create)
 
     p = commands.add_parser("list", help="list roles, newest first")
     data_options(p)
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--cursor")
+    p.add_argument("--limit", type=int, default=50, help="roles per page, 1-100 (default 50)")
+    p.add_argument("--cursor", help="the next cursor a previous page printed")
     p.set_defaults(func=list_)
 
     p = commands.add_parser("get", help="show one role")
@@ -123,7 +123,7 @@ def add_role_commands(
     p.add_argument("--name", help="rename (only while no key names the role)")
     p.add_argument("--scope", action="append", help="the new scopes, repeatable")
     p.add_argument("--clear-scopes", action="store_true", help="set the scopes to none")
-    p.add_argument("--description")
+    p.add_argument("--description", help="a new sentence for people")
     p.set_defaults(func=patch)
 
     p = commands.add_parser("delete", help="delete a role no key names")

@@ -4,14 +4,15 @@ echo upstream, with an admin and a demo key ready, and curl lines to paste.
 One ``trio.run``: the echo upstream (``triogate.runtime.echo``, on a free port) and
 the gateway (``Server``, with its signal handling) share one nursery. Once
 both listen, the admin is bootstrapped through the admin service (``setup``
-on a fresh data directory; on a re-run, when setup was done before, a new
-super_admin is created, since an admin key is shown only once) and a new
+on a fresh data directory; on a re-run, when setup was done before, that
+admin gets a new key, since an admin key is shown only once) and a new
 demo key with a small rate limit is created. Ctrl-C or SIGTERM stops the
 gateway the way ``serve`` stops; then the echo upstream goes; exit 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 import tomllib
@@ -23,7 +24,7 @@ import trio
 from triogate.config import Config, parse_config
 from triogate.control.audit import Actor
 from triogate.control.models import CreateAdminRequest, CreateKeyRequest, SetupRequest
-from triogate.errors import Conflict
+from triogate.errors import Conflict, NotFound
 from triogate.runtime.echo import EchoUpstream
 from triogate.runtime.gateway import Gateway
 from triogate.storage import RateLimit
@@ -119,11 +120,27 @@ async def bootstrap(gw: Gateway) -> Credentials:
         except Conflict:  # set up meanwhile by someone else
             pass
     if not new_setup:
-        created = await gw.admins.create(
-            CreateAdminRequest(name=ADMIN_NAME, email=ADMIN_EMAIL, role="super_admin"),
-            Actor("demo"),
-        )
-        admin_key, admin_id = created.key, created.id
+        # A re-run: the demo's own admin gets a new key (the first was shown
+        # once and is gone) rather than another super_admin being minted.
+        # Only an admin the demo made (its name and e-mail): on a data
+        # directory an operator set up, their admin's key must keep working.
+        reused = None
+        setup_id = gw.admins.setup_admin_id()
+        ours = [
+            a.id
+            for a in gw.admins.list().items
+            if a.status == "active" and a.name == ADMIN_NAME and a.email == ADMIN_EMAIL
+        ]
+        for admin in sorted(ours, key=lambda i: i != setup_id):  # the setup admin first
+            with contextlib.suppress(Conflict, NotFound):
+                reused = await gw.admins.reissue(admin, Actor("demo"))
+                break
+        if reused is None:  # setup was done by someone else, or its admin revoked
+            reused = await gw.admins.create(
+                CreateAdminRequest(name=ADMIN_NAME, email=ADMIN_EMAIL, role="super_admin"),
+                Actor("demo"),
+            )
+        admin_key, admin_id = reused.key, reused.id
     key = await gw.keys.create(
         CreateKeyRequest(
             name="demo key",
@@ -145,7 +162,7 @@ def banner(info: ServerInfo, echo_url: str, creds: Credentials) -> str:
     admin_note = (
         "setup done just now"
         if creds.new_setup
-        else "setup was done on an earlier run: a new super_admin"
+        else "setup was done on an earlier run: a new key for the same admin"
     )
     return f"""
 ==============================================================================

@@ -24,9 +24,11 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from triogate.cluster.events import EventClaims
 from triogate.cluster.limits import ClusterLimits, open_cluster_limits
 from triogate.cluster.metrics import RecordsCollector
 from triogate.cluster.node import ClusterNode, open_records
+from triogate.cluster.usage_history import ClusterHistory
 from triogate.config import Config, config_version
 from triogate.control.admins import AdminService
 from triogate.control.audit import AuditLog
@@ -47,6 +49,8 @@ from triogate.dataplane.plan import PipelinePlan
 from triogate.dataplane.plugin_loader import discover
 from triogate.dataplane.plugin_services import plugin_env
 from triogate.dataplane.upstream import UpstreamStatistics
+from triogate.dataplane.wsstats import STATS as WEBSOCKET_STATS
+from triogate.dataplane.wsstats import WebSocketCollector
 from triogate.events import EventService
 from triogate.plugins.contract import Plugin
 from triogate.policy.ratelimit import Limit, limit_from
@@ -55,6 +59,7 @@ from triogate.storage import Store, StoreStatistics
 from triogate.telemetry.accesslog import AccessLog
 from triogate.telemetry.metrics import Metrics
 from triogate.telemetry.records import Observer
+from triogate.telemetry.tracing import Tracers
 
 __all__ = [
     "ActiveConfig",
@@ -149,6 +154,8 @@ class Gateway(Services):
         # A cluster node's limits and credits are decided in Redis: set before
         # the pipeline is built, whose plugins get the cluster's limiter.
         self.actors.cluster = limits
+        if limits is not None:  # usage history and webhook events, once per cluster
+            wire_cluster_usage(self, limits)
         self.active = ActiveConfig(config, config_version(config), time.time(), source)
         # Plugin classes not installed as entry points (tests, triogate.testing).
         self.extra_plugins = tuple(extra_plugins)
@@ -157,8 +164,11 @@ class Gateway(Services):
         # is run next to the actors; a reload keeps it ([log] is read once).
         self.observers: list[Observer] = []
         self.access_log = AccessLog.from_config(config.log)
+        # The tracing plugin's span exporters (none until a route asks).
+        self.tracers = Tracers()
         self.pipeline: Pipeline = self.make_pipeline(self.plan_pipeline(config, None))
         self.metrics = Metrics(self, access_log=self.access_log)
+        self.metrics.registry.register(WebSocketCollector(WEBSOCKET_STATS))
         self.observers.append(self.metrics.observe)
         if self.access_log is not None:
             self.observers.append(self.access_log.observe)
@@ -199,6 +209,7 @@ class Gateway(Services):
             clock=self.clock,
             keyspaces=frozenset(config.keyspace_prefixes),
             events=self.events.live,
+            tracers=self.tracers,
         )
         registry = {**discover(), **{p.name: p for p in self.extra_plugins}}
         return Pipeline.plan(config, registry, env, previous=previous)
@@ -227,6 +238,19 @@ class Gateway(Services):
 
     def upstream_statistics(self) -> Iterable[UpstreamStatistics]:
         return [u.statistics() for u in self.pipeline.upstreams.values()]
+
+
+def wire_cluster_usage(services: Services, limits: ClusterLimits) -> None:
+    """A cluster node's usage history goes to (and is read from) Redis, and
+    its data-plane events are claimed there (``cluster.usage_history``,
+    ``cluster.events``)."""
+    history = ClusterHistory(
+        limits.link, lambda: services.actors.retention, namespace=limits.namespace
+    )
+    services.actors.cluster_history = history
+    services.history.cluster = history
+    if services.events.live is not None:
+        services.events.live.gate = EventClaims(limits.link, namespace=limits.namespace)
 
 
 @asynccontextmanager
@@ -266,6 +290,7 @@ async def open_gateway(
             yield gw
         finally:
             gw.pipeline.close()
+            await gw.tracers.aclose()  # the last spans out, bounded
 
 
 @asynccontextmanager

@@ -113,6 +113,8 @@ RELOAD_TABLE: Final[Mapping[str, Applies]] = {
     "server.max_connections": Applies.LISTENER,
     "server.underscores_in_headers": Applies.LISTENER,
     "server.allow_path_parameters": Applies.LISTENER,
+    # The certificates are re-read on every reload, changed or not (server.py).
+    "server.tls": Applies.LISTENER,
     "keys.prefix": Applies.RESTART,
     "keys.default_rate_limit": Applies.PIPELINE,  # lent to the plugins (PluginEnv)
     "keys.import_formats": Applies.KEYS,  # which foreign keys are looked up
@@ -147,6 +149,9 @@ RELOAD_TABLE: Final[Mapping[str, Applies]] = {
     "cluster.batch_max": Applies.RESTART,
     "cluster.local_routes": Applies.RESTART,
     "cluster.local_keyspaces": Applies.RESTART,
+    # Read from the active config by the console (core/console) at each request.
+    "admin.console": Applies.SERVER,
+    "admin.session_idle_seconds": Applies.SERVER,
 }
 
 

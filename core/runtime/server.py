@@ -31,6 +31,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from triogate import __version__
 from triogate.admin.app import DrainUnreadBody, create_admin_app
 from triogate.config import Config
 from triogate.control.audit import Actor
@@ -40,13 +41,16 @@ from triogate.dataplane.asgi import GatewayASGI
 from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.listener import ProxyListener
 from triogate.dataplane.pipeline import Pipeline
+from triogate.dataplane.plugin_tasks import run_plugin_tasks
 from triogate.dataplane.sharedlimits import SharedLimits
-from triogate.errors import ConfigError, GatewayError
+from triogate.errors import ConfigError, FieldError, GatewayError
 from triogate.plugins.contract import Plugin
 from triogate.runtime.gateway import Gateway, open_gateway
 from triogate.runtime.reasons import install_reason_phrases
 from triogate.runtime.reload import Applies, ConfigManager, Swap
+from triogate.runtime.supervisor import ask_supervisor_to_reload
 from triogate.storage.limits_file import discard_limits_env
+from triogate.telemetry.logs import json_info_line
 
 __all__ = ["Server", "ServerInfo"]
 
@@ -68,10 +72,13 @@ class ServerInfo:
 ADMIN_GRACE_SECONDS = 1.0
 
 
-def announce(line: str) -> None:
+def announce(line: str, *, as_json: bool = False) -> None:
     """One readiness line on stdout in one ``write``: several workers share
     the pipe, and a write below PIPE_BUF is never interleaved with another
-    process's, so readers always see whole lines."""
+    process's, so readers always see whole lines. ``as_json`` (``log.format
+    = "json"``) writes it as a JSON log line: stdout stays pure JSON."""
+    if as_json:
+        line = json_info_line(line, "triogate.runtime.server")
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), (line + "\n").encode())
 
@@ -111,6 +118,7 @@ class Server:
         self.config = config
         self.clock = clock  # the services' wall clock (tests move it by hand)
         self.worker = worker
+        self._signalled_reload = False
         self.source = source
         self.handle_signals = handle_signals
         self.extra_plugins = tuple(extra_plugins)
@@ -147,6 +155,7 @@ class Server:
 
     async def _reload_on_signal(self) -> None:
         assert self.gateway is not None
+        self._signalled_reload = True  # read by _on_reload, in this same call
         try:
             active = await self.gateway.configs.reload(Actor("signal:SIGHUP"))
         except ConfigError as exc:
@@ -155,6 +164,8 @@ class Server:
             log.error("SIGHUP: config not reloaded: %s", exc.detail)
         else:
             log.info("SIGHUP: config version %s is active", active.version)
+        finally:
+            self._signalled_reload = False
 
     def _on_reload(self, swap: Swap) -> None:
         """A new pipeline is live: put the other changed settings into force
@@ -164,7 +175,9 @@ class Server:
         config = swap.config
         # Restart-only settings cannot differ (the reload was refused).
         self.config = config
-        if Applies.LISTENER in swap.changed and self.proxy is not None:
+        # TLS: certificates are re-read on every reload (renewed files keep their names).
+        tls = config.server.tls is not None
+        if (Applies.LISTENER in swap.changed or tls) and self.proxy is not None:
             self.proxy.reconfigure(config.server)
         if Applies.ACTORS in swap.changed:
             self.gateway.actors.flush_interval = config.storage.flush_interval_seconds
@@ -181,10 +194,18 @@ class Server:
         self._tasks.start_soon(self._run_health_checks, swap.new, self._health)
         grace = config.server.shutdown_grace_seconds
         self._tasks.start_soon(ConfigManager.retire, swap, grace)
+        index, workers = self.worker
+        if workers > 1 and index == 0 and not self._signalled_reload:
+            # `POST /config/reload` reached this worker only: the supervisor
+            # has the others read the file too (a SIGHUP already reached all).
+            ask_supervisor_to_reload()
 
     async def _run_health_checks(self, pipeline: Pipeline, scope: trio.CancelScope) -> None:
         with scope:
-            await run_health_checks(pipeline.upstreams)
+            # The plugins' background work (a JWKS refresh) is the pipeline's too.
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(run_plugin_tasks, pipeline)
+                await run_health_checks(pipeline.upstreams)
 
     async def run(
         self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED
@@ -197,6 +218,21 @@ class Server:
         ) as gw:
             self.gateway = gw
             index, workers = self.worker
+            if index == 0:  # once, however many workers
+                log.info(
+                    "triogate %s: config %s (version %s), data directory %s, %d route%s",
+                    __version__,
+                    self.source or "the built-in defaults",
+                    gw.active.version,
+                    self.config.data_dir,
+                    len(self.config.routes),
+                    "" if len(self.config.routes) == 1 else "s",
+                )
+                if not self.config.routes:
+                    log.warning(
+                        "no routes are configured: every proxied request will be "
+                        "answered 404 ROUTE_NOT_FOUND"
+                    )
             # Several workers decide limits and credits in one shared table.
             shared = SharedLimits.open(self.config.data_dir) if workers > 1 else None
             if workers == 1:
@@ -210,6 +246,12 @@ class Server:
                 # the native listener's: hypercorn has none.
                 self.proxy = ProxyListener(
                     self.config.server, gw.current_pipeline, reuse_port=self.worker[1] > 1
+                )
+            elif self.config.server.tls is not None:  # `serve --server hypercorn`
+                # Never plain HTTP where HTTPS was configured.
+                raise ConfigError(
+                    [FieldError("server.tls", "TLS is the native listener's, not hypercorn's")],
+                    "--server hypercorn",
                 )
             try:
                 async with trio.open_nursery() as tasks:
@@ -270,9 +312,10 @@ class Server:
                     self.gateway.cluster.announce(proxy_url=proxy_url, admin_url=admin_url)
                 # Lines on stdout that scripts (and tests) can wait for.
                 suffix = f" (worker {self.worker[0]})" if self.worker[1] > 1 else ""
-                announce(f"triogate: proxy listening on {info.proxy_url}{suffix}")
+                as_json = self.config.log.format == "json"
+                announce(f"triogate: proxy listening on {info.proxy_url}{suffix}", as_json=as_json)
                 if admin_url:
-                    announce(f"triogate: admin listening on {info.admin_url}")
+                    announce(f"triogate: admin listening on {info.admin_url}", as_json=as_json)
                 task_status.started(info)
                 await self._shutdown.wait()
                 if self.proxy is not None:

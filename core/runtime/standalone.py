@@ -22,6 +22,7 @@ from triogate.config import load_config
 from triogate.dataplane.asgi import GatewayASGI
 from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.pipeline import Pipeline
+from triogate.dataplane.plugin_tasks import run_plugin_tasks
 from triogate.runtime.gateway import Gateway, open_gateway
 from triogate.runtime.reasons import install_reason_phrases
 from triogate.storage.limits_file import discard_limits_env
@@ -45,6 +46,7 @@ async def run_services(
         if gw.access_log is not None:
             await tasks.start(gw.access_log.run)
         await tasks.start(run_health_checks, gw.pipeline.upstreams)
+        await tasks.start(run_plugin_tasks, gw.pipeline)  # e.g. a JWKS refresh
         task_status.started()
 
 

@@ -7,7 +7,10 @@ gateway in its own ``trio.run``; they share the proxy port through
 directory through LMDB (multi-process safe). Worker 0 also serves the admin
 API; the others serve only the proxy.
 
-The supervisor forwards SIGTERM/SIGINT to every worker and waits for them
+The supervisor forwards SIGHUP to every worker (each reloads the file
+itself), and a reload made through worker 0's ``POST /config/reload``
+reaches the others the same way (worker 0 signals ``PEER_RELOAD``).
+It forwards SIGTERM/SIGINT to every worker and waits for them
 (each drains its in-flight requests and flushes its actors), and restarts a
 worker that dies on its own, with a growing back-off so a crash loop does
 not spin. A supervisor that dies without stopping them (SIGKILL, the OOM
@@ -34,12 +37,33 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-__all__ = ["run_supervisor"]
+__all__ = ["ask_supervisor_to_reload", "run_supervisor"]
 
 log = logging.getLogger("triogate.runtime.supervisor")
 
 RESTART_BACKOFF_MAX = 30.0
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Worker 0 to its supervisor: "I reloaded the config; have the others do it".
+PEER_RELOAD = signal.SIGUSR1
+# The supervisor's pid, in each worker's environment: a worker signals its
+# parent only when the parent is that supervisor. ``serve --worker 0`` run by
+# hand has a shell (or systemd) for a parent, which SIGUSR1 would kill.
+SUPERVISOR_ENV = "TRIOGATE_SUPERVISOR_PID"
+
+
+def ask_supervisor_to_reload() -> bool:
+    """Worker 0, after ``POST /config/reload``: have the supervisor reload
+    the other workers. False (nothing sent) when this process is not a
+    worker of a live supervisor."""
+    parent = os.getppid()
+    if os.environ.get(SUPERVISOR_ENV) != str(parent) or parent <= 1:
+        log.warning(
+            "config reloaded in this worker only: it was not started by a triogate "
+            "supervisor (the other workers, if any, need a SIGHUP)"
+        )
+        return False
+    os.kill(parent, PEER_RELOAD)
+    return True
 
 
 def _die_with_supervisor() -> Callable[[], None] | None:
@@ -75,7 +99,8 @@ class _Worker:
 
     def start(self) -> None:
         # (No threads here, so a pre-exec hook is safe.)
-        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_supervisor())
+        env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
+        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_supervisor(), env=env)
         self.started_at = time.monotonic()
 
 
@@ -103,12 +128,22 @@ def run_supervisor(config_path: str | None, workers: int, server: str | None) ->
             if w.proc is not None and w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGHUP)
 
+    def on_peer_reload(signum: int, frame: FrameType | None) -> None:
+        # Worker 0 reloaded through `POST /config/reload` (it serves the only
+        # admin API): the others read the file too, so every worker serves it.
+        for w in pool:
+            if w.index != 0 and w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGHUP)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(PEER_RELOAD, on_peer_reload)
     for w in pool:
         w.start()
-    print(f"triogate: supervising {workers} workers", flush=True)
+    # stderr: stdout is the access log and readiness lines (pure JSON with
+    # log.format = "json").
+    print(f"triogate: supervising {workers} workers", file=sys.stderr, flush=True)
 
     backoff = {w.index: 0.5 for w in pool}
     while True:

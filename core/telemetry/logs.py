@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -19,7 +20,7 @@ import msgspec
 
 from triogate.config import LogConfig
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "configure_logging"]
+__all__ = ["TEXT_FORMAT", "JsonFormatter", "configure_logging", "json_info_line"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -37,6 +38,14 @@ class _Line(msgspec.Struct, omit_defaults=True):
 def rfc3339(ts: float) -> str:
     """``2024-05-01T12:00:00.123Z``: UTC, milliseconds."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def json_info_line(message: str, logger: str) -> str:
+    """``message`` as one INFO line of the JSON log format, for what is written
+    to stdout outside logging (the readiness lines): with ``log.format =
+    "json"`` stdout carries nothing but JSON objects."""
+    line = _Line(ts=rfc3339(time.time()), level="INFO", logger=logger, message=message)
+    return msgspec.json.encode(line).decode()
 
 
 class JsonFormatter(logging.Formatter):

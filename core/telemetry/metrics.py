@@ -15,16 +15,24 @@ Each ``Metrics`` owns its ``CollectorRegistry`` (never the global one), so
 several gateways in one process (tests) do not collide. With
 ``server.workers > 1`` only worker 0 serves the admin API, so ``/metrics``
 shows that worker's requests and the shared storage.
+
+No ``_created`` series: in the text format prometheus_client writes them as
+separate gauge families beside every counter and histogram, which doubles
+the series for no use (the same choice as ``PROMETHEUS_DISABLE_CREATED_SERIES``).
 """
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -32,7 +40,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from triogate import __version__
@@ -87,7 +94,9 @@ OVERHEAD_BUCKETS = (
 )
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # Outcomes that are the upstream's failure, as the gateway answered them.
-UPSTREAM_ERRORS = frozenset({"BAD_GATEWAY", "UPSTREAM_TIMEOUT", "UPSTREAM_UNAVAILABLE"})
+UPSTREAM_ERRORS = frozenset(
+    {"BAD_GATEWAY", "UPSTREAM_TLS_ERROR", "UPSTREAM_TIMEOUT", "UPSTREAM_UNAVAILABLE"}
+)
 NO_ROUTE = "-"
 
 
@@ -152,24 +161,22 @@ class _Histogram:
     the observation adds one to one slot, found by bisection) and the sum.
     Made cumulative, with ``+Inf``, only when scraped."""
 
-    __slots__ = ("counts", "created", "total")
+    __slots__ = ("counts", "total")
 
     def __init__(self, size: int) -> None:
         self.counts = [0] * (size + 1)  # the last slot is above every bound
         self.total = 0.0
-        self.created = time.time()
 
 
 class _RouteStats:
     """What one route's requests update, found with one dict lookup."""
 
-    __slots__ = ("created", "duration", "overhead", "retries")
+    __slots__ = ("duration", "overhead", "retries")
 
     def __init__(self) -> None:
         self.duration = _Histogram(len(DURATION_BUCKETS))
         self.overhead = _Histogram(len(OVERHEAD_BUCKETS))
         self.retries = 0
-        self.created = time.time()
 
 
 class Metrics:
@@ -189,13 +196,14 @@ class Metrics:
         # Keyed by (route, status, outcome): the status class is derived at
         # scrape time, so the hot path formats no string.
         self._requests: dict[tuple[str, int, str], int] = {}
-        self._requests_created: dict[tuple[str, int, str], float] = {}
         self._routes: dict[str, _RouteStats] = {}
         self._upstreams: dict[str, _Histogram] = {}
         self._errors: dict[tuple[str, str], int] = {}
-        self._errors_created: dict[tuple[str, str], float] = {}
         self.registry.register(_RequestCollector(self))
         self.registry.register(_GatewayCollector(self))
+        # process_* (memory, CPU, open files, start time), read from /proc
+        # when scraped; the scraping process's own, so worker 0's.
+        ProcessCollector(registry=self.registry)
 
     def __repr__(self) -> str:
         return f"<Metrics {len(self._requests)} label sets>"
@@ -209,7 +217,6 @@ class Metrics:
             requests[key] += 1
         else:
             requests[key] = 1
-            self._requests_created[key] = time.time()
         stats = self._routes.get(route)
         if stats is None:
             stats = self._routes[route] = _RouteStats()
@@ -238,7 +245,6 @@ class Metrics:
                 errors[error_key] += 1
             else:
                 errors[error_key] = 1
-                self._errors_created[error_key] = time.time()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition (Prometheus text format) and its content type."""
@@ -262,8 +268,6 @@ def _histogram(
             running += count
             buckets.append((le, running))
         family.add_metric([value], buckets, h.total)
-        # What prometheus_client's own Histogram exposes too.
-        family.samples.append(Sample(f"{name}_created", {label: value}, h.created))
     return family
 
 
@@ -282,18 +286,13 @@ class _RequestCollector(Collector):
             "(ok, upstream_error, or the gateway's error code)",
             labels=["route", "status_class", "outcome"],
         )
-        # Several statuses share a class: merge them (first seen gives created).
-        merged: dict[tuple[str, str, str], tuple[int, float]] = {}
-        for request_key, count in list(m._requests.items()):
-            route, status, outcome = request_key
+        # Several statuses share a class: merge them.
+        merged: dict[tuple[str, str, str], int] = {}
+        for (route, status, outcome), count in list(m._requests.items()):
             labels = (route, f"{status // 100}xx", outcome)
-            created = m._requests_created[request_key]
-            slot = merged.get(labels)
-            if slot is not None:
-                count, created = count + slot[0], min(created, slot[1])
-            merged[labels] = (count, created)
-        for labels, (count, created) in merged.items():
-            requests.add_metric(labels, count, created=created)
+            merged[labels] = merged.get(labels, 0) + count
+        for labels, count in merged.items():
+            requests.add_metric(labels, count)
         yield requests
         routes = list(m._routes.items())
         yield _histogram(
@@ -323,13 +322,13 @@ class _RequestCollector(Collector):
             labels=["upstream", "code"],
         )
         for key, count in list(m._errors.items()):
-            errors.add_metric(key, count, created=m._errors_created[key])
+            errors.add_metric(key, count)
         yield errors
         retries = CounterMetricFamily(
             "triogate_retries", "Upstream retries (the retry plugin)", labels=["route"]
         )
         for route, s in routes:
-            retries.add_metric([route], s.retries, created=s.created)
+            retries.add_metric([route], s.retries)
         yield retries
 
 

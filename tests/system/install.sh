@@ -9,7 +9,7 @@ set -eu
 PATH="$PATH:/usr/sbin:/sbin"
 
 # program -> Debian package
-wanted="mdb_copy:lmdb-utils redis-server:redis-server"
+wanted="mdb_copy:lmdb-utils redis-server:redis-server chromium:chromium chromedriver:chromium-driver"
 
 missing=""
 for pair in $wanted; do
