@@ -46,6 +46,7 @@ __all__ = [
     "start_serve",
     "threaded_upstream",
     "triogate_command",
+    "wait_for_workers",
     "write_config",
 ]
 
@@ -244,6 +245,18 @@ def serving(config: Path | None, **kwargs: Any) -> Iterator[ServeProcess]:
     finally:
         if sp.running:
             sp.kill()
+
+
+def wait_for_workers(proc: ServeProcess, workers: int = 2, timeout: float = 60.0) -> None:
+    """Until every worker printed its readiness line (bounded). Each line is
+    one write() below PIPE_BUF, so lines of several workers never interleave."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [readiness_text(line) for line in proc.stdout_lines]
+        if sum("proxy listening" in line for line in lines) >= workers:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{workers} workers did not start: {proc.stdout_lines}")
 
 
 def run_cli(

@@ -7,7 +7,6 @@ what the next request on the other node (either worker) meets."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -17,7 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers_process import ServeProcess, free_ports, serving, threaded_upstream
+from tests.helpers_process import (
+    free_ports,
+    serving,
+    threaded_upstream,
+    wait_for_workers,
+)
 from tests.redis_fixture import RedisServer, running_redis
 from tests.test_cluster_process import SECRETS, _eventually
 from tests.test_reload import config_doc, route, write_doc
@@ -39,15 +43,6 @@ def _config(tmp_path: Path, name: str, upstream: str, port: int) -> Path:
         server={"proxy_listen": f"127.0.0.1:{port}", "workers": 2},
     )
     return write_doc(tmp_path / f"{name}.toml", doc)
-
-
-def _both_workers_up(proc: ServeProcess) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # bounded
-        if sum("proxy listening" in line for line in proc.stdout_lines) == 2:
-            return
-        time.sleep(0.05)
-    raise AssertionError(proc.stdout_lines)
 
 
 def _fresh(port: int, key: str) -> httpx.Response:
@@ -77,7 +72,7 @@ def test_two_nodes_of_two_workers_count_exactly(tmp_path: Path, redis: RedisServ
         nodes = []
         for name, port in zip("ab", ports, strict=True):
             node = stack.enter_context(serving(_config(tmp_path, name, upstream, port), env=env))
-            _both_workers_up(node)
+            wait_for_workers(node)
             nodes.append(node)
         clients = [stack.enter_context(sp.client()) for sp in nodes]
         r = clients[0].post("/setup", json={"name": "root", "email": "root@example.com"})

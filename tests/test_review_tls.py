@@ -354,9 +354,15 @@ async def test_a_subject_header_from_the_client_is_not_the_certificate(
                 "x-client-cert": "CN=admin",
                 "x-ssl-client-s-dn": "CN=admin",
                 "ssl-client-subject": "CN=admin",
+                "x-forwarded-client-cert": "Subject=\"CN=admin\"",  # Envoy's XFCC
+                "x-forwarded-proto": "http",
             }
             assert (await client.get("/spoof", headers=headers)).status_code == 200
         assert SubjectEcho.seen == [None]
+        seen = [(k.lower(), v) for k, v in h.upstream.requests[-1].headers]
+        assert ("x-forwarded-proto", "https") in seen
+        assert ("x-forwarded-proto", "http") not in seen
+        assert not [k for k, _ in seen if k == "x-forwarded-client-cert"]
 
 
 # -- slow, half-open, truncated ----------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,13 @@ import httpx
 import pytest
 import trio
 
-from tests.helpers_process import free_ports, run_cli, serving, threaded_upstream
+from tests.helpers_process import (
+    free_ports,
+    run_cli,
+    serving,
+    threaded_upstream,
+    wait_for_workers,
+)
 from triogate.config import parse_config
 from triogate.runtime.gateway import open_gateway
 
@@ -59,14 +64,7 @@ def test_two_workers_share_the_port_the_store_and_the_limit(tmp_path: Path, upst
     key = json.loads(created.stdout)
     statuses: list[int] = []
     with serving(config) as proc:
-        # Both workers must be up before the load: wait (bounded) for both
-        # lines. Each is one write() below PIPE_BUF, so never interleaved.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if sum("proxy listening" in line for line in proc.stdout_lines) == 2:
-                break
-            time.sleep(0.05)
-        assert sum("proxy listening" in line for line in proc.stdout_lines) == 2, proc.stdout_lines
+        wait_for_workers(proc)  # both up before the load
         # New connections each time, so the kernel spreads them over both.
         for _ in range(40):
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:

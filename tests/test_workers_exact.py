@@ -24,7 +24,13 @@ import httpx
 import pytest
 import trio
 
-from tests.helpers_process import ServeProcess, free_ports, run_cli, serving, threaded_upstream
+from tests.helpers_process import (
+    free_ports,
+    run_cli,
+    serving,
+    threaded_upstream,
+    wait_for_workers,
+)
 from triogate.config import parse_config
 from triogate.runtime.gateway import open_gateway
 from triogate.storage.limits_file import limits_path
@@ -90,16 +96,6 @@ def _key(tmp_path: Path, *options: str) -> dict[str, str]:
     return key
 
 
-def _both_workers_up(proc: ServeProcess) -> None:
-    # Each line is one write() below PIPE_BUF, so never interleaved.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if sum("proxy listening" in line for line in proc.stdout_lines) == 2:
-            return
-        time.sleep(0.05)
-    raise AssertionError(proc.stdout_lines)
-
-
 def _fresh(port: int, path: str, key: str, n: int) -> list[int]:
     """``n`` requests, each on a new connection (spread over both workers)."""
     statuses = []
@@ -138,7 +134,7 @@ def test_limits_credits_and_undo_are_exact_across_two_workers(
     metered = _key(tmp_path, "--credits", "12")
     undone = _key(tmp_path, "--rate-limit", "minute=5/60", "--credits", "100")
     with serving(config) as proc:
-        _both_workers_up(proc)
+        wait_for_workers(proc)
         # One connection, one worker: the whole limit, not a share of it.
         assert _kept(port, "/x", kept["key"], 25) == [200] * 10 + [429] * 15
         # Fresh connections over both workers: exactly the limit together.
@@ -169,7 +165,7 @@ def test_a_damaged_shared_table_is_recreated_at_start(tmp_path: Path, upstream: 
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "warning  limits:" in doctor.stdout and "the next start recreates it" in doctor.stdout
     with serving(config) as proc:
-        _both_workers_up(proc)
+        wait_for_workers(proc)
         assert _fresh(port, "/x", key["key"], 8) == [200] * 3 + [429] * 5
         assert proc.stop(signal.SIGTERM) == 0
     assert "starting it afresh" in proc.stderr()
@@ -190,7 +186,7 @@ def test_a_worker_killed_under_load_never_spends_credits_twice(
     key = _key(tmp_path, "--credits", "30")
     ok = failed = refused = 0
     with serving(config) as proc:
-        _both_workers_up(proc)
+        wait_for_workers(proc)
         victim = _workers(proc.proc.pid)[0]
         for i in range(80):  # bounded: 30 credits, a few connection errors
             if i == 12:
@@ -225,7 +221,7 @@ def test_credits_spent_with_one_worker_do_not_come_back_with_two(
     config = _config(tmp_path, upstream, port)
     key = _key(tmp_path, "--credits", "10")
     with serving(config) as proc:
-        _both_workers_up(proc)
+        wait_for_workers(proc)
         assert _fresh(port, "/x", key["key"], 5) == [200] * 5
         assert proc.stop(signal.SIGTERM) == 0
     assert _stored(tmp_path, key["id"]) == (5, 5)
@@ -235,7 +231,7 @@ def test_credits_spent_with_one_worker_do_not_come_back_with_two(
         assert proc.stop(signal.SIGTERM) == 0
     assert _stored(tmp_path, key["id"]) == (10, 0)
     with serving(_with_workers(config, 2)) as proc:
-        _both_workers_up(proc)
+        wait_for_workers(proc)
         statuses = _fresh(port, "/x", key["key"], 5)
         assert proc.stop(signal.SIGTERM) == 0
     assert statuses == [429] * 5
@@ -246,7 +242,7 @@ def test_a_key_taken_off_its_plan_gets_its_own_credits(tmp_path: Path, upstream:
     (port,) = free_ports(1)
     config = _config(tmp_path, upstream, port)
     with serving(config) as proc:
-        _both_workers_up(proc)
+        wait_for_workers(proc)
         with httpx.Client(base_url=proc.url, timeout=10) as admin:
             r = admin.post("/setup", json={"name": "root", "email": "root@example.com"})
             auth = {"Authorization": f"Bearer {r.json()['key']}"}
@@ -276,7 +272,7 @@ def test_workers_exit_when_their_supervisor_is_killed(tmp_path: Path, upstream: 
     (port,) = free_ports(1)
     config = _config(tmp_path, upstream, port)
     with serving(config) as proc:
-        _both_workers_up(proc)
+        wait_for_workers(proc)
         workers = _workers(proc.proc.pid)
         assert len(workers) == 2 and all(_alive(pid) for pid in workers)
         proc.proc.kill()  # SIGKILL: no chance to stop them itself

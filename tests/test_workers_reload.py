@@ -12,7 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers_process import ServeProcess, free_ports, serving, threaded_upstream
+from tests.helpers_process import (
+    ServeProcess,
+    free_ports,
+    serving,
+    threaded_upstream,
+    wait_for_workers,
+)
+from tests.test_reload import config_doc, route, write_doc
 
 
 @pytest.fixture
@@ -22,35 +29,19 @@ def upstream() -> Iterator[str]:
 
 
 def _write(path: Path, tmp_path: Path, upstream: str, port: int, routes: list[str]) -> None:
-    blocks = "".join(
-        f'\n[[routes]]\nname = "{name}"\npath = "/{name}/{{rest:path}}"\nupstream = "echo"\n'
-        for name in routes
+    doc = config_doc(
+        tmp_path / "data",
+        {"echo": upstream},
+        [route(name, f"/{name}/{{rest:path}}", "echo") for name in routes],
+        server={"proxy_listen": f"127.0.0.1:{port}", "workers": 2},
     )
-    path.write_text(
-        f"""
-[server]
-proxy_listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:0"
-data_dir = "{tmp_path / "data"}"
-workers = 2
-shutdown_grace_seconds = 5
-
-[upstreams.echo]
-targets = ["{upstream}"]
-{blocks}"""
-    )
+    write_doc(path, doc)
 
 
 def _wait_for_workers(proc: ServeProcess) -> str:
     """Both workers listening; the admin URL (worker 0's)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        lines = list(proc.stdout_lines)
-        admin = [line.rsplit(" ", 1)[-1] for line in lines if "admin listening on" in line]
-        if sum("proxy listening" in line for line in lines) == 2 and admin:
-            return admin[0]
-        time.sleep(0.05)
-    raise AssertionError(f"the workers did not start: {proc.stdout_lines}")
+    wait_for_workers(proc)
+    return proc.url  # serving() waited for the admin line
 
 
 def _statuses(port: int, path: str, count: int = 30) -> set[int]:
