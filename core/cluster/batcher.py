@@ -25,7 +25,8 @@ is answered ``TimeoutError`` once it passes, by the batcher's watchdog task
 about 6 µs of trio's deadline bookkeeping, a fifth of a batched decision).
 The run is then *abandoned*, as is one whose caller was cancelled: sent
 already, its late answer goes to the ``late`` hook (a grant is undone); not
-sent yet, it is dropped.
+sent yet, a run with a ``late`` hook (a decision) is dropped, others (a
+give-back, a credit operation) still go.
 
 A pipeline that fails (connection lost, timeout) fails every run in it; the
 link (``RedisLink.failed``) then marks Redis unreachable and callers fall
@@ -231,7 +232,9 @@ class Batcher:
                     while self._queue:
                         batch = self._queue[: self.max_items]
                         del self._queue[: self.max_items]
-                        batch = [c for c in batch if not c.abandoned]
+                        # A decision given up on before it went out: not
+                        # sending it is what its late undo would amount to.
+                        batch = [c for c in batch if not (c.abandoned and c.late)]
                         if batch:
                             self._inflight = batch
                             await self._flush(batch)

@@ -1,9 +1,11 @@
 """The thin decision path: ``EVALSHA`` pipelines over the process's own trio
 socket, parsed by ``hiredis.Reader`` (a RESP parser in C).
 
-Why: a coredis pipeline spends about 40 µs of Python per decision (its
-request objects, its packer, its response callbacks, anyio); a decision
-itself needs a few µs. The batcher sends its decisions here; coredis stays
+Why: measured in the same runs, a decision batched over a coredis pipeline
+cost 37-51 µs of client CPU, over this path 22-32 µs (0.52-0.63x); a lone
+one 221-247 µs against 73-94 µs (its request objects, its packer, its response
+callbacks, anyio; docs/cluster.md, Benchmark). The batcher sends its
+decisions here; coredis stays
 the client for everything else (records, the change stream, health, credit
 operations, ``SCRIPT LOAD``).
 
@@ -29,9 +31,9 @@ the pending runs and the link marks Redis unreachable, as with coredis.
 The connection is opened on first use, within ``connect_timeout_seconds``
 (``AUTH``, ``SELECT``). Before each pipeline a peek at the idle socket
 (one non-blocking ``recv``) tells whether Redis closed it meanwhile (a
-restart): then it is reopened first, so a stale connection does not cost a
-pipeline of decisions their answer. A failed connect waits before the next attempt
-(``BACKOFF_FIRST`` doubling up to ``BACKOFF_MAX``); ``reset_backoff``
+restart): then it is reopened first, so a stale connection does not cost
+a pipeline of decisions their answer. A failed connect waits before the
+next attempt (``BACKOFF_FIRST`` doubling up to ``BACKOFF_MAX``); ``reset_backoff``
 (the link saw Redis answer a ping) allows one at once. Only the batcher
 task uses a ``RespPath``: one exchange at a time, never concurrent.
 """
