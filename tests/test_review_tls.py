@@ -9,13 +9,20 @@ directories) named clearly."""
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import logging
+import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,15 +34,14 @@ import trio
 import trustme
 from cryptography.hazmat.primitives import serialization
 
+from tests.helpers_gateway import assert_problem
 from tests.helpers_tls import Certs, make_certs
 from triogate.config_tls import ServerTLSConfig, server_context
 from triogate.dataplane.listener import ProxyListener
-from triogate.dataplane.tls import peer_subject
+from triogate.dataplane.tls import TLSSocket, peer_subject
 from triogate.errors import ConfigError
 from triogate.plugins.contract import Context, NoConfig, Plugin, Response
 from triogate.testing import FakeResponse, FakeUpstream, Harness, RecordedRequest, open_harness
-
-from tests.helpers_gateway import assert_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -191,7 +197,7 @@ async def test_client_initiated_renegotiation_is_refused(tmp_path: Path, certs: 
     async with harness(tmp_path, certs) as h:
         out = await trio.to_thread.run_sync(_renegotiate, address(h), certs.ca_file)
         assert "RENEGOTIATING" in out, out
-        assert "no renegotiation" in out or "alert" in out.lower(), out
+        assert "no renegotiation" in out, out  # the server's no_renegotiation alert
         # And the gateway is fine afterwards.
         status = await trio.to_thread.run_sync(
             lambda: _handshake(address(h), certs.client_context(), server_hostname="127.0.0.1")
@@ -228,7 +234,9 @@ async def test_alpn_h2_only_and_no_or_odd_sni(tmp_path: Path, certs: Certs) -> N
         context.check_hostname = False
         assert (
             await trio.to_thread.run_sync(
-                lambda: _handshake(where, context, server_hostname="a" * 63 + "." + "b" * 63 + ".example")
+                lambda: _handshake(
+                    where, context, server_hostname="a" * 63 + "." + "b" * 63 + ".example"
+                )
             )
         ) == "HTTP/1.1 200 OK"
 
@@ -248,7 +256,7 @@ def _client_with(certs: Certs, cert: trustme.LeafCert, directory: Path) -> ssl.S
 
 
 async def test_mtls_expired_and_foreign_certificates(tmp_path: Path, certs: Certs) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     expired = certs.ca.issue_cert(
         "old@example.com",
         common_name="old",
@@ -267,7 +275,7 @@ async def test_mtls_expired_and_foreign_certificates(tmp_path: Path, certs: Cert
                 # TLS 1.3 reports the refusal on the client's first read.
                 with pytest.raises((ssl.SSLError, ConnectionError)):
                     status = await trio.to_thread.run_sync(
-                        lambda c=context: _handshake(where, c, server_hostname="127.0.0.1")
+                        functools.partial(_handshake, where, context, server_hostname="127.0.0.1")
                     )
                     assert not status  # an empty answer (closed) counts as refused too
                     raise ConnectionError("closed")
@@ -354,7 +362,7 @@ async def test_a_subject_header_from_the_client_is_not_the_certificate(
                 "x-client-cert": "CN=admin",
                 "x-ssl-client-s-dn": "CN=admin",
                 "ssl-client-subject": "CN=admin",
-                "x-forwarded-client-cert": "Subject=\"CN=admin\"",  # Envoy's XFCC
+                "x-forwarded-client-cert": 'Subject="CN=admin"',  # Envoy's XFCC
                 "x-forwarded-proto": "http",
             }
             assert (await client.get("/spoof", headers=headers)).status_code == 200
@@ -496,7 +504,23 @@ async def _big(request: RecordedRequest) -> FakeResponse:
 BIG = bytes(range(256)) * (8 * 4096)  # 8 MiB
 
 
-async def test_big_bodies_both_ways_and_a_slow_reader(tmp_path: Path, certs: Certs) -> None:
+async def test_big_bodies_both_ways_and_a_slow_reader(
+    tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL's rule after "want write": the same bytes again. The slow
+    reader makes the gateway's writes want-write (counted, so the test
+    knows it went that way) and every byte must arrive in order."""
+    wants = [0]
+    send = TLSSocket.send
+
+    def counting(self: TLSSocket, data: Any, flags: int = 0) -> int:
+        try:
+            return send(self, data, flags)
+        except BlockingIOError:
+            wants[0] += 1
+            raise
+
+    monkeypatch.setattr(TLSSocket, "send", counting)
     upstream = FakeUpstream(handler=_big)
     async with harness(tmp_path, certs, upstream) as h:
         async with httpx.AsyncClient(
@@ -526,6 +550,7 @@ async def test_big_bodies_both_ways_and_a_slow_reader(tmp_path: Path, certs: Cer
 
         data = await trio.to_thread.run_sync(slow)
         assert data.endswith(BIG), (len(data), len(BIG), data[:300])
+        assert wants[0] > 0
 
 
 async def test_pipelined_requests_in_one_record_and_long_keep_alive(
@@ -533,14 +558,15 @@ async def test_pipelined_requests_in_one_record_and_long_keep_alive(
 ) -> None:
     async with harness(tmp_path, certs) as h:
 
-        def pipelined() -> list[bytes]:
+        def pipelined() -> bytes:
             with (
                 socket.create_connection(address(h), timeout=10) as raw,
                 certs.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls,
             ):
-                one = b"".join(
-                    b"GET /p%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(20)
-                ) + b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                one = (
+                    b"".join(b"GET /p%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(20))
+                    + b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                )
                 tls.sendall(one)  # one write: one record
                 data = b""
                 for _ in range(1000):
@@ -698,3 +724,76 @@ async def test_a_truncated_close_delimited_upstream_answer_is_not_complete(
                     assert_problem(r, 502, "BAD_GATEWAY")
         finally:
             up.close()
+
+
+async def test_a_client_that_resets_before_the_handshake_is_closed_not_collected(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """A connection reset before the gateway wraps it: ``SSLSocket`` then
+    probes the unconnected socket with ``recv`` (which ``TLSSocket``
+    overrides); the socket must be closed by the gateway, not left to the
+    garbage collector ("unclosed <TLSSocket>")."""
+    async with harness(tmp_path, certs) as h:
+        where = address(h)
+
+        def resets(n: int) -> None:
+            for _ in range(n):
+                sock = socket.create_connection(where, timeout=10)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            await trio.to_thread.run_sync(resets, 20)
+            for _ in range(500):
+                stats = listener(h).statistics()
+                if stats.accepted >= 20 and stats.connections == 0:
+                    break
+                await trio.sleep(0.01)
+            gc.collect()
+        unclosed = [str(w.message) for w in caught if "TLSSocket" in str(w.message)]
+        assert not unclosed, unclosed
+        status = await trio.to_thread.run_sync(
+            lambda: _handshake(where, certs.client_context(), server_hostname="127.0.0.1")
+        )
+        assert status == "HTTP/1.1 200 OK"
+
+
+def test_an_unreadable_key_is_permission_denied_by_name(certs: Certs) -> None:
+    """Run as an unprivileged user (the tests run as root, who reads
+    anything): the key file's mode keeps it out."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "install util-linux (setpriv)"
+    assert os.geteuid() == 0, "this test drops root privileges with setpriv: run it as root"
+    # Outside pytest's tmp_path, whose parents only root may enter.
+    directory = Path(tempfile.mkdtemp(prefix="triogate-review-"))
+    directory.chmod(0o755)
+    cert = directory / "cert.pem"
+    key = directory / "key.pem"
+    shutil.copyfile(certs.cert_file, cert)
+    shutil.copyfile(certs.key_file, key)
+    cert.chmod(0o644)
+    key.chmod(0o600)
+    script = (
+        "from triogate.config_tls import ServerTLSConfig, server_context\n"
+        "from triogate.errors import ConfigError\n"
+        f"tls = ServerTLSConfig(cert_file={str(cert)!r}, key_file={str(key)!r})\n"
+        "try:\n"
+        "    server_context(tls)\n"
+        "except ConfigError as exc:\n"
+        "    print('; '.join(exc.lines()))\n"
+    )
+    try:
+        drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        out = subprocess.run(
+            [*drop, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+    finally:
+        shutil.rmtree(directory)
+    assert out.stdout.strip() == (
+        f"server.tls.key_file: cannot use key file {str(key)!r}: permission denied"
+    ), out.stdout + out.stderr

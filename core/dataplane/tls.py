@@ -34,6 +34,7 @@ timeout) are the caller's to count and log.
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 from typing import Any, cast
@@ -77,8 +78,13 @@ class TLSSocket(ssl.SSLSocket):
             if self.server_side:
                 return b""
             raise
-        except AttributeError:  # _sslobj is None: closed
-            raise OSError(9, "closed TLS socket") from None
+        except AttributeError:
+            # _sslobj is None: closed, or wrap_socket found the peer gone
+            # (reset before the wrap) and probes it with recv(1). That probe
+            # closes what it made only on ENOTCONN: a plain recv's
+            # ECONNRESET would escape it and leave the descriptor to the
+            # garbage collector. Not connected it is, either way.
+            raise OSError(errno.ENOTCONN, "TLS socket not connected") from None
         return data
 
     def send(self, data: Any, flags: int = 0) -> int:
@@ -89,7 +95,7 @@ class TLSSocket(ssl.SSLSocket):
         except _WANT:
             raise BlockingIOError() from None
         except AttributeError:
-            raise OSError(9, "closed TLS socket") from None
+            raise OSError(errno.EBADF, "closed TLS socket") from None
         return sent
 
 

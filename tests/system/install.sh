@@ -9,7 +9,7 @@ set -eu
 PATH="$PATH:/usr/sbin:/sbin"
 
 # program -> Debian package
-wanted="mdb_copy:lmdb-utils redis-server:redis-server chromium:chromium chromedriver:chromium-driver"
+wanted="mdb_copy:lmdb-utils redis-server:redis-server chromium:chromium chromedriver:chromium-driver openssl:openssl setpriv:util-linux"
 
 missing=""
 for pair in $wanted; do
