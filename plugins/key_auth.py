@@ -91,8 +91,10 @@ def _extract(raw: list[tuple[bytes, bytes]]) -> bytes | None:
             scheme, _, token = value.partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 return token.strip()
-        elif name == _X_API_KEY and value.strip():
-            return value.strip()
+        elif name == _X_API_KEY:
+            value = value.strip()
+            if value:
+                return value
     return None
 
 
@@ -179,7 +181,8 @@ class KeyAuth(Plugin[KeyAuthConfig]):
         # A cluster node's limiter decides in Redis: an awaitable then.
         deciding = self._admit(ctx, consumer, self.cost)
         if self._hide:
-            headers.raw = [(k, v) for k, v in headers.raw if k not in _STRIP]
+            # The pairs kept as they are (no tuple rebuilt per header).
+            headers.raw = [pair for pair in headers.raw if pair[0] not in _STRIP]
         if stale:
             # Found under an older HMAC secret: move it to the current one
             # (once per key after a secret rotation), the one wait here.

@@ -302,10 +302,16 @@ class KeyActor:
         self.requests += 1
         self.last_used_at = now
         self.last_active = now
-        index = min(max(status // 100, 1), 5) - 1
+        # The status class 0..4 (``history.status_class``), without two calls.
+        index = status // 100 - 1
+        if index < 0:
+            index = 0
+        elif index > 4:
+            index = 4
         self.by_class[index] += 1
         self.history.count(now, outcome, index)
-        self._touch()
+        if not self.dirty:  # ``_touch`` without a call once marked
+            self._touch()
 
     def _touch(self) -> None:
         """Mark the state changed: the flusher will write it."""

@@ -29,12 +29,11 @@ limiter is never fused (``ActorLimiter.key_route_admission``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from collections.abc import Sequence
-
 from triogate.control.keyresolve import KeyAccess
-from triogate.dataplane.plugin_services import ActorLimiter, _quota, credits_header
+from triogate.dataplane.plugin_services import _X_CREDITS, ActorLimiter, _quota, credits_header
 from triogate.errors import RateLimited
 from triogate.plugins.contract import Consumer, Context
 from triogate.policy.ratelimit import Limit, Reservation, acquire, release
@@ -100,7 +99,8 @@ class KeyRouteAdmission:
             if events is not None:
                 events.rate_limited(record.id)
             raise RateLimited("the route's rate limit is exhausted; see Retry-After")
-        actor._touch()
+        if not actor.dirty:  # ``_touch`` without a call once marked
+            actor._touch()
         clock = limiter._clock
         ctx.undo.append(lambda: _give_back(actor, key_taken, reservation, taken, clock()))
 
@@ -150,7 +150,8 @@ def _admit_key(
         actor.taken += cost
         taken = cost
     if metered:
-        credits_header(ctx, balance if balance is not None else 0)
+        # ``credits_header``, inlined.
+        ctx.response_headers.append((_X_CREDITS, b"%d" % (balance if balance is not None else 0)))
     if taken and limiter._events is not None:
         limiter._events.spent(record.id, record.credits, balance, cost)
     return reservation, taken

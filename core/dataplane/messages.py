@@ -88,13 +88,6 @@ def _drop_for(connection: bytes) -> frozenset[bytes]:
     return HOP_BY_HOP | tokens
 
 
-def _drop_set(headers: Headers) -> frozenset[bytes]:
-    """What does not go back to the client: the hop-by-hop headers and
-    those the message's ``Connection`` names."""
-    value = headers.get_raw(b"connection")
-    return HOP_BY_HOP if value is None else _drop_for(value)
-
-
 def finish_headers(ctx: Context, response: Response, match: Match | None) -> None:
     """What every answer gets last: the hop-by-hop headers (and those its
     ``Connection`` names) removed, the plugins' response headers, the
@@ -102,11 +95,17 @@ def finish_headers(ctx: Context, response: Response, match: Match | None) -> Non
     headers = response.headers
     raw = headers.raw
     if raw:
-        drop = _drop_set(headers)
+        # ``_drop_set`` inlined: this runs for every answer.
+        connection = None
+        for name, value in raw:
+            if name == b"connection":
+                connection = value
+                break
+        drop = HOP_BY_HOP if connection is None else _drop_for(connection)
         # A plain loop, not any(<generator>): no generator per request.
         for name, _ in raw:
             if name in drop:
-                headers.raw = raw = [(k, v) for k, v in raw if k not in drop]
+                headers.raw = raw = [pair for pair in raw if pair[0] not in drop]
                 break
     if ctx.response_headers:
         raw.extend(ctx.response_headers)

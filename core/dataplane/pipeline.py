@@ -326,19 +326,29 @@ class Pipeline:
         """``after`` without a coroutine when no log phase has to wait (the
         synchronous phase forms, and observers, run here): None when it is
         all done, else a coroutine to await for the rest."""
-        self._done()
-        chain = self.chains[ctx.route.index] if ctx.route is not None else self.global_chain
-        phases = chain.log
-        for index, phase in enumerate(phases):
+        # ``_done`` and ``_notify`` inlined: a call each less per request.
+        self.in_flight -= 1
+        if self._idle is not None and self.in_flight == 0:
+            self._idle.set()
+        route = ctx.route
+        phases = (self.chains[route.index] if route is not None else self.global_chain).log
+        for phase in phases:
             try:
                 waiting = phase(ctx, response)
             except Exception:
                 log.exception("log phase failed for request %s", ctx.request_id)
                 continue
             if waiting is not None:
-                return self._log_rest(ctx, response, waiting, phases[index + 1 :])
-        if self.observers:
-            self._notify(self._record(ctx, response))
+                rest = phases[phases.index(phase) + 1 :]
+                return self._log_rest(ctx, response, waiting, rest)
+        observers = self.observers
+        if observers:
+            record = self._record(ctx, response)
+            for observe in observers:
+                try:
+                    observe(record)
+                except Exception:
+                    log.exception("an observer failed for request %s", record.request_id)
         return None
 
     async def after(self, ctx: Context, response: Response) -> None:
@@ -404,6 +414,12 @@ class Pipeline:
         route = ctx.route
         request = ctx.request
         consumer = ctx.consumer
+        status = response.status
+        # ``outcome_of``'s answer for an upstream's answer, without the call.
+        if response.from_gateway:
+            outcome = outcome_of(response)
+        else:
+            outcome = "upstream_error" if status >= 500 else "ok"
         # Positional (the fields' order): msgspec matches no keyword names.
         if route is None:
             return RequestRecord(
@@ -413,8 +429,8 @@ class Pipeline:
                 request.path,
                 None,
                 None,
-                response.status,
-                outcome_of(response),
+                status,
+                outcome,
                 consumer.id if consumer is not None else None,
                 ctx.client_ip,
                 time.monotonic() - ctx.started_at,
@@ -428,8 +444,8 @@ class Pipeline:
             request.path,
             route.name,
             route.upstream,
-            response.status,
-            outcome_of(response),
+            status,
+            outcome,
             consumer.id if consumer is not None else None,
             ctx.client_ip,
             time.monotonic() - ctx.started_at,

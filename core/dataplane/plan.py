@@ -28,6 +28,7 @@ settings; the targets of an upstream no route asks for lose their breaker.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ def _fuse_access(chain: Chain) -> None:
     (``triogate.dataplane.keyroute``). After ``bind``: the route's limit is
     known then. The plugins are this plan's own, so nothing live changes."""
     plugins = [p for p in chain.plugins if "access" in p.phases()]
-    for first, following in zip(plugins, plugins[1:], strict=False):
+    for first, following in itertools.pairwise(plugins):
         fuse = getattr(first, "fuse_access", None)
         if fuse is not None and fuse(following):
             chain.access = tuple(p.phase("access") for p in plugins if p is not following)

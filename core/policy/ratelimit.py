@@ -164,26 +164,35 @@ _ULP = 4.5e-16
 
 
 def _gcra(limit: Limit, state: LimitState, now: float, cost: int) -> tuple[Decision, float]:
-    t = limit.period / limit.limit
-    start = state.tat if state.tat > now else now
+    period = limit.period
+    count = limit.limit
+    t = period / count
+    tat = state.tat
+    start = tat if tat > now else now
     new_tat = start + cost * t
-    allow_at = new_tat - limit.period
+    allow_at = new_tat - period
     # ``tat`` is a sum of up to ``limit`` intervals added to an epoch time
     # (~1.8e9), each addition rounding by up to half a spacing: at 50 per
     # 60 s the drift passes EPS and the 50th request would be refused. The
     # slack follows that worst case, never over half an interval.
-    slack = limit.limit * now * _ULP
+    slack = count * now * _ULP
     if slack < EPS:
         slack = EPS
     elif slack > t * 0.5:
         slack = EPS if t * 0.5 < EPS else t * 0.5
     if allow_at > now + slack:
-        remaining = _units(limit.period - (start - now), t, limit.limit)
+        remaining = _units(period - (start - now), t, count)
         # A cost above the limit never fits, however long one waits.
-        wait = math.inf if cost > limit.limit else allow_at - now
-        return Decision(limit, False, remaining, start - now, wait), state.tat
+        wait = math.inf if cost > count else allow_at - now
+        return Decision(limit, False, remaining, start - now, wait), tat
     # What this request took is not left over, whatever the float rounding.
-    remaining = _units(limit.period - (new_tat - now), t, max(0, limit.limit - cost))
+    # (``_units`` inlined: the allowed path runs on every request.)
+    most = count - cost
+    if most < 0:
+        most = 0
+    fudge = EPS / t
+    units = math.floor((period - (new_tat - now)) / t + (fudge if fudge < 0.5 else 0.5))
+    remaining = 0 if units < 0 else most if units > most else units
     return Decision(limit, True, remaining, new_tat - now, 0.0), new_tat
 
 
@@ -255,9 +264,7 @@ def acquire(
         if not decision.allowed:
             return [decision], None
         state.tat = new_tat
-        return [decision], Reservation(
-            items if type(items) is tuple else tuple(items), cost, now
-        )
+        return [decision], Reservation(items if type(items) is tuple else tuple(items), cost, now)
     decisions: list[Decision] = []
     commits: list[tuple[LimitState, float]] = []
     for limit, state in items:
@@ -400,7 +407,8 @@ def headers_for(decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
     limit = worst.limit
     # Bytes formatting throughout: no str made and encoded per request.
     remaining = b"%d" % worst.remaining
-    reset = b"%d" % _seconds(worst.reset)
+    seconds = math.ceil(worst.reset - 1e-6)  # ``_seconds``, inlined
+    reset = b"%d" % (seconds if seconds > 0 else 0)
     out = [
         (b"ratelimit-policy", policy),
         (b"ratelimit", b"%b%b;t=%b" % (name_part, remaining, reset)),

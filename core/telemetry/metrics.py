@@ -213,10 +213,8 @@ class Metrics:
         outcome = record.outcome
         key = (route, record.status, outcome)
         requests = self._requests
-        if key in requests:
-            requests[key] += 1
-        else:
-            requests[key] = 1
+        # One lookup and one store: a tuple is hashed on each.
+        requests[key] = requests.get(key, 0) + 1
         stats = self._routes.get(route)
         if stats is None:
             stats = self._routes[route] = _RouteStats()
@@ -225,7 +223,12 @@ class Metrics:
         h.counts[bisect_left(DURATION_BUCKETS, duration)] += 1
         h.total += duration
         upstream_seconds = record.upstream_seconds
-        overhead = duration if upstream_seconds is None else max(0.0, duration - upstream_seconds)
+        if upstream_seconds is None:
+            overhead = duration
+        else:
+            overhead = duration - upstream_seconds
+            if overhead < 0.0:
+                overhead = 0.0
         h = stats.overhead
         h.counts[bisect_left(OVERHEAD_BUCKETS, overhead)] += 1
         h.total += overhead
