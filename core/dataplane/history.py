@@ -93,20 +93,28 @@ def status_class(status: int) -> int:
 
 
 class MinuteCounts:
-    """One actor's unflushed history: counters per minute since the epoch."""
+    """One actor's unflushed history: counters per minute since the epoch.
 
-    __slots__ = ("buckets", "counts", "end", "start")
+    Nearly always only the current minute is unflushed (the flusher runs far
+    more often than once a minute), so it has fields of its own and nothing
+    is allocated before the first count; other minutes (a flush running late,
+    a clock stepping back, a failed flush given back) go to ``older``, made
+    when first needed. 100,000 live actors each hold one."""
+
+    __slots__ = ("counts", "end", "minute", "older", "start")
 
     def __init__(self) -> None:
-        self.buckets: dict[int, list[int]] = {}
-        # The current minute's counters and bounds; an empty range until the
-        # first count, so it rolls.
-        self.counts: list[int] = []
+        # The current minute's counters and bounds; None and an empty range
+        # until the first count, so it rolls.
+        self.counts: list[int] | None = None
+        self.minute = 0
+        self.older: dict[int, list[int]] | None = None
         self.start = 0.0
         self.end = 0.0
 
     def __repr__(self) -> str:
-        return f"<MinuteCounts {len(self.buckets)} minutes>"
+        minutes = (self.counts is not None) + len(self.older or ())
+        return f"<MinuteCounts {minutes} minutes>"
 
     def count(self, now: float, outcome: int, klass: int) -> None:
         """One request at ``now`` (wall-clock seconds): ``outcome`` 0..4,
@@ -114,38 +122,57 @@ class MinuteCounts:
         if not (self.start <= now < self.end):
             self._roll(now)
         counts = self.counts
+        assert counts is not None  # _roll set it
         counts[outcome] += 1
         counts[5 + klass] += 1
 
     def _roll(self, now: float) -> None:
         minute = max(int(now // MINUTE), 0)  # a clock before 1970 counts at 1970
-        counts = self.buckets.get(minute)
+        older = self.older
+        if self.counts is not None:
+            if older is None:
+                older = self.older = {}
+            older[self.minute] = self.counts
+        counts = older.pop(minute, None) if older else None
         if counts is None:
-            counts = self.buckets[minute] = [0] * COUNTERS
+            counts = [0] * COUNTERS
         self.counts = counts
+        self.minute = minute
         self.start = minute * MINUTE
         self.end = self.start + MINUTE
 
     def take(self) -> Minutes:
         """The counted minutes, handed to a flush; empty from here on."""
-        if not self.buckets:
+        counts, older = self.counts, self.older
+        if counts is None and not older:
             return ()
-        out = tuple((minute, tuple(counts)) for minute, counts in self.buckets.items())
-        self.buckets = {}
-        self.counts = []
+        out: list[tuple[int, tuple[int, ...]]] = []
+        if older:
+            out.extend((minute, tuple(c)) for minute, c in older.items())
+        if counts is not None:
+            out.append((self.minute, tuple(counts)))
+        self.counts = None
+        self.older = None
         self.start = self.end = 0.0
-        return out
+        return tuple(out)
 
     def restore(self, minutes: Minutes) -> None:
         """A flush of ``minutes`` failed: count them again, to be written
         with the next flush."""
         for minute, counts in minutes:
-            mine = self.buckets.get(minute)
-            if mine is None:
-                self.buckets[minute] = list(counts)
+            current = self.counts
+            if current is not None and minute == self.minute:
+                mine = current
             else:
-                for i, n in enumerate(counts):
-                    mine[i] += n
+                if self.older is None:
+                    self.older = {}
+                found = self.older.get(minute)
+                if found is None:
+                    self.older[minute] = list(counts)
+                    continue
+                mine = found
+            for i, n in enumerate(counts):
+                mine[i] += n
 
 
 def count_refused(
