@@ -158,6 +158,11 @@ async def test_garbage_and_plain_http_get_a_closed_connection(
         answer = await trio.to_thread.run_sync(_raw_exchange, where, noise)
         assert b"HTTP/" not in answer
         assert listener(h).statistics().tls_failures == 3
+        # ... and scraped: the listener's counters are in /metrics.
+        async with httpx.AsyncClient(base_url=h.info.admin_url, timeout=10) as admin:
+            scraped = (await admin.get("/metrics")).text
+        assert "triogate_listener_tls_handshake_failures_total 3.0" in scraped
+        assert "triogate_listener_accepted_total 3.0" in scraped
         # Still serving everyone else.
         async with https(h, certs) as client:
             assert (await client.get("/after")).status_code == 200

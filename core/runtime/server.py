@@ -40,6 +40,7 @@ from triogate.control.timeutil import Clock, system_clock
 from triogate.dataplane.asgi import GatewayASGI
 from triogate.dataplane.health import run_health_checks
 from triogate.dataplane.listener import ProxyListener
+from triogate.dataplane.listenerstats import ListenerCollector
 from triogate.dataplane.pipeline import Pipeline
 from triogate.dataplane.plugin_tasks import run_plugin_tasks
 from triogate.dataplane.sharedlimits import SharedLimits
@@ -247,6 +248,7 @@ class Server:
                 self.proxy = ProxyListener(
                     self.config.server, gw.current_pipeline, reuse_port=self.worker[1] > 1
                 )
+                gw.metrics.registry.register(ListenerCollector(self.proxy.statistics))
             elif self.config.server.tls is not None:  # `serve --server hypercorn`
                 # Never plain HTTP where HTTPS was configured.
                 raise ConfigError(
