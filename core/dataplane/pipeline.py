@@ -178,20 +178,7 @@ class Pipeline:
             chain = self.global_chain
             match: Match | None = None
             try:
-                accept_version = (
-                    request.headers.get_raw(b"accept-version") if self._versioned else None
-                )
-                match = self.router.match(
-                    request.method,
-                    request.path,
-                    accept_version.decode("latin-1") if accept_version is not None else None,
-                )
-                index = match.route.index
-                chain = self.chains[index]
-                ctx.route = self.route_views[index]
-                ctx.params = match.params
-                ctx.version = match.version
-                ctx.upstream_path = self.router.rewrite(match)
+                chain, match = self._route(ctx, request)
                 response = None
                 for access in chain.access:
                     # A synchronous phase form answers directly; an async
@@ -262,6 +249,23 @@ class Pipeline:
         self.in_flight -= 1
         if self._idle is not None and self.in_flight == 0:
             self._idle.set()
+
+    def _route(self, ctx: Context, request: Request) -> tuple[Chain, Match]:
+        """Match the request's route (or raise the router's 404/405/406) and
+        put what it found in ``ctx``; the route's chain and the match. Shared
+        by ``handle`` and the WebSocket upgrade (``websocket.admit``)."""
+        accept_version = request.headers.get_raw(b"accept-version") if self._versioned else None
+        match = self.router.match(
+            request.method,
+            request.path,
+            accept_version.decode("latin-1") if accept_version is not None else None,
+        )
+        index = match.route.index
+        ctx.route = self.route_views[index]
+        ctx.params = match.params
+        ctx.version = match.version
+        ctx.upstream_path = self.router.rewrite(match)
+        return self.chains[index], match
 
     @staticmethod
     def _context(request: Request) -> Context:

@@ -194,23 +194,11 @@ async def admit(
         chain = pipeline.global_chain
         match: Match | None = None
         try:
-            accept_version = request.headers.get_raw(b"accept-version")
-            match = pipeline.router.match(
-                request.method,
-                request.path,
-                accept_version.decode("latin-1") if accept_version is not None else None,
-            )
-            index = match.route.index
-            chain = pipeline.chains[index]
-            ctx.route = pipeline.route_views[index]
-            ctx.params = match.params
-            ctx.version = match.version
-            ctx.upstream_path = pipeline.router.rewrite(match)
-            settings = websocket_settings(pipeline.config.routes[index].websocket)
+            chain, match = pipeline._route(ctx, request)
+            route = pipeline.config.routes[match.route.index]
+            settings = websocket_settings(route.websocket)
             if settings is None:
-                raise WebSocketDisabled(
-                    f"route {ctx.route.name!r} does not accept WebSocket upgrades"
-                )
+                raise WebSocketDisabled(f"route {route.name!r} does not accept WebSocket upgrades")
             response = None
             for access in chain.access:
                 response = access(ctx)
