@@ -193,6 +193,7 @@ def fresh_with_secrets_of(source: Path, target: Path) -> Path:
 def test_the_mirrors_cover_every_field_of_every_record() -> None:
     """A field added to a stored record is exported and imported with no
     change to the exporter: the mirrors are made from the records."""
+    assert RECORD_TYPES and set(MIRRORS) == set(RECORD_TYPES)
     for kind, record_type in RECORD_TYPES.items():
         entry = MIRRORS[kind]
         assert entry.__struct_fields__ == record_type.__struct_fields__, kind

@@ -60,12 +60,28 @@ def test_a_table_full_of_live_states_keeps_deciding(tmp_path: Path, map_kib: int
     shared = _table(tmp_path, map_kib)
     try:
         for i in range(map_kib * 40):  # bounded: ~100 bytes an entry fills the map
-            shared.decide([(_ip(i), DAY)], T0 + i * 0.001)
+            decisions, reservation, enough = shared.decide([(_ip(i), DAY)], T0 + i * 0.001)
+            # A new subject: allowed, one request taken, whatever the map holds.
+            assert [(d.allowed, d.remaining) for d in decisions] == [(True, DAY.limit - 1)], i
+            assert reservation is not None and enough, i
+        assert shared.errors == 0  # made room in the table, never fell back to per worker
     finally:
         shared.close()
 
 
-@pytest.mark.parametrize("map_kib", [64, 1024, 4096])
+@pytest.mark.parametrize(
+    "map_kib",
+    [
+        64,
+        1024,
+        # A known defect (closing note): in a 4 MiB map that is full, pages a
+        # deletion or a drop frees seem not to be reusable by the next write
+        # (LMDB reuses freed pages only from transactions older than the last
+        # committed one), so requests fall back to per-worker decisions until
+        # the sweeper's next round. Strict: it fails once that is mended.
+        pytest.param(4096, marks=pytest.mark.xfail(strict=True, reason="known: see comment")),
+    ],
+)
 def test_a_table_full_of_expired_states_keeps_deciding(tmp_path: Path, map_kib: int) -> None:
     """States whole again a moment later (subjects arriving faster than the
     sweeper prunes): making room deletes in batches of their own
@@ -73,7 +89,11 @@ def test_a_table_full_of_expired_states_keeps_deciding(tmp_path: Path, map_kib: 
     shared = _table(tmp_path, map_kib)
     try:
         for i in range(map_kib * 40):
-            shared.decide([(_ip(i), SECOND)], T0 + i * 0.01)
+            decisions, reservation, enough = shared.decide([(_ip(i), SECOND)], T0 + i * 0.01)
+            assert [(d.allowed, d.remaining) for d in decisions] == [(True, SECOND.limit - 1)], i
+            assert reservation is not None and enough, i
+        # "it fits in a full map": no MDB_MAP_FULL, so no fallback to per worker.
+        assert shared.errors == 0
     finally:
         shared.close()
 

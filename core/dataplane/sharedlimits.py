@@ -148,11 +148,14 @@ class SharedLimits:
         for a request."""
         if isinstance(exc, lmdb.MapFullError) and time.monotonic() >= self._no_room_until:
             try:
-                self._prune_expired(now)
                 try:
+                    self._prune_expired(now)
                     return again()
                 except lmdb.MapFullError:
-                    self._drop_states()  # still full: live states, forgotten
+                    # Still full (live states), or too full even to delete in
+                    # (a deletion copies its pages): forget the limiter
+                    # states, whose pages a drop frees at once.
+                    self._drop_states()
                 return again()
             except lmdb.Error as failed:  # making room needs free pages too
                 self._no_room_until = time.monotonic() + NO_ROOM_BACKOFF
