@@ -15,8 +15,23 @@ import trio
 from triogate.config import Config, parse_config
 from triogate.control.crypto import HmacKeyring, Sealer, ServerSecrets
 from triogate.runtime.gateway import Gateway
+from triogate.runtime.native import REBUILD, native_status
 from triogate.runtime.server import Server, ServerInfo
 from triogate.storage import MemoryStore
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Test the code as it is: never the old compiled build of an edited
+    source, and never pure Python by accident (the product ships compiled;
+    ``TRIOGATE_PURE=1`` at install and here tests the pure package)."""
+    status = native_status()
+    if status.stale:
+        pytest.exit(f"compiled modules out of date: {', '.join(status.stale)}; {REBUILD}", 2)
+    if not status.compiled and not os.environ.get("TRIOGATE_PURE"):
+        pytest.exit(
+            f"the data plane is not compiled (set TRIOGATE_PURE=1 to test pure Python); {REBUILD}",
+            2,
+        )
 
 
 class FakeClock:

@@ -31,7 +31,8 @@ from typing import Any, Final
 
 import msgspec
 
-from triogate.policy.ratelimit import Decision, Limit, LimitState, Reservation
+from triogate.cluster.clusterstate import ClusterState
+from triogate.policy.ratelimit import Decision, Limit, Reservation
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -90,18 +91,6 @@ def credit_key(ns: str, subject: str) -> str:
 
 def usage_key(ns: str, subject: str) -> str:
     return f"{{{ns}}}:u:{subject}"
-
-
-class ClusterState(LimitState):
-    """A limit's state in a ``Reservation`` from Redis: where it lives (the
-    numbers stay in Redis; ``release`` is the ``UNDO`` script)."""
-
-    __slots__ = ("rkey", "subject")
-
-    def __init__(self, subject: str, rkey: str) -> None:
-        super().__init__()
-        self.subject = subject
-        self.rkey = rkey
 
 
 class Balance(msgspec.Struct, frozen=True):

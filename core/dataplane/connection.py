@@ -41,6 +41,7 @@ import httptools
 import trio
 
 from triogate.dataplane import sockio
+from triogate.dataplane.bodies import request_body
 from triogate.dataplane.pipeline import new_request_id, problem_response
 from triogate.dataplane.websocket import serve_upgrade
 from triogate.errors import (
@@ -211,30 +212,6 @@ class Connection:
                 raise HeadersTooLarge("the request line and headers are too large")
         return parsed.ready.popleft()
 
-    async def _body(self, pending: PendingRequest) -> AsyncIterator[bytes]:
-        cfg = self.listener.config
-        try:
-            if pending.expect_continue and not self._continue_sent:
-                self._continue_sent = True
-                await self._send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            while True:
-                while pending.chunks:
-                    yield pending.chunks.popleft()
-                if pending.error is not None:
-                    raise pending.error
-                if pending.complete:
-                    return
-                data = await self._recv(cfg.body_timeout_seconds, pending.body_deadline)
-                if not data:
-                    raise ClientDisconnected()
-                self._feed(data)
-        except (GatewayError, ClientDisconnected):
-            pending.broken = True
-            # Out of step (e.g. an upgrade head right after a complete body):
-            # close after the answer, never serve what follows.
-            pending.keep_alive = False
-            raise
-
     def _request(self, pending: PendingRequest) -> Request:
         if pending.error is not None:
             # The body already broke a limit while the head was parsed (a
@@ -263,7 +240,7 @@ class Connection:
             # client dripping bytes just inside body_timeout_seconds cannot
             # hold the upstream connection it is feeding for long.
             pending.body_deadline = self.now() + self.listener.config.body_deadline_seconds
-            body = Body(self._body(pending), length)
+            body = Body(request_body(self, pending), length)
         return Request(
             method=pending.method,
             path=path,

@@ -35,13 +35,13 @@ kernel's hands (CONTRACT §5); nothing is allocated for it per request.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 import httptools
 import trio
 
 from triogate.dataplane import sockio
+from triogate.dataplane.bodies import answer_body
 from triogate.errors import BadGateway, UpstreamTimeout
 from triogate.http import Body, Headers, Response
 from triogate.http.h1client import MAX_RESPONSE_HEAD_BYTES, ResponseParser
@@ -260,42 +260,11 @@ class UpstreamConnection:
             status,
             headers,
             body=Body(
-                self._stream(parsed, read_timeout, keep_alive, generation),
+                answer_body(self, parsed, read_timeout, keep_alive, generation),
                 length,
                 on_close=lambda: self._give_back(False, generation),
             ),
         )
-
-    async def _stream(
-        self, parsed: ResponseParser, read_timeout: float, keep_alive: bool, generation: int
-    ) -> AsyncIterator[bytes]:
-        done = False
-        try:
-            while True:
-                while parsed.body:
-                    yield parsed.body.popleft()
-                if parsed.complete:
-                    done = True
-                    return
-                try:
-                    data = await self._recv(read_timeout)
-                except OSError as exc:
-                    raise BadGateway(f"upstream connection failed mid-body: {exc}") from exc
-                if data is None:
-                    raise UpstreamTimeout("upstream stalled while sending the body")
-                if not data:
-                    # Close-delimited body (no length, no chunking) ends here.
-                    if parsed.keep_alive or not parsed.close_delimited():
-                        raise BadGateway("upstream closed the connection mid-body")
-                    keep_alive = False
-                    done = True
-                    return
-                try:
-                    parsed.parser.feed_data(data)
-                except httptools.HttpParserError as exc:
-                    raise BadGateway(f"upstream broke the HTTP protocol: {exc}") from exc
-        finally:
-            self._give_back(done and keep_alive, generation)
 
     def _give_back(self, reusable: bool, generation: int | None = None) -> None:
         """Return the connection after an answer, once only, and only for

@@ -6,18 +6,14 @@ operation, are in ``actors``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
-import msgspec
-
+from triogate.dataplane.admission import ActorSnapshot, Admission, Refusal
 from triogate.dataplane.history import MinuteCounts
 from triogate.dataplane.usageflush import UsageDelta, UsageFlush
 from triogate.policy.ratelimit import (
-    Decision,
     Limit,
     LimitState,
-    Reservation,
     acquire,
     limit_from,
     release,
@@ -54,37 +50,6 @@ class CreditsSource(Protocol):
 
     @property
     def updated_at(self) -> float: ...
-
-
-class Refusal(StrEnum):
-    """Why an admission was refused (the problem code the plugin answers with)."""
-
-    RATE_LIMITED = "RATE_LIMITED"
-    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
-
-
-class Admission(msgspec.Struct, gc=False):
-    """The outcome of admitting one request: the decision to report in
-    headers (the most restrictive limit), and how to undo it."""
-
-    allowed: bool
-    code: Refusal | None
-    decisions: list[Decision]
-    reservation: Reservation | None
-    credits_taken: int
-    credits_left: int | None
-
-
-class ActorSnapshot(msgspec.Struct, frozen=True):
-    """What one actor holds right now (tests, debugging)."""
-
-    key: str
-    unflushed_requests: int
-    requests: int  # flushed and unflushed
-    credits: int | None
-    last_used_at: float | None
-    limits: dict[str, float]  # GCRA state by limit key
-    dirty: bool
 
 
 class KeyActor:

@@ -48,13 +48,13 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
-import msgspec
 import trio
 
 from triogate.config import UpstreamConfig
 from triogate.dataplane import sockio
 from triogate.dataplane.exchange import SentSink, StaleConnection, UpstreamConnection
 from triogate.dataplane.tls import client_context, handshake
+from triogate.dataplane.upstreamstats import TargetStatistics, UpstreamStatistics
 from triogate.errors import (
     BadGateway,
     UpstreamTimeout,
@@ -62,7 +62,7 @@ from triogate.errors import (
     UpstreamUnavailable,
 )
 from triogate.http import Body, Response
-from triogate.policy.breaker import Breaker, BreakerSettings, BreakerSnapshot, FailurePolicy
+from triogate.policy.breaker import Breaker, BreakerSettings, FailurePolicy
 
 __all__ = [
     "TargetPool",
@@ -87,28 +87,6 @@ class RequestSink(SentSink, Protocol):
 
 
 S = TypeVar("S", bound=RequestSink)
-
-
-class TargetStatistics(msgspec.Struct, frozen=True):
-    """One target's pool right now (``TargetPool.statistics()``)."""
-
-    target: str
-    active: int  # connections in use
-    idle: int  # kept-alive connections waiting
-    opened: int  # connections made in all
-    healthy: bool  # active health checks (if any) pass
-    breaker: BreakerSnapshot | None  # None: no circuit-breaker plugin on it
-    tls_failures: int = 0  # https: connections whose TLS handshake failed
-
-
-class UpstreamStatistics(msgspec.Struct, frozen=True):
-    """One upstream right now (``Upstream.statistics()``)."""
-
-    name: str
-    balance: str
-    in_flight: int
-    retries_in_flight: int
-    targets: tuple[TargetStatistics, ...]
 
 
 class TargetPool:

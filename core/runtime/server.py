@@ -47,6 +47,7 @@ from triogate.dataplane.sharedlimits import SharedLimits
 from triogate.errors import ConfigError, FieldError, GatewayError
 from triogate.plugins.contract import Plugin
 from triogate.runtime.gateway import Gateway, open_gateway
+from triogate.runtime.native import check_native
 from triogate.runtime.reasons import install_reason_phrases
 from triogate.runtime.reload import Applies, ConfigManager, Swap
 from triogate.runtime.supervisor import ask_supervisor_to_reload
@@ -359,6 +360,13 @@ def run_server(
     config: Config, *, source: str | None = None, worker: tuple[int, int] = (0, 1)
 ) -> int:
     raise_fd_limit()
+    try:
+        native = check_native()  # never the old compiled code of an edited source
+    except RuntimeError as exc:
+        print(f"triogate: {exc}", file=sys.stderr)
+        return 1
+    if worker[0] == 0:
+        log.info("data plane: %s", native.describe())
     server = Server(config, source=source, handle_signals=True, worker=worker)
     try:
         trio.run(server.run)

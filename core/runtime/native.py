@@ -1,0 +1,118 @@
+"""Which modules run compiled (mypyc), and whether any is out of date.
+
+The install compiles the data plane's hot modules (setup.py, listed in
+pyproject's ``[tool.triogate.native]``) and records each one's source
+digest in ``triogate/native.json``. An extension is imported before the
+``.py`` beside it, so a source edited after the build would silently run
+the old compiled code: ``triogate serve`` refuses to start then, and the
+test suite refuses to run (tests/conftest.py), each saying how to rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import msgspec
+
+__all__ = ["NativeStatus", "check_native", "native_status", "stale_modules"]
+
+PACKAGE = Path(__file__).resolve().parent.parent
+MANIFEST = PACKAGE / "native.json"
+REBUILD = "rebuild with `pip install -e .` (or `TRIOGATE_PURE=1 pip install -e .` for pure Python)"
+
+
+class NativeStatus(msgspec.Struct, frozen=True):
+    """``compiled``: the modules running compiled; ``stale``: those whose
+    source changed since they were compiled."""
+
+    compiled: tuple[str, ...]
+    stale: tuple[str, ...]
+
+    def describe(self) -> str:
+        if not self.compiled:
+            return "pure Python (no module compiled)"
+        return f"{len(self.compiled)} data-plane modules compiled with mypyc"
+
+
+def stale_modules(
+    digests: Mapping[str, str], compiled: tuple[str, ...], read: Callable[[str], bytes | None]
+) -> tuple[str, ...]:
+    """The compiled modules whose source (``read(name)``, None if gone) no
+    longer matches the digest recorded at build time; a compiled module the
+    build did not record is stale too (built by something else)."""
+    stale = []
+    for name in compiled:
+        data = read(name)
+        recorded = digests.get(name)
+        if recorded is None or data is None or hashlib.sha256(data).hexdigest() != recorded:
+            stale.append(name)
+    return tuple(stale)
+
+
+def _locate(name: str) -> tuple[Path | None, bool]:
+    """Module ``name``'s source path and whether an extension sits beside it
+    (imported before the source: what the import system's file finder does).
+    Found through the parent package, not the module's own spec: a module
+    that compiled code imported has the shared library's spec."""
+    parent, _, stem = name.rpartition(".")
+    try:
+        spec = importlib.util.find_spec(parent)
+    except (ImportError, ValueError):
+        return None, False
+    for location in (spec.submodule_search_locations or ()) if spec is not None else ():
+        directory = Path(location)
+        source = directory / f"{stem}.py"
+        compiled = any(
+            (directory / f"{stem}{suffix}").exists()
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        )
+        if compiled or source.exists():
+            return source, compiled
+    return None, False
+
+
+def _read_source(name: str) -> bytes | None:
+    source, _ = _locate(name)
+    try:
+        return None if source is None else source.read_bytes()
+    except OSError:
+        return None
+
+
+def native_status() -> NativeStatus:
+    """Looked up without importing the modules themselves (their packages
+    are imported)."""
+    try:
+        digests: dict[str, str] = json.loads(MANIFEST.read_text())["modules"]
+    except (OSError, ValueError, KeyError, TypeError):
+        digests = {}
+    names = digests or _compiled_without_manifest()
+    found = tuple(sorted(name for name in names if _locate(name)[1]))
+    return NativeStatus(found, stale_modules(digests, found, _read_source))
+
+
+def _compiled_without_manifest() -> list[str]:
+    """Extensions beside a ``.py`` of the package when the manifest is
+    missing (deleted, or a build that did not write it): all stale."""
+    found = []
+    for built in PACKAGE.rglob("*.so"):
+        stem = built.name.split(".", 1)[0]
+        if built.with_name(stem + ".py").exists():
+            parts = built.relative_to(PACKAGE).parent.parts
+            found.append(".".join(("triogate", *parts, stem)))
+    return found
+
+
+def check_native() -> NativeStatus:
+    """The status, or RuntimeError naming the out-of-date modules."""
+    status = native_status()
+    if status.stale:
+        raise RuntimeError(
+            f"compiled modules are older than their source: {', '.join(status.stale)}; {REBUILD}"
+        )
+    return status
