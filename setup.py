@@ -77,27 +77,28 @@ def write_manifest(modules: list[str]) -> None:
     MANIFEST.write_text(json.dumps({"modules": digests}, indent=1, sort_keys=True) + "\n")
 
 
-def remove_compiled(modules: list[str]) -> None:
-    """A pure install over an editable tree compiled before: the old
-    extensions would still be imported first."""
-    for name in modules:
-        path = source(name)
-        for built in path.parent.glob(path.stem + ".*.so"):
-            built.unlink()
-    for shared in (ROOT / "core").glob("native__mypyc.*.so"):
-        shared.unlink()
+def remove_compiled() -> None:
+    """Extensions an earlier build left in an editable tree (all of them:
+    a module since taken off the list, or a pure install now) would still be
+    imported before their source."""
+    for directory in ("core", *LAYOUT):
+        for built in (ROOT / directory).rglob("*.so"):
+            stem = built.name.split(".", 1)[0]
+            if built.with_name(stem + ".py").exists() or stem == "native__mypyc":
+                built.unlink()
     MANIFEST.unlink(missing_ok=True)
 
 
 def extensions() -> list[object]:
     modules = native_modules()
+    remove_compiled()
     if os.environ.get("TRIOGATE_PURE"):
-        remove_compiled(modules)
         return []
     from mypyc.build import mypycify
 
     package = source_farm()
-    paths = [str(package / source(name).relative_to(ROOT / "core")) for name in modules]
+    # Each module's place in the farm is its import name (triogate.x.y -> x/y.py).
+    paths = [str(package.joinpath(*name.split(".")[1:]).with_suffix(".py")) for name in modules]
     write_manifest(modules)
     return list(
         mypycify(

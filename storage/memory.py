@@ -116,6 +116,9 @@ class MemoryStore:
         found = self._tables[index].data.get(key)
         return None if found is None else self._tables[table].data.get(found)
 
+    def generation(self) -> int:
+        return self._writes
+
     async def write(self, fn: Callable[[_MemoryTxn], T]) -> T:
         await trio.lowlevel.checkpoint()
         undo: list[tuple[Table, bytes, bytes | None]] = []

@@ -78,6 +78,9 @@ class ClusterStore:
     def get_through(self, index: Table, key: bytes, table: Table) -> bytes | None:
         return self.local.get_through(index, key, table)
 
+    def generation(self) -> int:
+        return self.local.generation()
+
     def statistics(self) -> StoreStatistics:
         return self.local.statistics()
 

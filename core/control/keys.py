@@ -43,6 +43,7 @@ from triogate.control import keychain
 from triogate.control.audit import Actor, append_audit
 from triogate.control.eventsink import EventSink, key_data
 from triogate.control.ids import new_id
+from triogate.control.keycache import LookupCache
 from triogate.control.keyfields import (
     identity_disabled,
     index_key,
@@ -95,9 +96,27 @@ class KeyService(KeyReads):
         """Keys imported by their SHA-256 (``keysha256``): tried on a miss."""
         return Sha256Index(self._store)
 
+    @cached_property
+    def _lookups(self) -> LookupCache:
+        return LookupCache()
+
     def lookup_nowait(self, plaintext: str) -> tuple[KeyRecord | None, bool]:
         """The key's record (None if malformed or unknown), and whether it was
-        found under an older HMAC version and so wants re-indexing."""
+        found under an older HMAC version and so wants re-indexing. A key
+        found before, with nothing written to the store since, comes from
+        the lookup cache (``keycache``)."""
+        generation = self._store.generation()
+        keyring = self._secrets.hmac
+        cache = self._lookups
+        hit = cache.get(plaintext, generation, keyring)
+        if hit is not None:
+            return hit
+        record, stale = self._lookup(plaintext)
+        if record is not None:
+            cache.put(plaintext, (record, stale), generation, keyring)
+        return record, stale
+
+    def _lookup(self, plaintext: str) -> tuple[KeyRecord | None, bool]:
         if not self.format.is_well_formed(plaintext):
             return None, False
         found = find_by_digest(self._store, self._secrets, plaintext, Table.KEY_DIGESTS, Table.KEYS)

@@ -43,10 +43,8 @@ from triogate.config_tls import ServerTLSConfig
 from triogate.config_tls import client_context as _client_context
 from triogate.config_tls import server_context as _server_context
 from triogate.dataplane import sockio
-from triogate.http import Request
 
 __all__ = [
-    "TLSRequest",
     "TLSSocket",
     "client_context",
     "handshake",
@@ -199,25 +197,3 @@ def peer_subject(tls: ssl.SSLSocket) -> str | None:
         for rdn in subject
     ]
     return ",".join(reversed(rdns))
-
-
-class TLSRequest(Request):
-    """A request that came over TLS: ``client_cert`` has its own slot here
-    (``Request`` has only the class's None). Here, not beside
-    ``TLSConnection``: that module is compiled, and mypyc refuses
-    ``__slots__`` on a class whose base is not compiled."""
-
-    __slots__ = ("client_cert",)
-
-    def __init__(self, plain: Request, client_cert: str | None) -> None:
-        super().__init__(
-            method=plain.method,
-            path=plain.path,
-            query=plain.query,
-            headers=plain.headers,
-            body=plain.body,
-            client_ip=plain.client_ip,
-            scheme="https",
-            http_version=plain.http_version,
-        )
-        self.client_cert = client_cert

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from triogate.dataplane.connection import Connection
-from triogate.dataplane.tls import TLSRequest, handshake, peer_subject
+from triogate.dataplane.tls import handshake, peer_subject
 from triogate.http import Request
 from triogate.http.h1parse import PendingRequest
 
@@ -27,6 +27,26 @@ if TYPE_CHECKING:
 __all__ = ["TLSConnection", "TLSRequest"]
 
 log = logging.getLogger("triogate.dataplane.listener")
+
+
+class TLSRequest(Request):
+    """A request that came over TLS: ``client_cert`` has its own slot here
+    (``Request`` has only the class's None)."""
+
+    __slots__ = ("client_cert",)
+
+    def __init__(self, plain: Request, client_cert: str | None) -> None:
+        super().__init__(
+            method=plain.method,
+            path=plain.path,
+            query=plain.query,
+            headers=plain.headers,
+            body=plain.body,
+            client_ip=plain.client_ip,
+            scheme="https",
+            http_version=plain.http_version,
+        )
+        self.client_cert = client_cert
 
 
 class TLSConnection(Connection):

@@ -335,13 +335,29 @@ class Body:
         return b"".join(parts)
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    if data:
-        yield data
+class _Once:
+    """The chunks of a body held whole: the bytes, once (none when empty).
+    A class, not an async generator: this module is compiled with mypyc,
+    which does not compile async generators."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = self._data
+        if not data:
+            raise StopAsyncIteration
+        self._data = b""
+        return data
 
 
 def body_from_bytes(data: bytes) -> Body:
-    return Body(_once(data), len(data))
+    return Body(_Once(data), len(data))
 
 
 class Request:

@@ -86,25 +86,35 @@ def _read_source(name: str) -> bytes | None:
 
 def native_status() -> NativeStatus:
     """Looked up without importing the modules themselves (their packages
-    are imported)."""
+    are imported). An extension the build did not record (a module taken
+    off the list, a build that wrote no manifest) counts as stale."""
     try:
         digests: dict[str, str] = json.loads(MANIFEST.read_text())["modules"]
     except (OSError, ValueError, KeyError, TypeError):
         digests = {}
-    names = digests or _compiled_without_manifest()
+    names = set(digests) | set(_extensions_beside_sources())
     found = tuple(sorted(name for name in names if _locate(name)[1]))
     return NativeStatus(found, stale_modules(digests, found, _read_source))
 
 
-def _compiled_without_manifest() -> list[str]:
-    """Extensions beside a ``.py`` of the package when the manifest is
-    missing (deleted, or a build that did not write it): all stale."""
+def _extensions_beside_sources() -> list[str]:
+    """Every module of the package with an extension beside its ``.py``
+    (the package's directories: ``core/``, ``plugins/``, ``storage/`` in an
+    editable install, one tree in a wheel's)."""
     found = []
-    for built in PACKAGE.rglob("*.so"):
-        stem = built.name.split(".", 1)[0]
-        if built.with_name(stem + ".py").exists():
-            parts = built.relative_to(PACKAGE).parent.parts
-            found.append(".".join(("triogate", *parts, stem)))
+    for package in ("triogate", "triogate.plugins", "triogate.storage"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or ()) if spec is not None else ():
+            root = Path(location)
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                for built in root.rglob(f"*{suffix}"):
+                    stem = built.name[: -len(suffix)]
+                    if built.with_name(stem + ".py").exists():
+                        parts = built.relative_to(root).parent.parts
+                        found.append(".".join((package, *parts, stem)))
     return found
 
 
