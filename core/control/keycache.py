@@ -60,7 +60,7 @@ class LookupCache:
         """Remember ``found``, read in ``generation`` under ``keyring`` (read
         before the lookup: a write landing during it makes the next ``get``
         start over, never serve the older read as current)."""
-        if generation != self._generation or keyring is not self._keyring:
+        if generation != self._generation or keyring is not self._keyring or self.size <= 0:
             return
         entries = self._entries
         if len(entries) >= self.size:
