@@ -8,7 +8,7 @@ only adds the extension modules. The modules to compile are listed there too
 Why: the request path is plain, strictly typed Python (mypy ``--strict``
 is already a CI gate), which is exactly what mypyc compiles to C: the same
 source, no second implementation. Measured in the proxy benchmark it cuts
-the server's CPU per request by about a quarter (docs/performance.md).
+the server's CPU per request by a quarter to a third (docs/performance.md).
 
 ``TRIOGATE_PURE=1`` (any non-empty value) installs the pure-Python package:
 no C compiler needed, the same behaviour, slower.
@@ -17,13 +17,18 @@ mypyc names a compiled module after its place in the file tree, and the
 repository maps ``core/`` to ``triogate`` (package-dir); so the sources are
 handed to mypyc through a tree of symlinks shaped like the installed package
 (``build/native-src/triogate``), the same trick .ci/typecheck uses for mypy.
-Each module becomes its own extension (``separate=True``): an extension
-named ``triogate.dataplane.connection`` lands next to its source in an
-editable install and in the wheel, with no shared library to place.
+The modules are compiled as one group (calls between them stay native) with
+its shared library ``triogate/native__mypyc``; each module's extension lands
+next to its source in an editable install and in the wheel.
+
+The build environment needs mypy and the runtime dependencies (pyproject's
+``build-system.requires``), a pure install too: this file is evaluated
+either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +43,8 @@ FARM = ROOT / "build" / "native-src"
 MANIFEST = ROOT / "core" / "native.json"
 # Where each top-level directory of the repository sits in the installed package.
 LAYOUT = {"plugins": "plugins", "storage": "storage", "benchmarks": "benchmarks"}
+# Those whose modules the compiled ones may import (the benchmarks: never).
+PACKAGES = ("plugins", "storage")
 
 
 def native_modules() -> list[str]:
@@ -69,29 +76,56 @@ def source(name: str) -> Path:
     return (ROOT / "core").joinpath(*parts).with_suffix(".py")
 
 
+def all_sources() -> dict[str, Path]:
+    """Every module of the installed package but the benchmarks, by name."""
+    found = {}
+    for directory, package in (("core", "triogate"), *((d, f"triogate.{d}") for d in PACKAGES)):
+        root = ROOT / directory
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            if "__pycache__" not in parts:
+                found[".".join((package, *parts))] = path
+    return found
+
+
 def write_manifest(modules: list[str]) -> None:
-    """core/native.json: each compiled module's source digest, so that a
-    source edited after the build is caught (``triogate.runtime.native``)
-    instead of the old compiled code running silently."""
-    digests = {name: hashlib.sha256(source(name).read_bytes()).hexdigest() for name in modules}
-    MANIFEST.write_text(json.dumps({"modules": digests}, indent=1, sort_keys=True) + "\n")
+    """core/native.json: the digest of each compiled module's source and of
+    every other source of the package, so that a source edited after the
+    build is caught (``triogate.runtime.native``) instead of old compiled
+    code running silently. The others count too: mypyc builds facts from
+    the modules it type-checks into the compiled ones (a ``Final``
+    constant's value, a class's fields)."""
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    document = {
+        "modules": {name: digest(source(name)) for name in modules},
+        "sources": {name: digest(path) for name, path in all_sources().items()},
+    }
+    MANIFEST.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
 
 
-def remove_compiled() -> None:
-    """Extensions an earlier build left in an editable tree (all of them:
-    a module since taken off the list, or a pure install now) would still be
-    imported before their source."""
-    for directory in ("core", *LAYOUT):
-        for built in (ROOT / directory).rglob("*.so"):
-            stem = built.name.split(".", 1)[0]
-            if built.with_name(stem + ".py").exists() or stem == "native__mypyc":
-                built.unlink()
+def remove_compiled(modules: list[str]) -> None:
+    """Extensions an earlier build left in an editable tree would still be
+    imported before their source: those of the modules listed now, or in
+    the last build's manifest (a module since taken off the list), and the
+    shared library. Nothing else is touched."""
+    names = set(modules)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        names |= set(json.loads(MANIFEST.read_text())["modules"])
+    for name in names:
+        path = source(name)
+        for built in path.parent.glob(path.stem + ".*.so"):
+            built.unlink()
+    for shared in (ROOT / "core").glob("native__mypyc.*.so"):
+        shared.unlink()
     MANIFEST.unlink(missing_ok=True)
 
 
 def extensions() -> list[object]:
     modules = native_modules()
-    remove_compiled()
+    remove_compiled(modules)
     if os.environ.get("TRIOGATE_PURE"):
         return []
     from mypyc.build import mypycify

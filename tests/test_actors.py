@@ -575,7 +575,7 @@ async def test_record_counts_by_status_class_and_the_snapshot_shows_it(
             limits={},
             dirty=True,
         )
-        assert actor.by_class == [1, 2, 0, 1, 1]
+        assert actor.by_class == (1, 2, 0, 1, 1)
         await trio.sleep_until(1.5)
         snap = actor.snapshot()
         assert (snap.unflushed_requests, snap.requests, snap.dirty) == (0, 5, False)
@@ -605,7 +605,7 @@ async def test_a_failed_flush_gives_the_counts_back(
         await registry.flush([actor])
     assert (actor.requests, actor.by_class, actor.taken, actor.dirty) == (
         1,
-        [0, 0, 0, 1, 0],
+        (0, 0, 0, 1, 0),
         1,
         True,
     )

@@ -23,7 +23,7 @@ import pytest
 from triogate.dataplane.admission import ActorSnapshot, Admission
 from triogate.policy.limits import Decision, Limit, Reservation
 from triogate.runtime import native
-from triogate.runtime.native import check_native, native_status, stale_modules
+from triogate.runtime.native import NativeStatus, check_native, native_status, stale_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = bool(os.environ.get("TRIOGATE_PURE"))
@@ -61,16 +61,28 @@ def test_a_changed_source_is_stale() -> None:
 def test_check_native_names_the_stale_modules(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if PURE:
-        pytest.fail("this test needs the compiled build: run it without TRIOGATE_PURE")
     manifest = tmp_path / "native.json"
     digests = {name: "0" * 64 for name in listed()}  # no source has this digest
     manifest.write_text(msgspec.json.encode({"modules": digests}).decode())
     monkeypatch.setattr(native, "MANIFEST", manifest)
+    if PURE:
+        # Nothing is compiled, so nothing can be stale, whatever the digests.
+        assert check_native() == NativeStatus((), ())
+        return
     with pytest.raises(RuntimeError) as caught:
         check_native()
     assert "triogate.dataplane.connection" in str(caught.value)
     assert "pip install -e ." in str(caught.value)
+    # An uncompiled module the build read changed: mypyc may have built
+    # facts from it into the compiled ones (a Final constant's value).
+    manifest.write_text(
+        msgspec.json.encode(
+            {"modules": {}, "sources": {"triogate.policy.refill": "0" * 64}}
+        ).decode()
+    )
+    with pytest.raises(RuntimeError) as caught:
+        check_native()
+    assert "triogate.policy.refill" in str(caught.value)
     # No manifest at all: every compiled module is unaccounted for.
     monkeypatch.setattr(native, "MANIFEST", tmp_path / "missing.json")
     assert set(native_status().stale) >= {"triogate.dataplane.pipeline"}

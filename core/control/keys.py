@@ -12,7 +12,9 @@ owner, never the plaintext owner.
 
 Validation (the hot path) is synchronous: checksum, digest, two LMDB gets,
 one msgpack decode and the pure ``key_decision`` (a ``KeyVerdict`` or None);
-no await, no lock, no write. A key found under an *older* HMAC version is
+no await, no lock, no write. A key looked up before, with nothing written to
+the store and no new keyring or keyspaces since, skips all but the decision
+(``keycache``). A key found under an *older* HMAC version is
 re-indexed by the async ``validate``; an unknown one may be made under a
 version another process added: ``find_by_digest`` picks that up.
 
@@ -107,13 +109,14 @@ class KeyService(KeyReads):
         the lookup cache (``keycache``)."""
         generation = self._store.generation()
         keyring = self._secrets.hmac
+        keyspaces = self.format
         cache = self._lookups
-        hit = cache.get(plaintext, generation, keyring)
+        hit = cache.get(plaintext, generation, keyring, keyspaces)
         if hit is not None:
             return hit
         record, stale = self._lookup(plaintext)
         if record is not None:
-            cache.put(plaintext, (record, stale), generation, keyring)
+            cache.put(plaintext, (record, stale), generation, keyring, keyspaces)
         return record, stale
 
     def _lookup(self, plaintext: str) -> tuple[KeyRecord | None, bool]:

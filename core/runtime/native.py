@@ -1,11 +1,14 @@
-"""Which modules run compiled (mypyc), and whether any is out of date.
+"""Which modules run compiled (mypyc), and whether the build is out of date.
 
 The install compiles the data plane's hot modules (setup.py, listed in
-pyproject's ``[tool.triogate.native]``) and records each one's source
-digest in ``triogate/native.json``. An extension is imported before the
-``.py`` beside it, so a source edited after the build would silently run
-the old compiled code: ``triogate serve`` refuses to start then, and the
-test suite refuses to run (tests/conftest.py), each saying how to rebuild.
+pyproject's ``[tool.triogate.native]``) and records in
+``triogate/native.json`` the digest of every source of the package: the
+compiled modules' own, and the others', since mypyc builds facts from the
+modules it type-checks (a ``Final`` constant's value, a class's fields) into
+the compiled ones. An extension is imported before the ``.py`` beside it, so
+a source edited after the build would silently run old compiled code:
+``triogate serve`` refuses to start then, and the test suite refuses to run
+(tests/conftest.py), each naming the changed modules and how to rebuild.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ REBUILD = "rebuild with `pip install -e .` (or `TRIOGATE_PURE=1 pip install -e .
 
 
 class NativeStatus(msgspec.Struct, frozen=True):
-    """``compiled``: the modules running compiled; ``stale``: those whose
-    source changed since they were compiled."""
+    """``compiled``: the modules running compiled; ``stale``: the modules
+    whose source changed since the build (compiled or not)."""
 
     compiled: tuple[str, ...]
     stale: tuple[str, ...]
@@ -94,7 +97,21 @@ def native_status() -> NativeStatus:
         digests = {}
     names = set(digests) | set(_extensions_beside_sources())
     found = tuple(sorted(name for name in names if _locate(name)[1]))
-    return NativeStatus(found, stale_modules(digests, found, _read_source))
+    stale = stale_modules(digests, found, _read_source)
+    if found:
+        # The sources the build read, compiled or not (gone ones included).
+        sources = _recorded_sources()
+        changed = stale_modules(sources, tuple(sorted(sources)), _read_source)
+        stale = tuple(sorted(set(stale) | set(changed)))
+    return NativeStatus(found, stale)
+
+
+def _recorded_sources() -> dict[str, str]:
+    try:
+        sources: dict[str, str] = json.loads(MANIFEST.read_text())["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return sources
 
 
 def _extensions_beside_sources() -> list[str]:
@@ -123,6 +140,7 @@ def check_native() -> NativeStatus:
     status = native_status()
     if status.stale:
         raise RuntimeError(
-            f"compiled modules are older than their source: {', '.join(status.stale)}; {REBUILD}"
+            "the data plane was compiled from older sources of "
+            f"{', '.join(status.stale)}; {REBUILD}"
         )
     return status
