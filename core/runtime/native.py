@@ -43,13 +43,13 @@ class NativeStatus(msgspec.Struct, frozen=True):
 
 
 def stale_modules(
-    digests: Mapping[str, str], compiled: tuple[str, ...], read: Callable[[str], bytes | None]
+    digests: Mapping[str, str], names: tuple[str, ...], read: Callable[[str], bytes | None]
 ) -> tuple[str, ...]:
-    """The compiled modules whose source (``read(name)``, None if gone) no
-    longer matches the digest recorded at build time; a compiled module the
-    build did not record is stale too (built by something else)."""
+    """The modules among ``names`` whose source (``read(name)``, None if
+    gone) no longer matches the digest recorded at build time; one the build
+    did not record is stale too (a compiled module built by something else)."""
     stale = []
-    for name in compiled:
+    for name in names:
         data = read(name)
         recorded = digests.get(name)
         if recorded is None or data is None or hashlib.sha256(data).hexdigest() != recorded:
