@@ -425,29 +425,13 @@ class Pipeline:
         else:
             outcome = "upstream_error" if status >= 500 else "ok"
         # Positional (the fields' order): msgspec matches no keyword names.
-        if route is None:
-            return RequestRecord(
-                time.time(),
-                ctx.request_id,
-                request.method,
-                request.path,
-                None,
-                None,
-                status,
-                outcome,
-                consumer.id if consumer is not None else None,
-                ctx.client_ip,
-                time.monotonic() - ctx.started_at,
-                ctx.upstream_seconds,
-                ctx.retries,
-            )
         return RequestRecord(
             time.time(),
             ctx.request_id,
             request.method,
             request.path,
-            route.name,
-            route.upstream,
+            route.name if route is not None else None,
+            route.upstream if route is not None else None,
             status,
             outcome,
             consumer.id if consumer is not None else None,
